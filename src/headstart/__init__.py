@@ -1,0 +1,17 @@
+"""headstart: turn a pretrained foundation model into a specialist for one niche job, on a laptop.
+
+    import headstart
+    spec = headstart.fit("../shared/data/hymenoptera", base="efficientnet-lite0", method="probe")
+    spec.predict(["ant.jpg"]); spec.save("runs/ants"); headstart.load("runs/ants")
+"""
+__version__ = "0.1.0"
+
+from .api import evaluate, fit, load  # noqa: E402
+from .bases import list_bases, load_base  # noqa: E402
+from .data import load_dataset  # noqa: E402
+from .errors import HeadstartError  # noqa: E402
+from .methods.registry import list_methods  # noqa: E402
+from .specialist import Specialist  # noqa: E402
+
+__all__ = ["fit", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
+           "HeadstartError", "__version__"]

@@ -1,0 +1,120 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    import headstart
+    spec = headstart.fit("../shared/data/hymenoptera", base="efficientnet-lite0", method="lora", out="runs/ants")
+    spec.predict(["photo.jpg"])
+    spec.evaluate("../shared/data/hymenoptera", split="val")["accuracy"]
+    spec = headstart.load("runs/ants")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .bases import load_base
+from .cache import cache_dir
+from .data import Dataset, load_dataset
+from .engine.perf import peak_memory_mb, tune_allocator
+from .errors import DataError
+from .methods.base import FitContext
+from .methods.registry import make_method
+from .report import format_report
+from .specialist import Specialist
+
+DEFAULT_BASE = {"image": "efficientnet-lite0", "text": "minilm-l6"}
+
+
+def fit(data: str | Path | Dataset, base: str | None = None, method: str = "probe", *, shots: int | None = None,
+        seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
+        use_cache: bool = True, text_column: str = "text", label_column: str = "label",
+        log: Callable[[str], None] = print, **options: Any) -> Specialist:
+    """Specialise `base` on `data` with `method`; save a bundle to `out` when given.
+
+    `options` are the method's config fields (see `headstart methods` or the method's config
+    dataclass), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
+
+    >>> spec = fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8, seed=1)
+    >>> round(spec.manifest["metrics"]["accuracy"], 2)
+    0.6...
+    """
+    t0 = time.perf_counter()
+    tune_allocator()
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, text_column=text_column,
+                                                                  label_column=label_column, seed=seed)
+    if shots:
+        dataset = dataset.with_shots(shots, seed)
+    base = base or DEFAULT_BASE[dataset.kind]
+    spec_method = make_method(method, **options)
+    backbone = load_base(base, pretrained=spec_method.needs_pretrained)
+    if (dataset.kind == "image") != (backbone.kind == "image"):
+        raise DataError(f"{dataset.source} holds {dataset.kind} data but {base!r} is a {backbone.kind} base")
+    fingerprint = {"base": backbone.info.sha256, "method": method, "options": _jsonable(options), "seed": seed,
+                   "data": dataset.source, "train": len(dataset.split("train")), "shots": shots}
+    ckpt = _checkpoint_dir(out, fingerprint)
+    ctx = FitContext(seed=seed, checkpoint_dir=ckpt, resume=resume, progress=progress, use_cache=use_cache,
+                     log=log, fingerprint=fingerprint)
+    torch.manual_seed(seed)
+    result = spec_method.fit(backbone, dataset, ctx)
+    model = result.model
+    manifest = {
+        "base": backbone.info.to_json(),
+        "method": {"name": method, "config": spec_method.config_json()},
+        "classes": dataset.classes,
+        "preprocessing": backbone.info.preprocessing,
+        "seed": seed,
+        "data": {"source": dataset.source, "kind": dataset.kind, "train_examples": len(dataset.split("train")),
+                 "splits": {k: len(v) for k, v in dataset.splits.items()}, "sampling": dataset.sampling,
+                 "skipped": [list(s) for s in dataset.skipped], "odd_names": dataset.odd_names,
+                 "columns": {"text_column": text_column, "label_column": label_column}},
+        "history": result.history,
+        "details": result.details,
+    }
+    specialist = Specialist(model, spec_method, dataset.classes, manifest)
+    metrics = specialist.evaluate(dataset, progress=progress)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics.update(
+        trainable_params=trainable,
+        trainable_pct=100.0 * trainable / max(1, backbone.info.params),
+        wall_s=round(time.perf_counter() - t0, 3),
+        train_s=round(result.train_s, 3),
+        examples_per_s=round(result.examples_per_s, 2),
+        peak_mem_mb=round(peak_memory_mb(), 1),
+        skipped=len(dataset.skipped),
+        skipped_reasons=dataset.skipped_summary(),
+    )
+    manifest["metrics"] = metrics
+    if out is not None and result.is_main_process:
+        metrics["bundle"] = str(specialist.save(out))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(Path(str(ckpt) + ".old"), ignore_errors=True)
+    if result.is_main_process:
+        log(format_report(metrics, f"{method} on {backbone.info.name} -> {dataset.source}"))
+    return specialist
+
+
+def load(folder: str | Path) -> Specialist:
+    """Load a bundle written by `fit(..., out=folder)` or `Specialist.save`."""
+    return Specialist.load(folder)
+
+
+def evaluate(bundle: str | Path, data: str | Path, split: str | None = None) -> dict[str, Any]:
+    """Load a bundle and evaluate it on a dataset split."""
+    return load(bundle).evaluate(data, split)
+
+
+def _checkpoint_dir(out: str | Path | None, fingerprint: dict) -> Path:
+    if out is not None:
+        out = Path(out).resolve()
+        return out.with_name(f".{out.name}.checkpoint")
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir("checkpoints") / key
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(options, default=str))

@@ -1,0 +1,90 @@
+"""The one backbone interface every method, ranking and serving path uses.
+
+A backbone turns raw examples (decoded PIL images or strings) into a batch of tensors
+(`collate`) and a batch into one pooled feature vector per example (`forward`).
+Methods never look inside a backbone beyond `blocks()` (ordered bottom -> top, for
+partial fine-tuning and layer-wise learning rates) and `lora_target_modules()`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+BaseKind = Literal["image", "text", "causal_lm"]
+KINDS: tuple[str, ...] = ("image", "text", "causal_lm")
+
+
+@dataclass
+class BaseInfo:
+    """What a base is, as stored in a bundle manifest and shown by `headstart bases`."""
+
+    name: str
+    """Registry name (`efficientnet-lite0`) or the path / hub id the user passed."""
+    kind: str
+    """One of `image`, `text`, `causal_lm`."""
+    params: int
+    """Number of parameters of the encoder (without any source classifier)."""
+    source: str
+    """Where the weights come from (package, file, hub id, `random`)."""
+    sha256: str
+    """sha256 of the weights as loaded (file bytes where there is one file)."""
+    feature_dim: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """Everything needed to turn raw input into tensors (mean/std/size or tokenizer/max_length)."""
+    architecture: str = ""
+    """timm model name or transformers architecture, for the model card."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backbone(nn.Module):
+    """A frozen-or-trainable encoder with its own preprocessing.
+
+    Subclasses set `info` and implement `collate`, `forward`, `blocks`, `lora_target_modules`.
+    """
+
+    info: BaseInfo
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def feature_dim(self) -> int:
+        return self.info.feature_dim
+
+    def collate(self, items: Sequence[Any], train: bool = False) -> dict[str, torch.Tensor]:
+        """Raw examples -> batch dict of tensors. `train` switches on augmentation (images)."""
+        raise NotImplementedError
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:  # [B, feature_dim]
+        raise NotImplementedError
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """Named stages ordered from input to output (stem/embeddings first, last stage last).
+
+        Every trainable parameter of the backbone belongs to exactly one block, so
+        "unfreeze the top N blocks" and layer-wise LR decay are well defined.
+        """
+        raise NotImplementedError
+
+    def lora_target_modules(self) -> list[str]:
+        """Names (PEFT `target_modules` suffixes) of the layers LoRA adapts."""
+        raise NotImplementedError
+
+    def source_classifier(self) -> nn.Module | None:
+        """The pre-training classifier (e.g. the ImageNet head) when the base has one."""
+        return None
+
+    def freeze_batchnorm(self) -> None:
+        """Put every BatchNorm in eval mode (used when the base's BN statistics are not trained)."""
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

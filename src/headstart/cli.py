@@ -1,0 +1,275 @@
+"""The `headstart` command: each subcommand maps its flags onto one API function.
+
+Method options become flags from the method's config dataclass (`--lr`, `--unfreeze`, `--r` ...),
+with the field docstrings as help text, so the CLI never drifts from the Python API.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import HeadstartError
+
+RUN_FLAGS = ("epochs", "batch_size")  # shown under "common" although they live in the method configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except HeadstartError as e:
+        print(f"headstart: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nheadstart: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="headstart", description=(__doc__ or "").split("\n")[0].rstrip("."))
+    p.add_argument("--version", action="version", version=f"headstart {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = _sub(sub, "bases", cmd_bases)
+    s.add_argument("--json", action="store_true", help="print a JSON list")
+
+    s = _sub(sub, "methods", cmd_methods)
+
+    s = _sub(sub, "fit", cmd_fit)
+    s.add_argument("data", help="image folder (<split>/<class>/* or <class>/*) or text table(s): CSV/TSV/JSONL")
+    s.add_argument("--base", default=None, help="registered base, local model folder, timm name or hub id "
+                   "(default: efficientnet-lite0 for images, minilm-l6 for text)")
+    s.add_argument("--method", default="probe", help="probe, finetune, lora, scratch (see `headstart methods`)")
+    s.add_argument("--out", default=None, help="bundle folder to write")
+    s.add_argument("--shots", type=int, default=None, help="keep K training examples per class")
+    s.add_argument("--seed", type=int, default=0, help="seed for sampling, splits, initialisation and order")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
+    s.add_argument("--json", action="store_true", help="print the final metrics as JSON on the last stdout line")
+    _add_method_flags(s, _peek(argv, "--method", "probe"))
+
+    s = _sub(sub, "evaluate", cmd_evaluate)
+    s.add_argument("bundle")
+    s.add_argument("data")
+    s.add_argument("--split", default=None, help="split to evaluate (default: test, else val)")
+    s.add_argument("--json", action="store_true")
+
+    s = _sub(sub, "predict", cmd_predict)
+    s.add_argument("bundle")
+    s.add_argument("inputs", nargs="+", help="image files (image specialists) or texts (text specialists)")
+    s.add_argument("--top-k", type=int, default=1)
+    s.add_argument("--json", action="store_true")
+
+    s = _sub(sub, "info", cmd_info)
+    s.add_argument("bundle")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def _sub(sub, name: str, fn) -> argparse.ArgumentParser:
+    doc = inspect.getdoc(fn) or ""
+    s = sub.add_parser(name, help=doc.split("\n")[0], description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.set_defaults(run=fn)
+    return s
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_bases(args) -> int:
+    """List the known bases: name, kind, parameters, source (loads each once to count its weights)."""
+    from .bases import list_bases, load_base
+
+    rows = []
+    for spec in list_bases():
+        try:
+            info = load_base(spec.name).info
+            rows.append({"name": spec.name, "kind": spec.kind, "params": info.params, "source": spec.source,
+                         "sha256": info.sha256, "available": True})
+        except HeadstartError as e:
+            rows.append({"name": spec.name, "kind": spec.kind, "params": None, "source": spec.source,
+                         "available": False, "why": str(e)})
+        if not args.json:
+            r = rows[-1]
+            params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "-"
+            note = "" if r["available"] else f"  (unavailable: {r['why']})"
+            print(f"{r['name']:<20}{r['kind']:<11}{params:>8}  {r['source']}{note}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """List the methods and their options."""
+    from .methods import list_methods
+
+    for spec in list_methods():
+        print(f"{spec.name:<10}{spec.summary}")
+        docs = field_docs(spec.config_cls)
+        for f in dataclasses.fields(spec.config_cls):
+            print(f"    --{f.name.replace('_', '-'):<20}{docs.get(f.name, '')}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    """Specialise a base on labelled data and write a bundle.
+
+    Examples:
+      headstart fit ../shared/data/hymenoptera --base efficientnet-lite0 --method lora --out runs/ants-lora
+      headstart fit ../shared/data/trec --base minilm-l6 --method probe --shots 8 --seed 1 --out runs/trec-8
+    """
+    from .api import fit
+
+    options = {k: getattr(args, "opt_" + k) for k in args.method_fields if getattr(args, "opt_" + k) is not None}
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    spec = fit(args.data, base=args.base, method=args.method, shots=args.shots, seed=args.seed, out=args.out,
+               resume=args.resume, use_cache=not args.no_cache, text_column=args.text_column,
+               label_column=args.label_column, log=log, **options)
+    if args.json:
+        from .report import headline
+
+        print(json.dumps(headline(spec.manifest["metrics"])))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a bundle on a dataset split: accuracy, macro-F1, per-class F1."""
+    from .api import load
+
+    m = load(args.bundle).evaluate(args.data, args.split, progress=not args.json)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{args.bundle} on {args.data} ({m['split']}, {m['examples']} examples)")
+        print(f"accuracy  {m['accuracy']:.4f}\nmacro-F1  {m['macro_f1']:.4f}")
+        for c, f1 in m["per_class_f1"].items():
+            print(f"  {c:<20}F1 {f1:.4f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Predict labels for image files or texts."""
+    from .api import load
+
+    spec = load(args.bundle)
+    probs = spec.predict_proba(args.inputs)
+    k = max(1, min(args.top_k, len(spec.classes)))
+    rows = []
+    for x, p in zip(args.inputs, probs):
+        top = p.topk(k)
+        rows.append({"input": x, "label": spec.classes[top.indices[0]], "score": round(float(top.values[0]), 4),
+                     "top": [{"label": spec.classes[i], "score": round(float(s), 4)}
+                             for s, i in zip(top.values.tolist(), top.indices.tolist())]})
+    if args.json:
+        print(json.dumps({"predictions": rows}))
+    else:
+        for r in rows:
+            alts = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"][1:])
+            print(f"{r['label']}\t{r['score']:.3f}\t{r['input']}" + (f"\t({alts})" if alts else ""))
+    return 0
+
+
+def cmd_info(args) -> int:
+    """Show what a bundle holds: base, method and config, labels, metrics, files."""
+    from .bundle import read_manifest
+
+    m = read_manifest(args.bundle)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    met = m.get("metrics", {})
+    print(f"bundle     {args.bundle}")
+    print(f"base       {m['base']['name']} ({m['base']['kind']}, {m['base']['params'] / 1e6:.1f}M params, "
+          f"sha256 {m['base']['sha256'][:16]}...)")
+    print(f"method     {m['method']['name']} {json.dumps(m['method']['config'])}")
+    print(f"labels     {', '.join(m['classes'])}")
+    if met:
+        print(f"metrics    accuracy {met.get('accuracy', 0):.4f}, macro-F1 {met.get('macro_f1', 0):.4f} "
+              f"({met.get('split')}), trainable {met.get('trainable_params', 0):,} params, {met.get('wall_s', 0):.1f} s")
+    files = sorted(str(p.relative_to(args.bundle)) for p in Path(args.bundle).rglob("*") if p.is_file())
+    print(f"files      {', '.join(files)}")
+    print(f"created    {m.get('created')} with headstart {m.get('versions', {}).get('headstart')}")
+    return 0
+
+
+# ---- method flags from config dataclasses -----------------------------------------------------
+
+def _add_method_flags(s: argparse.ArgumentParser, method: str) -> None:
+    from .methods.registry import get_method_spec
+
+    try:
+        cls = get_method_spec(method).config_cls
+    except HeadstartError:
+        s.set_defaults(method_fields=[])
+        return  # `fit` itself reports the unknown method
+    group = s.add_argument_group(f"{method} options")
+    docs = field_docs(cls)
+    hints = get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        names.append(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest="opt_" + f.name, default=None,
+                           type=_parser_type(hints[f.name]), metavar=f.name.upper(),
+                           help=f"{docs.get(f.name, '')} (default: {'auto' if default is None else default})")
+    s.set_defaults(method_fields=names)
+
+
+def _parser_type(hint: Any):
+    text = str(hint)
+    if "list[float]" in text:
+        return lambda v: [float(x) for x in v.split(",")]
+    if "bool" in text:
+        return lambda v: v.lower() in ("1", "true", "yes", "on")
+    if "int" in text and "float" not in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _peek(argv: list[str], flag: str, default: str) -> str:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Per-epoch training checkpoints as safetensors + JSON (no pickle), written atomically.
+
+Layout of a checkpoint folder:
+    weights.safetensors    the trainable part of the model (same names as model.state_dict())
+    optimizer.safetensors  every tensor of optimizer.state_dict()["state"], keyed "<param index>.<key>"
+    state.json             epoch, best score, history, scheduler state, optimizer param_groups, fingerprint
+    rng.safetensors        torch's CPU RNG state, so augmentation and dropout continue the same stream
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: dict[str, Any], extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write a checkpoint; `extra` adds more safetensors files (e.g. the best weights so far)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    for name, tensors_ in (extra or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors_.items()}, tmp / f"{name}.safetensors")
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    full_state = {**state, "scheduler": sched, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+    (tmp / "state.json").write_text(json.dumps(full_state, default=float))
+    # Swap in the new checkpoint: a kill -9 at any point leaves either the old or the new one whole.
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The complete checkpoint at `folder`, or the previous one if a swap was interrupted."""
+    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
+        if (candidate / "state.json").exists() and (candidate / "weights.safetensors").exists():
+            return candidate
+    return None
+
+
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """Restore model weights, optimizer, scheduler and RNG; return the saved state dict."""
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
+    missing = _load_weights(model, load_file(folder / "weights.safetensors"))
+    if missing:
+        raise RuntimeError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    tensors = load_file(folder / "optimizer.safetensors")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sched = scheduler.state_dict()
+    sched.update(state["scheduler"])
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(load_file(folder / "rng.safetensors")["torch"])
+    return state
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    if unknown:
+        raise RuntimeError(f"checkpoint tensors do not fit this model, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v)
+    return []

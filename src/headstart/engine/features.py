@@ -1,0 +1,102 @@
+"""Frozen-base features, extracted once and cached on disk.
+
+Cache layout: `$HEADSTART_CACHE/features/<base key>/shard-*.safetensors`. The base key hashes
+the base's weights sha256, its architecture and its preprocessing; each row is keyed by the
+sha256 of the example's content (file bytes or text), so renaming a file costs nothing,
+editing it re-extracts just that file, and any subset (few-shot samples, a new split) reuses
+what is there. A shard's row keys live in its safetensors metadata: no pickle, no index file
+to corrupt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..cache import cache_dir
+
+
+def base_key(backbone) -> str:
+    info = backbone.info
+    blob = json.dumps({"sha256": info.sha256, "arch": info.architecture, "pre": info.preprocessing,
+                       "pooling": type(backbone).__name__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def item_key(item: Any, is_file: bool) -> str:
+    """Content hash of one example: file bytes for a path, UTF-8 bytes for a text."""
+    if is_file:
+        with open(item, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(("text:" + str(item)).encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_size: int = 64,
+           progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """Features [N, D] of `items` by the frozen backbone in eval mode (no cache)."""
+    backbone.eval()
+    out = []
+    for start in tqdm(range(0, len(items), batch_size), disable=not progress, file=sys.stderr, desc=desc,
+                      unit="batch", dynamic_ncols=True):
+        chunk = [load(x) for x in items[start:start + batch_size]]
+        out.append(backbone(**backbone.collate(chunk, False)).float())
+    return torch.cat(out) if out else torch.zeros(0, backbone.feature_dim)
+
+
+def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_size: int = 64,
+                    progress: bool = True, use_cache: bool = True) -> tuple[torch.Tensor, int]:
+    """Features [N, D] for `items`, extracting only the rows not in the cache.
+
+    Returns (features, number of rows extracted now).
+    """
+    if not use_cache:
+        return encode(backbone, items, load, batch_size, progress), len(items)
+    folder = cache_dir("features", base_key(backbone))
+    is_file = backbone.kind == "image"  # image examples are paths; text examples are the texts
+    keys = [item_key(x, is_file) for x in items]
+    known = _load_rows(folder, set(keys))
+    missing = [i for i, k in enumerate(keys) if k not in known]
+    if missing:
+        fresh = encode(backbone, [items[i] for i in missing], load, batch_size, progress,
+                       desc=f"features ({len(missing)} new)")
+        new_keys = list(dict.fromkeys(keys[i] for i in missing))
+        first_row = {keys[i]: r for r, i in reversed(list(enumerate(missing)))}
+        table = fresh[[first_row[k] for k in new_keys]]
+        _write_shard(folder, new_keys, table)
+        for k, r in first_row.items():
+            known[k] = fresh[r]
+    return torch.stack([known[k] for k in keys]) if keys else torch.zeros(0, backbone.feature_dim), len(missing)
+
+
+def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    rows: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        try:
+            with safe_open(shard, "pt") as f:
+                keys = json.loads(f.metadata()["keys"])
+                if not wanted.intersection(keys):
+                    continue
+                table = f.get_tensor("features")
+        except Exception:  # a torn or foreign file: ignore it, the rows are re-extracted
+            continue
+        for r, k in enumerate(keys):
+            if k in wanted:
+                rows[k] = table[r]
+    return rows
+
+
+def _write_shard(folder: Path, keys: list[str], table: torch.Tensor) -> None:
+    name = f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
+    tmp = folder / ("." + name + ".tmp")
+    save_file({"features": table.contiguous()}, tmp, metadata={"keys": json.dumps(keys)})
+    os.replace(tmp, folder / name)

@@ -1,0 +1,186 @@
+"""What every method shares: the specialist model, the common training config, the method protocol."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import Dataset, load_image
+from ..engine.loop import LoopConfig, train_loop, trainable_state
+from ..engine.schedule import layerwise_param_groups
+
+
+class SpecialistModel(nn.Module):
+    """A backbone (maybe wrapped by PEFT) and a linear head: logits = head(backbone(**batch))."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(_raw(backbone).feature_dim, num_classes)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:  # [B, num_classes]
+        return self.head(self.backbone(**batch))
+
+    @property
+    def base(self):
+        """The underlying headstart Backbone (under any PEFT wrapper)."""
+        return _raw(self.backbone)
+
+
+def _raw(backbone: nn.Module):
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+def loader_for(kind: str) -> Callable[[Any], Any]:
+    """How one raw example is loaded: image paths are decoded, texts pass through."""
+    return load_image if kind == "image" else (lambda x: x)
+
+
+@dataclass
+class FitContext:
+    """Run-level settings every method receives (not part of a method's config)."""
+
+    seed: int = 0
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    use_cache: bool = True
+    log: Callable[[str], None] = print
+    fingerprint: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    model: SpecialistModel
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_s: float = 0.0
+    examples_per_s: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    """Method-specific facts for the manifest (chosen L2, best epoch, features extracted...)."""
+    is_main_process: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every method that trains through the engine. `None` = a default for the base kind."""
+
+    epochs: int | None = None
+    """Passes over the training data (early stopping may end sooner)."""
+    batch_size: int | None = None
+    """Examples per step."""
+    lr: float | None = None
+    """Peak learning rate of the top backbone block (lower blocks get less with layer_decay)."""
+    head_lr: float | None = None
+    """Peak learning rate of the new classification head."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not on biases and norms)."""
+    warmup_ratio: float = 0.1
+    """Share of all steps spent warming the learning rate up linearly from 0."""
+    patience: int = 3
+    """Early stopping: epochs without a better validation accuracy before stopping (0: never)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        for name in ("lr", "head_lr"):
+            v = getattr(self, name)
+            if v is not None and not float(v) > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def resolved(self, kind: str) -> "TrainConfig":
+        """A copy with every `None` replaced by the default for this base kind."""
+        defaults = self.kind_defaults().get(kind, self.kind_defaults()["text"])
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in defaults.items():
+            if values.get(k) is None:
+                values[k] = v
+        return type(self)(**values)
+
+    @classmethod
+    def kind_defaults(cls) -> dict[str, dict[str, Any]]:
+        """Per base kind, the values a `None` option takes (subclasses override)."""
+        return {"image": {}, "text": {}, "causal_lm": {}}
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class Method:
+    """Protocol of a method. `name` is set by `register_method`."""
+
+    name: str = ""
+    needs_pretrained: bool = True
+    """False for `scratch`: the bundle holds every weight, the base is only the architecture."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        raise NotImplementedError
+
+    def trained_state(self, model: SpecialistModel) -> dict[str, torch.Tensor]:
+        """Only what this method trained: what the bundle stores beside the base reference."""
+        return {k: v.detach() for k, v in trainable_state(model).items()}
+
+    def save_artifacts(self, model: SpecialistModel, folder: Path, base_name: str) -> None:
+        """Extra files in the bundle (PEFT adapters); none by default."""
+
+    def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
+        """Rebuild the trained specialist from the base, the stored state and the bundle folder."""
+        model = SpecialistModel(backbone, num_classes)
+        load_state(model, state)
+        return model
+
+    def config_json(self) -> dict[str, Any]:
+        return self.config.to_json()
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise KeyError(f"stored weights do not fit the model, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+class TrainedMethod(Method):
+    """A method whose training runs through the engine loop (finetune, lora, scratch)."""
+
+    def prepare(self, backbone, num_classes: int, cfg: TrainConfig) -> SpecialistModel:
+        raise NotImplementedError
+
+    def param_groups(self, model: SpecialistModel, cfg: TrainConfig) -> list[dict]:
+        return layerwise_param_groups(model.base.blocks(), model.head, cfg.lr, cfg.head_lr, 1.0, cfg.weight_decay)
+
+    def set_mode(self, model: SpecialistModel, epoch: int) -> None:
+        model.train()
+
+    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        cfg = self.config.resolved(backbone.kind)
+        self.config = cfg  # the manifest records the values actually used
+        torch.manual_seed(ctx.seed)
+        model = self.prepare(backbone, len(data.classes), cfg)
+        train, val = data.selection_splits(ctx.seed)
+        loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed, warmup_ratio=cfg.warmup_ratio,
+                              patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+        out = train_loop(model, train=train, val=val, load=loader_for(backbone.kind), collate=model.base.collate,
+                         param_groups=self.param_groups(model, cfg), cfg=loop_cfg, set_mode=self.set_mode,
+                         checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume, fingerprint=ctx.fingerprint,
+                         progress=ctx.progress, log=ctx.log)
+        model.eval()
+        return FitResult(model=model, history=out["history"], train_s=out["train_s"],
+                         examples_per_s=out["examples_per_s"], is_main_process=out["is_main_process"],
+                         details={"best_epoch": out["best_epoch"], "selection_examples": len(val),
+                                  "num_processes": out["num_processes"]})

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ..base import SpecialistModel, TrainedMethod, load_state
+from .config import LoraMethodConfig
+
+ADAPTER_DIR = "adapter"
+
+
+class Lora(TrainedMethod):
+    """PEFT LoRA adapters + a new head; the base stays frozen and is never stored in the bundle."""
+
+    config: LoraMethodConfig
+
+    def peft_config(self, backbone) -> LoraConfig:
+        cfg = self.config
+        targets = cfg.target_modules.split(",") if cfg.target_modules else backbone.lora_target_modules()
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          bias="none", base_model_name_or_path=backbone.info.name)
+
+    def prepare(self, backbone, num_classes: int, cfg: LoraMethodConfig) -> SpecialistModel:
+        peft_backbone = get_peft_model(backbone, self.peft_config(backbone))
+        return SpecialistModel(peft_backbone, num_classes)
+
+    def param_groups(self, model: SpecialistModel, cfg: LoraMethodConfig) -> list[dict]:
+        adapters = [p for p in model.backbone.parameters() if p.requires_grad]
+        return [{"params": adapters, "lr": cfg.lr, "weight_decay": 0.0, "name": "lora"},
+                {"params": list(model.head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.weight_decay,
+                 "name": "head"}]
+
+    def set_mode(self, model: SpecialistModel, epoch: int) -> None:
+        model.train()
+        # The base's BN statistics are not stored (only adapters are): keep using the pretrained ones.
+        model.base.freeze_batchnorm()
+
+    def trained_state(self, model: SpecialistModel) -> dict[str, torch.Tensor]:
+        # The adapter goes into PEFT's own folder; the safetensors beside the manifest hold the head.
+        return {k: v.detach() for k, v in model.head.state_dict(prefix="head.").items()}
+
+    def save_artifacts(self, model: SpecialistModel, folder: Path, base_name: str) -> None:
+        model.backbone.peft_config["default"].base_model_name_or_path = base_name
+        model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+
+    def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
+        peft_backbone = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
+        model = SpecialistModel(peft_backbone, num_classes)
+        load_state(model, state)
+        return model

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on frozen features."""
+
+    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    """L2 strengths tried on a held-out 10% of train; the best is refitted on all of train."""
+    l2: float | None = None
+    """Fix the L2 strength instead of searching `l2_grid`."""
+    max_iter: int = 200
+    """L-BFGS iterations per fit."""
+    batch_size: int = 64
+    """Examples per batch during feature extraction."""
+
+    def __post_init__(self) -> None:
+        if self.l2 is not None and self.l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {self.l2}")
+        if not self.l2_grid or any(v < 0 for v in self.l2_grid):
+            raise ValueError(f"l2_grid must be non-empty and non-negative, got {self.l2_grid}")
+        if self.max_iter < 1 or self.batch_size < 1:
+            raise ValueError("max_iter and batch_size must be >= 1")
+
+    def to_json(self) -> dict:
+        return asdict(self)

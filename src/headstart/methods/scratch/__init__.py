@@ -1,0 +1,6 @@
+"""`scratch`: the base's architecture from random initialisation — the baseline that shows what transfer buys."""
+from ..registry import register_method
+from .method import Scratch, ScratchConfig
+
+register_method("scratch", config_cls=ScratchConfig, method_cls=Scratch)
+__all__ = ["Scratch", "ScratchConfig"]
