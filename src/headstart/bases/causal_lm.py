@@ -13,7 +13,8 @@ from torch import nn
 
 from .backbone import Backbone, BaseInfo
 from .structure import leftover_modules, suffix_targets
-from .text import mean_pool, weights_sha256
+from .text import mean_pool
+from .weights import weights_sha256
 
 
 class CausalLMBackbone(Backbone):

@@ -24,9 +24,14 @@ def dequantised_dir(gguf: Path, name: str | None = None) -> tuple[Path, str]:
     """
     gguf = Path(gguf)
     sha = sha256_file(gguf)
-    final = cache_dir("bases") / f"{name or gguf.stem}-{sha[:16]}"
+    root = cache_dir("bases")
+    final = root / f"{name or gguf.stem}-{sha[:16]}"
     if (final / "config.json").exists():
         return final, sha
+    # The same GGUF reached under another name (registry name vs. folder path): reuse its copy.
+    for other in sorted(root.glob(f"*-{sha[:16]}")):
+        if (other / "config.json").exists() and not other.name.startswith("."):
+            return other, sha
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import sha256_file
 from ..errors import UnknownBaseError
 from .backbone import Backbone, BaseInfo
 from .registry import register_base
 from .structure import leftover_modules, suffix_targets
+from .weights import weights_sha256
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,19 +111,6 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def weights_sha256(folder: Path) -> str:
-    """sha256 of a model folder's weights: the file itself, or of its shards' hashes."""
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).exists():
-            return sha256_file(folder / single)
-    shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not shards:
-        return "unknown"
-    import hashlib
-
-    return hashlib.sha256("".join(sha256_file(p) for p in shards).encode()).hexdigest()
-
-
 def load_text_folder(
     folder: str | Path, *, name: str, source: str | None = None, pretrained: bool = True, **kwargs: Any
 ) -> HFTextBackbone:
@@ -135,18 +122,23 @@ def load_text_folder(
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
+    # Mean pooling never uses BERT's pooler. It is built only when the checkpoint has its
+    # weights (otherwise transformers reports them as missing) and dropped after loading
+    # (so transformers does not report them as unexpected): either way it stays out of
+    # blocks() and the parameter count.
+    extra = {} if _has_pooler_weights(folder) else {"add_pooling_layer": False}
 
-    def build(**extra: Any) -> nn.Module:
+    def build(**kw: Any) -> nn.Module:
         if pretrained:
-            return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32, **extra)
-        return AutoModel.from_config(config, dtype=torch.float32, **extra)
+            return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32, **kw)
+        return AutoModel.from_config(config, dtype=torch.float32, **kw)
 
     try:
-        # Mean pooling never uses BERT's pooler: not building it keeps every parameter useful
-        # (and keeps "pooler weights not initialised" noise out of the log).
-        model = build(add_pooling_layer=False)
-    except TypeError:  # encoders without a pooler option
+        model = build(**extra)
+    except TypeError:  # an encoder without a pooler option
         model = build()
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
     return HFTextBackbone(
         model.eval(),
         AutoTokenizer.from_pretrained(folder),
@@ -155,6 +147,19 @@ def load_text_folder(
         sha256=weights_sha256(folder),
         **kwargs,
     )
+
+
+def _has_pooler_weights(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return True  # pickled .bin checkpoints cannot be listed without loading them
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            if any(k.startswith("pooler.") or ".pooler." in k for k in f.keys()):
+                return True
+    return False
 
 
 def minilm_dir() -> Path:

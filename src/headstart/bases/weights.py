@@ -1,4 +1,4 @@
-"""Hashing and caching of weight tensors (always safetensors: nothing here unpickles)."""
+"""Identify weights by sha256 and write converted weights (safetensors only: nothing here unpickles)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..cache import sha256_file
+
 
 def state_dict_sha256(module: nn.Module) -> str:
     """sha256 over names, dtypes, shapes and bytes of every state-dict tensor, in key order.
 
-    Identifies weights that exist only in memory (tiny random bases, hub weights loaded by
-    timm); deterministic for a deterministic init.
+    Identifies weights that exist only in memory (the tiny random bases); deterministic for a
+    deterministic init, and independent of memory layout (channels_last is made contiguous).
     """
     h = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
@@ -30,3 +32,14 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> Non
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of a model folder's weights: the file itself, or of its shards' hashes."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return sha256_file(folder / single)
+    shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not shards:
+        return "unknown"
+    return hashlib.sha256("".join(sha256_file(p) for p in shards).encode()).hexdigest()
