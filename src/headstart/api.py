@@ -76,6 +76,7 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
         "details": result.details,
     }
     specialist = Specialist(model, spec_method, dataset.classes, manifest)
+    specialist.is_main_process = result.is_main_process
     metrics = specialist.evaluate(dataset, progress=progress)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics.update(
@@ -90,7 +91,9 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
     )
     manifest["metrics"] = metrics
     if out is not None and result.is_main_process:
-        metrics["bundle"] = str(specialist.save(out))
+        saved = specialist.save(out)
+        metrics = specialist.manifest["metrics"]  # the manifest as written (save re-reads it)
+        metrics["bundle"] = str(saved)
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(Path(str(ckpt) + ".old"), ignore_errors=True)
     if result.is_main_process:

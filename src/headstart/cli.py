@@ -17,7 +17,8 @@ from typing import Any, get_type_hints
 
 from .errors import HeadstartError
 
-RUN_FLAGS = ("epochs", "batch_size")  # shown under "common" although they live in the method configs
+COMMON_METHOD_FLAGS = {"epochs": int, "batch_size": int}
+"""`fit` always accepts these; a method without such a field (probe has no epochs) notes that it ignores them."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,12 +137,15 @@ def cmd_fit(args) -> int:
     """
     from .api import fit
 
-    options = {k: getattr(args, "opt_" + k) for k in args.method_fields if getattr(args, "opt_" + k) is not None}
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    options = {k: getattr(args, "opt_" + k) for k in args.method_fields if getattr(args, "opt_" + k) is not None}
+    for k in COMMON_METHOD_FLAGS:
+        if k not in args.method_fields and getattr(args, "opt_" + k, None) is not None:
+            log(f"note: method {args.method!r} has no {k} option; --{k.replace('_', '-')} ignored")
     spec = fit(args.data, base=args.base, method=args.method, shots=args.shots, seed=args.seed, out=args.out,
                resume=args.resume, use_cache=not args.no_cache, text_column=args.text_column,
                label_column=args.label_column, log=log, **options)
-    if args.json:
+    if args.json and spec.is_main_process:  # under `accelerate launch`, one JSON line, from the main process
         from .report import headline
 
         print(json.dumps(headline(spec.manifest["metrics"])))
@@ -216,9 +220,16 @@ def _add_method_flags(s: argparse.ArgumentParser, method: str) -> None:
     try:
         cls = get_method_spec(method).config_cls
     except HeadstartError:
-        s.set_defaults(method_fields=[])
-        return  # `fit` itself reports the unknown method
+        cls = None  # `fit` itself reports the unknown method
     group = s.add_argument_group(f"{method} options")
+    fields = [f.name for f in dataclasses.fields(cls)] if cls else []
+    for name, typ in COMMON_METHOD_FLAGS.items():
+        if name not in fields:
+            s.add_argument(f"--{name.replace('_', '-')}", dest="opt_" + name, type=typ, default=None,
+                           help="(not used by this method)")
+    if cls is None:
+        s.set_defaults(method_fields=[])
+        return
     docs = field_docs(cls)
     hints = get_type_hints(cls)
     names = []
@@ -227,7 +238,8 @@ def _add_method_flags(s: argparse.ArgumentParser, method: str) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         group.add_argument(f"--{f.name.replace('_', '-')}", dest="opt_" + f.name, default=None,
                            type=_parser_type(hints[f.name]), metavar=f.name.upper(),
-                           help=f"{docs.get(f.name, '')} (default: {'auto' if default is None else default})")
+                           help=f"{docs.get(f.name, '')} (default: {'auto' if default is None else default})"
+                           .replace("%", "%%"))  # argparse %-formats help text
     s.set_defaults(method_fields=names)
 
 

@@ -27,3 +27,7 @@ class LabelError(HeadstartError):
 
 class ConfigError(HeadstartError):
     """A method option has an invalid value."""
+
+
+class TrainingError(HeadstartError):
+    """A checkpoint cannot be resumed (another run's, or damaged)."""

@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from .bases import load_base
 from .bundle import check_base, read_manifest, read_trained, write_bundle
 from .bundle.card import model_card
-from .bundle.plots import plot_confusion, plot_learning_curves
 from .data import Dataset, load_dataset, load_image
 from .engine.features import cached_features
 from .errors import DataError, LabelError
@@ -33,6 +32,8 @@ class Specialist:
         self.method = method
         self.classes = list(classes)
         self.manifest = manifest
+        self.is_main_process = True
+        """False on the non-main processes of an `accelerate launch` run (they neither save nor report)."""
 
     # ---- inference -------------------------------------------------------------------------
     @property
@@ -99,6 +100,8 @@ class Specialist:
         trained = self.method.trained_state(self.model)
 
         def extras(tmp: Path, full: dict) -> None:
+            from .bundle.plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
+
             self.method.save_artifacts(self.model, tmp, full["base"]["name"])
             plots = tmp / "plots"
             plots.mkdir()

@@ -5,6 +5,7 @@ Registered here: `minilm-l6` (all-MiniLM-L6-v2 from the PyPI package gt-all-mini
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,6 +140,11 @@ def load_text_folder(
         model = build()
     if isinstance(getattr(model, "pooler", None), nn.Module):
         model.pooler = None
+    # A sentence-transformers folder says how long its inputs may be (256 for all-MiniLM-L6-v2);
+    # truncating where it does keeps our embeddings identical to its own.
+    st_config = folder / "sentence_bert_config.json"
+    if "max_length" not in kwargs and st_config.is_file():
+        kwargs["max_length"] = int(json.loads(st_config.read_text()).get("max_seq_length", 128))
     return HFTextBackbone(
         model.eval(),
         AutoTokenizer.from_pretrained(folder),

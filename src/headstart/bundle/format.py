@@ -54,6 +54,7 @@ def write_bundle(folder: str | Path, manifest: dict[str, Any], trained: dict[str
     """Write a bundle atomically; `write_extras(tmp_folder, full_manifest)` adds adapters, card and plots."""
     folder = Path(folder).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -77,8 +78,19 @@ def write_bundle(folder: str | Path, manifest: dict[str, Any], trained: dict[str
     return folder
 
 
+def recover_interrupted_swap(folder: Path) -> None:
+    """A kill between "move the old bundle aside" and "move the new one in" leaves only the old one,
+    as `.<name>.old-<pid>`: put it back so the bundle is never lost."""
+    if folder.exists():
+        return
+    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if leftovers and (leftovers[-1] / MANIFEST).is_file():
+        os.replace(leftovers[-1], folder)
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
+    recover_interrupted_swap(folder.resolve())
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: not a headstart bundle (no {MANIFEST})")

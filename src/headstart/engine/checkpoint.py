@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import TrainingError
+
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
@@ -25,7 +27,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
+    save_file(_own_copies(weights), tmp / "weights.safetensors")
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, pstate in opt["state"].items():
@@ -37,7 +39,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     for name, tensors_ in (extra or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors_.items()}, tmp / f"{name}.safetensors")
+        save_file(_own_copies(tensors_), tmp / f"{name}.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     full_state = {**state, "scheduler": sched, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
     (tmp / "state.json").write_text(json.dumps(full_state, default=float))
@@ -48,6 +50,11 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _own_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Tied weights (an LM's embeddings and head) share storage, which safetensors refuses.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
 def find_checkpoint(folder: Path) -> Path | None:
@@ -65,7 +72,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     state = json.loads((folder / "state.json").read_text())
     missing = _load_weights(model, load_file(folder / "weights.safetensors"))
     if missing:
-        raise RuntimeError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+        raise TrainingError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
     tensors = load_file(folder / "optimizer.safetensors")
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
@@ -83,7 +90,7 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> l
     own = model.state_dict()
     unknown = [k for k in weights if k not in own]
     if unknown:
-        raise RuntimeError(f"checkpoint tensors do not fit this model, e.g. {unknown[0]}")
+        raise TrainingError(f"checkpoint tensors do not fit this model, e.g. {unknown[0]}")
     with torch.no_grad():
         for k, v in weights.items():
             own[k].copy_(v)

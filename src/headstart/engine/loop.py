@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..data import Split
+from ..errors import TrainingError
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import warmup_cosine
 
@@ -80,7 +80,11 @@ def make_loader(split: Split, load: Callable, collate: Callable, batch_size: int
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that train, plus the buffers (BN statistics) of modules that own one."""
+    """Parameters that train, plus all buffers (BN statistics) of the modules that own them.
+
+    Buffers are included whatever the module's current mode: a BN layer trained in train mode
+    and saved in eval mode still carries statistics that differ from the base's.
+    """
     out: dict[str, torch.Tensor] = {}
     for mname, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -90,8 +94,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 if p.requires_grad:
                     out[prefix + n] = p
             for n, b in module.named_buffers(recurse=False):
-                if module.training or prefix + n in out:
-                    out[prefix + n] = b
+                out[prefix + n] = b
     return out
 
 
@@ -104,6 +107,8 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
     `set_mode(model, epoch)` puts the model in train mode for an epoch: methods use it to keep
     frozen BatchNorms in eval mode and to unfreeze blocks gradually.
     """
+    from accelerate import Accelerator  # imported here: `headstart predict` never needs it
+
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
     sampler = EpochShuffle(len(train), cfg.seed)
@@ -121,7 +126,7 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
     unwrapped = accelerator.unwrap_model(model)
 
     history: list[dict[str, float]] = []
-    best = {"epoch": -1, "val_accuracy": -1.0, "state": None}
+    best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf"), "state": None}
     start_epoch = 0
     if resume and checkpoint_dir is not None and (ckpt := find_checkpoint(checkpoint_dir)):
         # Set the epoch's train mode first so gradual unfreezing restores the same trainable set.
@@ -129,10 +134,11 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
         set_mode(unwrapped, saved_epoch)
         state = load_checkpoint(ckpt, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
         if fingerprint is not None and state.get("fingerprint") != fingerprint:
-            raise RuntimeError(f"{ckpt} belongs to a different run (data, base or config changed); "
-                               "delete it or drop --resume")
+            raise TrainingError(f"{ckpt} belongs to a different run (data, base or config changed); "
+                                "delete it or drop --resume")
         history, start_epoch = state["history"], state["epoch"] + 1
-        best.update(epoch=state["best_epoch"], val_accuracy=state["best_val_accuracy"])
+        best.update(epoch=state["best_epoch"], val_accuracy=state["best_val_accuracy"],
+                    val_loss=state.get("best_val_loss", float("inf")))
         if (ckpt / "best.safetensors").exists():
             from safetensors.torch import load_file
             best["state"] = load_file(ckpt / "best.safetensors")
@@ -144,7 +150,8 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
     seen = 0
     epochs_without_gain = 0
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
+        # Through the prepared loader: Accelerate re-sets its sampler's epoch from the loader's own counter.
+        train_loader.set_epoch(epoch)
         set_mode(unwrapped, epoch)
         running, batches, epoch_t0 = 0.0, 0, time.perf_counter()
         for batch, labels in train_loader:
@@ -166,12 +173,13 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
             row.update(_evaluate(model, val_loader, accelerator, loss_fn))
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{row['train_loss']:.4f}",
                             val_acc=f"{row['val_accuracy']:.4f}")
-            improved = row["val_accuracy"] > best["val_accuracy"]
+            # Small validation sets tie on accuracy often: the lower loss breaks the tie.
+            improved = (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
         else:
             improved = True  # nothing to select on: the last epoch is the one kept
         history.append(row)
         if improved:
-            best.update(epoch=epoch + 1, val_accuracy=row.get("val_accuracy", -1.0),
+            best.update(epoch=epoch + 1, val_accuracy=row.get("val_accuracy", -1.0), val_loss=row.get("val_loss", 0.0),
                         state={k: v.detach().clone() for k, v in trainable_state(unwrapped).items()})
             epochs_without_gain = 0
         else:
@@ -212,7 +220,7 @@ def _evaluate(model, loader, accelerator, loss_fn) -> dict[str, float]:
 
 def _save(folder, model, optimizer, scheduler, epoch, history, best, fingerprint) -> None:
     state = {"epoch": epoch, "history": history, "best_epoch": best["epoch"],
-             "best_val_accuracy": best["val_accuracy"], "fingerprint": fingerprint}
+             "best_val_accuracy": best["val_accuracy"], "best_val_loss": best["val_loss"], "fingerprint": fingerprint}
     extra = {"best": best["state"]} if best["state"] is not None else None
     save_checkpoint(Path(folder), weights=trainable_state(model), optimizer=optimizer, scheduler=scheduler,
                     state=state, extra=extra)

@@ -84,6 +84,9 @@ class TrainConfig:
     """Early stopping: epochs without a better validation accuracy before stopping (0: never)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    head_init: str = "probe"
+    """`probe`: start the head from a linear probe on the frozen features (LP-FT, Kumar et al. 2022: less
+    distortion of pretrained features, better accuracy); `random`: a freshly initialised head."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -94,6 +97,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not float(v) > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
+        if self.head_init not in ("probe", "random"):
+            raise ValueError(f"head_init must be 'probe' or 'random', got {self.head_init!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -158,6 +163,17 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 class TrainedMethod(Method):
     """A method whose training runs through the engine loop (finetune, lora, scratch)."""
 
+    def _init_head_from_probe(self, model: SpecialistModel, train, num_classes: int, ctx: FitContext) -> None:
+        # Features of the untouched base (a fresh LoRA adapter is a no-op), from the shared cache.
+        from ..engine.features import cached_features
+        from .probe.method import fit_linear_head
+
+        x, _ = cached_features(model.base, train.items, loader_for(model.base.kind), 64, ctx.progress, ctx.use_cache)
+        w, b = fit_linear_head(x, torch.tensor(train.labels), num_classes, l2=1e-2)
+        with torch.no_grad():
+            model.head.weight.copy_(w)
+            model.head.bias.copy_(b)
+
     def prepare(self, backbone, num_classes: int, cfg: TrainConfig) -> SpecialistModel:
         raise NotImplementedError
 
@@ -173,6 +189,8 @@ class TrainedMethod(Method):
         torch.manual_seed(ctx.seed)
         model = self.prepare(backbone, len(data.classes), cfg)
         train, val = data.selection_splits(ctx.seed)
+        if cfg.head_init == "probe":
+            self._init_head_from_probe(model, train, len(data.classes), ctx)
         loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed, warmup_ratio=cfg.warmup_ratio,
                               patience=cfg.patience, label_smoothing=cfg.label_smoothing)
         out = train_loop(model, train=train, val=val, load=loader_for(backbone.kind), collate=model.base.collate,

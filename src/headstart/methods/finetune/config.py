@@ -16,6 +16,9 @@ class FinetuneConfig(TrainConfig):
     """Learning rate of block i from the top = lr * layer_decay**i (1.0: one rate for all)."""
     gradual_unfreeze: bool = False
     """ULMFiT: epoch 1 trains the head and top block, each later epoch unfreezes one more block."""
+    bn_stats: str = "frozen"
+    """`frozen`: BatchNorm layers keep their pretrained running statistics (their scale and shift still
+    train) -- small batches from a small dataset only make the statistics noisier; `train`: update them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -25,6 +28,8 @@ class FinetuneConfig(TrainConfig):
                     raise ValueError
             except ValueError:
                 raise ValueError(f"unfreeze must be 'all' or a number of blocks >= 0, got {self.unfreeze!r}") from None
+        if self.bn_stats not in ("frozen", "train"):
+            raise ValueError(f"bn_stats must be 'frozen' or 'train', got {self.bn_stats!r}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
 

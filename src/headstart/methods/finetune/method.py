@@ -26,7 +26,7 @@ class Finetune(TrainedMethod):
         return layerwise_param_groups(trainable, model.head, cfg.lr, cfg.head_lr, cfg.layer_decay, cfg.weight_decay)
 
     def set_mode(self, model: SpecialistModel, epoch: int) -> None:
-        """Train mode for the unfrozen top blocks and the head; frozen blocks (BN included) stay in eval."""
+        """Train mode for the unfrozen top blocks and the head; frozen blocks (and BN statistics) stay in eval."""
         blocks = model.base.blocks()
         n_open = min(self._n_train, epoch + 1) if self.config.gradual_unfreeze else self._n_train
         model.train()
@@ -36,3 +36,5 @@ class Finetune(TrainedMethod):
                 p.requires_grad_(is_open)
             if not is_open:
                 block.eval()
+        if self.config.bn_stats == "frozen":
+            model.base.freeze_batchnorm()

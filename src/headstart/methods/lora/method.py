@@ -23,7 +23,9 @@ class Lora(TrainedMethod):
                           bias="none", base_model_name_or_path=backbone.info.name)
 
     def prepare(self, backbone, num_classes: int, cfg: LoraMethodConfig) -> SpecialistModel:
+        backbone.name_or_path = backbone.info.name  # PEFT records this as the adapter's base model
         peft_backbone = get_peft_model(backbone, self.peft_config(backbone))
+        _match_memory_format(peft_backbone)
         return SpecialistModel(peft_backbone, num_classes)
 
     def param_groups(self, model: SpecialistModel, cfg: LoraMethodConfig) -> list[dict]:
@@ -43,10 +45,21 @@ class Lora(TrainedMethod):
 
     def save_artifacts(self, model: SpecialistModel, folder: Path, base_name: str) -> None:
         model.backbone.peft_config["default"].base_model_name_or_path = base_name
-        model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+        # save_embedding_layers=False: LoRA here never trains embeddings, and "auto" would look the
+        # base up on the hub (a network call, offline a warning) to guess whether the vocabulary grew.
+        model.backbone.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
 
     def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
+        backbone.name_or_path = backbone.info.name
         peft_backbone = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
+        _match_memory_format(peft_backbone)
         model = SpecialistModel(peft_backbone, num_classes)
         load_state(model, state)
         return model
+
+
+def _match_memory_format(peft_backbone) -> None:
+    # PEFT creates the adapter convs in the default (NCHW) layout; mixed layouts inside an image
+    # base make every adapted layer convert its input back and forth. Image bases run channels_last.
+    if peft_backbone.get_base_model().kind == "image":
+        peft_backbone.to(memory_format=torch.channels_last)

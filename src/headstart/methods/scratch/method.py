@@ -10,6 +10,9 @@ from ..base import SpecialistModel, TrainConfig, TrainedMethod
 class ScratchConfig(TrainConfig):
     """Train every weight from random initialisation, with the same budget as fine-tuning."""
 
+    head_init: str = "random"
+    """A probe on random features means nothing: the head starts random too."""
+
     @classmethod
     def kind_defaults(cls) -> dict[str, dict[str, Any]]:
         # Same epochs and batch as `finetune` (the comparison is at equal budget); a from-scratch
