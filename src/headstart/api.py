@@ -21,7 +21,7 @@ from .bases import load_base
 from .cache import cache_dir
 from .data import Dataset, load_dataset
 from .engine.perf import peak_memory_mb, tune_allocator
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .methods.base import FitContext
 from .methods.registry import make_method
 from .report import format_report
@@ -33,9 +33,10 @@ DEFAULT_BASE = {"image": "efficientnet-lite0", "text": "minilm-l6"}
 def fit(data: str | Path | Dataset, base: str | None = None, method: str = "probe", *, shots: int | None = None,
         seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
         use_cache: bool = True, text_column: str = "text", label_column: str = "label",
-        log: Callable[[str], None] = print, **options: Any) -> Specialist:
+        image_size: int | None = None, log: Callable[[str], None] = print, **options: Any) -> Specialist:
     """Specialise `base` on `data` with `method`; save a bundle to `out` when given.
 
+    `image_size` trains and predicts image bases at that resolution (default: the base's own).
     `options` are the method's config fields (see `headstart methods` or the method's config
     dataclass), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
 
@@ -54,7 +55,13 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
     backbone = load_base(base, pretrained=spec_method.needs_pretrained)
     if (dataset.kind == "image") != (backbone.kind == "image"):
         raise DataError(f"{dataset.source} holds {dataset.kind} data but {base!r} is a {backbone.kind} base")
-    fingerprint = {"base": backbone.info.sha256, "method": method, "options": _jsonable(options), "seed": seed,
+    if image_size:
+        try:
+            backbone.set_input_size(image_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    fingerprint = {"base": backbone.info.sha256, "preprocessing": backbone.info.preprocessing, "method": method,
+                   "options": _jsonable(options), "seed": seed,
                    "data": dataset.source, "train": len(dataset.split("train")), "shots": shots}
     ckpt = _checkpoint_dir(out, fingerprint)
     ctx = FitContext(seed=seed, checkpoint_dir=ckpt, resume=resume, progress=progress, use_cache=use_cache,

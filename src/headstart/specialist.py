@@ -125,6 +125,9 @@ class Specialist:
         method = make_method(manifest["method"]["name"], **manifest["method"]["config"])
         backbone = load_base(manifest["base"]["name"], pretrained=method.needs_pretrained)
         check_base(manifest, backbone.info.sha256)
+        size = manifest.get("preprocessing", {}).get("input_size")
+        if size and backbone.kind == "image" and size != backbone.info.preprocessing.get("input_size"):
+            backbone.set_input_size(size[-1])  # the resolution it was trained at
         model = method.restore(backbone, len(manifest["classes"]), read_trained(folder), folder)
         return cls(model, method, manifest["classes"], manifest)
 

@@ -76,6 +76,10 @@ class Backbone(nn.Module):
         """Names (PEFT `target_modules` suffixes) of the layers LoRA adapts."""
         raise NotImplementedError
 
+    def set_input_size(self, size: int) -> None:
+        """Change the input resolution (image bases only)."""
+        raise ValueError(f"{self.info.name} is a {self.kind} base: it has no image size")
+
     def source_classifier(self) -> nn.Module | None:
         """The pre-training classifier (e.g. the ImageNet head) when the base has one."""
         return None

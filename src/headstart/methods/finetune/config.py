@@ -40,7 +40,7 @@ class FinetuneConfig(TrainConfig):
     def kind_defaults(cls) -> dict[str, dict[str, Any]]:
         # Fine-tuning rates ~10x below pre-training; the new head learns faster than the body.
         return {
-            "image": {"epochs": 10, "batch_size": 16, "lr": 3e-4, "head_lr": 3e-3, "layer_decay": 0.8},
+            "image": {"epochs": 6, "batch_size": 16, "lr": 3e-5, "head_lr": 3e-4, "layer_decay": 0.8},
             "text": {"epochs": 4, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-3, "layer_decay": 0.9},
             "causal_lm": {"epochs": 3, "batch_size": 16, "lr": 5e-5, "head_lr": 1e-3, "layer_decay": 0.9},
         }

@@ -28,7 +28,7 @@ class LoraMethodConfig(TrainConfig):
     def kind_defaults(cls) -> dict[str, dict[str, Any]]:
         # Adapters start at zero and are few: they take larger rates than full fine-tuning.
         return {
-            "image": {"epochs": 10, "batch_size": 16, "lr": 2e-3, "head_lr": 3e-3},
+            "image": {"epochs": 6, "batch_size": 16, "lr": 2e-3, "head_lr": 3e-3},
             "text": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "head_lr": 2e-3},
             "causal_lm": {"epochs": 3, "batch_size": 16, "lr": 5e-4, "head_lr": 1e-3},
         }

@@ -18,7 +18,7 @@ class ScratchConfig(TrainConfig):
         # Same epochs and batch as `finetune` (the comparison is at equal budget); a from-scratch
         # network needs a larger rate than a pretrained one.
         return {
-            "image": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-3},
+            "image": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-3},
             "text": {"epochs": 4, "batch_size": 32, "lr": 5e-4, "head_lr": 5e-4},
             "causal_lm": {"epochs": 3, "batch_size": 16, "lr": 5e-4, "head_lr": 5e-4},
         }
