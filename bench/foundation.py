@@ -50,14 +50,25 @@ def bench_ants(rows: list, cache: str) -> None:
     rows.append({"case": "hymenoptera probe (warm re-fit, median of 3)", "metric": "val acc", "value": warm[0]["accuracy"],
                  "wall_s": statistics.median(w["wall_s"] for w in warm), "target": "<= 5 s",
                  "process_s": statistics.median(w["process_s"] for w in warm), "run": warm})
-    budget = None
-    for method in ("finetune", "lora", "scratch"):
-        extra = ["--epochs", str(budget)] if method == "scratch" and budget else []
-        r = fit("hymenoptera", "efficientnet-lite0", method, cache, *extra)
-        if method == "finetune":
-            budget = r["epochs_run"]  # scratch gets the same number of epochs fine-tuning used
-        rows.append({"case": f"hymenoptera {method}", "metric": "val acc", "value": r["accuracy"], "wall_s": r["wall_s"],
-                     "target": ">= 0.95" if method != "scratch" else "reported (same budget)", "run": r})
+    # Fine-tuning above the pre-training resolution (BiT / FixRes) is what lifts lite0 past 0.95 here;
+    # the native 224 px runs are reported beside it.
+    for size in ("288", None):
+        sized = ["--image-size", size] if size else []
+        label = f" @{size}px" if size else " @224px (native)"
+        budget = None
+        for method in ("finetune", "lora", "scratch"):
+            if method == "scratch" and not size:
+                continue
+            extra = sized + (["--epochs", str(budget)] if method == "scratch" and budget else [])
+            r = fit("hymenoptera", "efficientnet-lite0", method, cache, *extra)
+            if method == "finetune":
+                budget = r["epochs_run"]  # scratch gets the same number of epochs fine-tuning used
+            rows.append({"case": f"hymenoptera {method}{label}", "metric": "val acc", "value": r["accuracy"],
+                         "wall_s": r["wall_s"], "run": r,
+                         "target": ">= 0.95" if method != "scratch" else "reported (same budget)"})
+    r = fit("hymenoptera", "efficientnet-lite0", "probe", cache, "--image-size", "288")
+    rows.append({"case": "hymenoptera probe @288px", "metric": "val acc", "value": r["accuracy"], "wall_s": r["wall_s"],
+                 "target": "reported", "run": r})
 
 
 def bench_trec(rows: list, cache: str) -> None:

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parser(argv: list[str]) -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="headstart", description=(__doc__ or "").split("\n")[0].rstrip("."))
+    p = argparse.ArgumentParser(prog="headstart", description="Turn a pretrained base into a specialist for one job: "
+                                "fit, evaluate, predict, inspect bundles.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -26,7 +26,7 @@ def format_report(metrics: dict[str, Any], title: str) -> str:
         lines.append(f"{name:<32}{fmt.format(metrics[key])}")
     reasons = metrics.get("skipped_reasons") or {}
     for reason, count in reasons.items():
-        lines.append(f"  skipped: {reason:<23}{count}")
+        lines.append(f"  {reason:<30}{count}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from .bundle.card import model_card
 from .data import Dataset, load_dataset, load_image
 from .engine.features import cached_features
 from .errors import DataError, LabelError
-from .methods.base import Method, SpecialistModel, loader_for
+from .methods.base import Method, SpecialistModel
 from .methods.registry import make_method
 from .metrics import classification_metrics
 
@@ -48,10 +48,12 @@ class Specialist:
             # The base is untouched (probe): reuse cached features of these files.
             feats, _ = cached_features(self.model.base, xs, load_image, batch_size, progress)
             return self.model.head(feats).softmax(-1)
-        load = loader_for(self.kind) if self.kind == "image" else (lambda x: x)
+        def load(x: Any) -> Any:  # image paths are decoded; PIL images and texts pass through
+            return load_image(x) if self.kind == "image" and isinstance(x, str) else x
+
         out = []
         for start in tqdm(range(0, len(xs), batch_size), disable=not progress, file=sys.stderr, desc="predict"):
-            chunk = [x if not isinstance(x, str) or self.kind != "image" else load(x) for x in xs[start:start + batch_size]]
+            chunk = [load(x) for x in xs[start:start + batch_size]]
             out.append(self.model(**self.model.base.collate(chunk, False)).float().softmax(-1))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 

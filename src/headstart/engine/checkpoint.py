@@ -70,9 +70,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     """Restore model weights, optimizer, scheduler and RNG; return the saved state dict."""
     folder = Path(folder)
     state = json.loads((folder / "state.json").read_text())
-    missing = _load_weights(model, load_file(folder / "weights.safetensors"))
-    if missing:
-        raise TrainingError(f"checkpoint {folder} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
+    copy_state_into(model, load_file(folder / "weights.safetensors"), what=f"checkpoint {folder}")
     tensors = load_file(folder / "optimizer.safetensors")
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
@@ -86,12 +84,12 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     return state
 
 
-def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+def copy_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str = "stored weights") -> None:
+    """Copy a partial state dict (what was trained) into `model` in place; every name must exist."""
     own = model.state_dict()
-    unknown = [k for k in weights if k not in own]
+    unknown = [k for k in tensors if k not in own]
     if unknown:
-        raise TrainingError(f"checkpoint tensors do not fit this model, e.g. {unknown[0]}")
+        raise TrainingError(f"{what} do not fit this model, e.g. {unknown[0]}")
     with torch.no_grad():
-        for k, v in weights.items():
+        for k, v in tensors.items():
             own[k].copy_(v)
-    return []

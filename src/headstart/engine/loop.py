@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..data import Split
 from ..errors import TrainingError
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import copy_state_into, find_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import warmup_cosine
 
 
@@ -192,10 +192,7 @@ def train_loop(model: nn.Module, *, train: Split, val: Split | None, load: Calla
             break
     bar.close()
     if best["state"] is not None:
-        with torch.no_grad():
-            own = unwrapped.state_dict()
-            for k, v in best["state"].items():
-                own[k].copy_(v)
+        copy_state_into(unwrapped, best["state"], what="best-epoch weights")
     train_s = time.perf_counter() - t0
     return {"history": history, "best_epoch": best["epoch"], "train_s": train_s,
             "examples_per_s": seen / train_s if train_s > 0 else 0.0, "num_processes": accelerator.num_processes,

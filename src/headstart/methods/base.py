@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset, load_image
+from ..engine.checkpoint import copy_state_into
 from ..engine.loop import LoopConfig, train_loop, trainable_state
 from ..engine.schedule import layerwise_param_groups
 
@@ -143,21 +144,11 @@ class Method:
     def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
         """Rebuild the trained specialist from the base, the stored state and the bundle folder."""
         model = SpecialistModel(backbone, num_classes)
-        load_state(model, state)
+        copy_state_into(model, state)
         return model
 
     def config_json(self) -> dict[str, Any]:
         return self.config.to_json()
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    own = model.state_dict()
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise KeyError(f"stored weights do not fit the model, e.g. {unknown[0]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
 
 
 class TrainedMethod(Method):

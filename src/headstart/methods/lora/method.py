@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ..base import SpecialistModel, TrainedMethod, load_state
+from ...engine.checkpoint import copy_state_into
+from ..base import SpecialistModel, TrainedMethod
 from .config import LoraMethodConfig
 
 ADAPTER_DIR = "adapter"
@@ -54,7 +55,7 @@ class Lora(TrainedMethod):
         peft_backbone = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
         _match_memory_format(peft_backbone)
         model = SpecialistModel(peft_backbone, num_classes)
-        load_state(model, state)
+        copy_state_into(model, state)
         return model
 
 
