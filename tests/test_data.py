@@ -225,13 +225,18 @@ def test_selection_splits_never_return_the_eval_split(tiny_image_folder, tmp_pat
     # train + val (evaluation on val): selection carves a seeded 10% out of train
     data = load_dataset(tiny_image_folder)
     assert data.eval_split == "val"
-    sel_train, sel_val = data.selection_splits(seed=0)
+    sel_train, sel_val = data.selection_splits(seed=0, mode="holdout")
     eval_items = _ids(data.split("val"))
     assert not (_ids(sel_val) & eval_items) and not (_ids(sel_train) & eval_items)
     assert _ids(sel_train) | _ids(sel_val) == _ids(data.split("train"))
     assert not _ids(sel_train) & _ids(sel_val)
     assert len(sel_val) >= len(data.classes)  # stratified: one per class at least
-    assert data.selection_splits(seed=0)[1].items == sel_val.items
+    assert data.selection_splits(seed=0, mode="holdout")[1].items == sel_val.items
+    # auto: a 10% holdout of this tiny train split would be a handful of images -> none, train on all
+    auto_train, auto_val = data.selection_splits(seed=0)
+    assert auto_val is None and auto_train.items == data.split("train").items
+    assert data.selection_splits(seed=0, mode="auto", min_holdout=1)[1].items == sel_val.items
+    assert data.selection_splits(seed=0, mode="none")[1] is None
 
     # train + val + test (evaluation on test): the real val selects
     three = tmp_path / "three"

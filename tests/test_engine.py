@@ -114,7 +114,7 @@ RESUME_CASES = [("finetune", "tiny-image"), ("finetune", "tiny-text"), ("lora", 
 @pytest.mark.parametrize("method,base", RESUME_CASES)
 def test_resume_after_interrupt_matches_uninterrupted_run(request, tmp_path, monkeypatch, method, base):
     data = request.getfixturevalue(DATA_FOR[base])
-    opts = dict(base=base, method=method, epochs=4, patience=0, seed=0, progress=False)
+    opts = dict(base=base, method=method, epochs=4, patience=0, seed=0, progress=False, early_stopping="holdout")
     ref = headstart.fit(data, out=tmp_path / "ref", **opts)
 
     method_cls = get_method_spec(method).method_cls

@@ -85,6 +85,9 @@ class TrainConfig:
     """Early stopping: epochs without a better validation accuracy before stopping (0: never)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    early_stopping: str = "auto"
+    """Validation for early stopping and best-epoch selection: `auto` (the dataset's val split, else a 10%
+    holdout of train if that is >= 100 examples, else none: train on all, keep the last epoch), `holdout`, `none`."""
     head_init: str = "probe"
     """`probe`: start the head from a linear probe on the frozen features (LP-FT, Kumar et al. 2022: less
     distortion of pretrained features, better accuracy); `random`: a freshly initialised head."""
@@ -98,6 +101,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not float(v) > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
+        if self.early_stopping not in ("auto", "holdout", "none"):
+            raise ValueError(f"early_stopping must be 'auto', 'holdout' or 'none', got {self.early_stopping!r}")
         if self.head_init not in ("probe", "random"):
             raise ValueError(f"head_init must be 'probe' or 'random', got {self.head_init!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -179,7 +184,7 @@ class TrainedMethod(Method):
         self.config = cfg  # the manifest records the values actually used
         torch.manual_seed(ctx.seed)
         model = self.prepare(backbone, len(data.classes), cfg)
-        train, val = data.selection_splits(ctx.seed)
+        train, val = data.selection_splits(ctx.seed, cfg.early_stopping)
         if cfg.head_init == "probe":
             self._init_head_from_probe(model, train, len(data.classes), ctx)
         loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed, warmup_ratio=cfg.warmup_ratio,
@@ -191,5 +196,5 @@ class TrainedMethod(Method):
         model.eval()
         return FitResult(model=model, history=out["history"], train_s=out["train_s"],
                          examples_per_s=out["examples_per_s"], is_main_process=out["is_main_process"],
-                         details={"best_epoch": out["best_epoch"], "selection_examples": len(val),
+                         details={"best_epoch": out["best_epoch"], "selection_examples": len(val) if val else 0,
                                   "num_processes": out["num_processes"]})
