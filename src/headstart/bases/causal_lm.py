@@ -14,7 +14,7 @@ from torch import nn
 from .backbone import Backbone, BaseInfo
 from .structure import leftover_modules, suffix_targets
 from .text import mean_pool
-from .weights import weights_sha256
+from .weights import quiet_weight_loading, weights_sha256
 
 
 class CausalLMBackbone(Backbone):
@@ -134,7 +134,8 @@ def load_causal_lm_folder(
 
     folder = Path(folder)
     if pretrained:
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with quiet_weight_loading():
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     else:
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     return CausalLMBackbone(

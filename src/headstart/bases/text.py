@@ -17,7 +17,7 @@ from ..errors import UnknownBaseError
 from .backbone import Backbone, BaseInfo
 from .registry import register_base
 from .structure import leftover_modules, suffix_targets
-from .weights import weights_sha256
+from .weights import quiet_weight_loading, weights_sha256
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,8 @@ def load_text_folder(
 
     def build(**kw: Any) -> nn.Module:
         if pretrained:
-            return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32, **kw)
+            with quiet_weight_loading():
+                return AutoModel.from_pretrained(folder, config=config, dtype=torch.float32, **kw)
         return AutoModel.from_config(config, dtype=torch.float32, **kw)
 
     try:
