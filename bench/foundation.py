@@ -114,19 +114,23 @@ def main() -> int:
     args = p.parse_args()
     cache = tempfile.mkdtemp(prefix="hs-bench-cache-")
     rows: list[dict] = []
+    out = Path(args.out)
     for group in args.only.split(","):
         t0 = time.perf_counter()
         GROUPS[group](rows, cache)
         print(f"[{group} done in {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        save(out, rows)  # after every group: a later failure loses nothing already measured
     print_table(rows)
-    out = Path(args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def save(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
     merged = {r["case"]: r for r in previous.get("rows", [])}
     merged.update({r["case"]: r for r in rows})
     out.write_text(json.dumps({"machine": machine(), "rows": list(merged.values())}, indent=2))
-    print(f"wrote {out}")
-    return 0
 
 
 def print_table(rows: list[dict]) -> None:

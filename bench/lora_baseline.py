@@ -12,6 +12,7 @@ like headstart's specialist (mean pooling + linear head).
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -82,8 +83,10 @@ def run_trainer() -> dict:
         enc["labels"] = torch.tensor([b["labels"] for b in batch])
         return dict(enc)
 
+    steps = math.ceil(len(rows) / s["batch_size"]) * s["epochs"]
     args = TrainingArguments(output_dir="/tmp/hs-bench-trainer", per_device_train_batch_size=s["batch_size"],
-                             learning_rate=s["lr"], weight_decay=s["weight_decay"], warmup_ratio=s["warmup_ratio"],
+                             learning_rate=s["lr"], weight_decay=s["weight_decay"],
+                             warmup_steps=math.ceil(s["warmup_ratio"] * steps),  # transformers 5 has no warmup_ratio
                              lr_scheduler_type="cosine", num_train_epochs=s["epochs"], seed=s["seed"],
                              save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
                              remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,

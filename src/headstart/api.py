@@ -33,9 +33,12 @@ DEFAULT_BASE = {"image": "efficientnet-lite0", "text": "minilm-l6"}
 def fit(data: str | Path | Dataset, base: str | None = None, method: str = "probe", *, shots: int | None = None,
         seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
         use_cache: bool = True, text_column: str = "text", label_column: str = "label",
-        image_size: int | None = None, log: Callable[[str], None] = print, **options: Any) -> Specialist:
+        image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
+        **options: Any) -> Specialist:
     """Specialise `base` on `data` with `method`; save a bundle to `out` when given.
 
+    `skip_placeholders=False` keeps images with very few colours (line art, synthetic icons) that
+    are otherwise skipped as "image not found" placeholders.
     `image_size` trains and predicts image bases at that resolution (default: the base's own).
     `options` are the method's config fields (see `headstart methods` or the method's config
     dataclass), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
@@ -46,8 +49,8 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
     """
     t0 = time.perf_counter()
     tune_allocator()
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, text_column=text_column,
-                                                                  label_column=label_column, seed=seed)
+    dataset = data if isinstance(data, Dataset) else load_dataset(
+        data, text_column=text_column, label_column=label_column, seed=seed, skip_placeholders=skip_placeholders)
     if shots:
         dataset = dataset.with_shots(shots, seed)
     base = base or DEFAULT_BASE[dataset.kind]

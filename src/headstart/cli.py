@@ -63,6 +63,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     s.add_argument("--image-size", type=int, default=None,
                    help="train and predict image bases at this resolution (default: the base's own, e.g. 224)")
+    s.add_argument("--keep-placeholders", action="store_true",
+                   help="keep images with very few colours (line art, icons) instead of skipping them as placeholders")
     s.add_argument("--text-column", default="text")
     s.add_argument("--label-column", default="label")
     s.add_argument("--json", action="store_true", help="print the final metrics as JSON on the last stdout line")
@@ -147,7 +149,8 @@ def cmd_fit(args) -> int:
             log(f"note: method {args.method!r} has no {k} option; --{k.replace('_', '-')} ignored")
     spec = fit(args.data, base=args.base, method=args.method, shots=args.shots, seed=args.seed, out=args.out,
                resume=args.resume, use_cache=not args.no_cache, text_column=args.text_column,
-               label_column=args.label_column, image_size=args.image_size, log=log, **options)
+               label_column=args.label_column, image_size=args.image_size,
+               skip_placeholders=not args.keep_placeholders, log=log, **options)
     if args.json and spec.is_main_process:  # under `accelerate launch`, one JSON line, from the main process
         from .report import headline
 

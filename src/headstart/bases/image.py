@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms as T
 
 from .backbone import Backbone, BaseInfo
 from .structure import leftover_modules, suffix_targets
@@ -162,6 +161,7 @@ def _eval_transform(cfg: dict[str, Any]) -> Callable:
 
 def _train_transform(cfg: dict[str, Any]) -> Callable:
     from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T  # here, not at import: text-only runs never pay for torchvision
 
     size = cfg["input_size"][1:]
     return T.Compose([
