@@ -29,7 +29,7 @@ $(SMOLLM2):
 	test -f $@
 
 demo: install
-	$(BIN)/headstart fit $(DATA)/hymenoptera --base efficientnet-lite0 --method probe --out runs/demo-ants-probe
+	$(BIN)/headstart fit $(DATA)/hymenoptera --base efficientnet-lite0 --method probe --image-size 288 --out runs/demo-ants-probe
 	$(BIN)/headstart info runs/demo-ants-probe
 
 test: install
