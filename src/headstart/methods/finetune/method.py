@@ -12,9 +12,7 @@ class Finetune(TrainedMethod):
 
     def prepare(self, backbone, num_classes: int, cfg: FinetuneConfig) -> SpecialistModel:
         model = SpecialistModel(backbone, num_classes)
-        blocks = backbone.blocks()
-        self._n_blocks = len(blocks)
-        self._n_train = cfg.blocks_to_train(len(blocks))
+        self._n_train = cfg.blocks_to_train(len(backbone.blocks()))
         for p in backbone.parameters():
             p.requires_grad_(False)
         return model
