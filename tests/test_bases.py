@@ -79,7 +79,7 @@ def assert_info(base: Backbone) -> None:
 def test_registry_lists_real_bases_and_hides_tiny():
     shown = {s.name for s in list_bases()}
     assert {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "minilm-l6", "smollm2-135m"} <= shown
-    assert set(TINY) == {"tiny-image", "tiny-text", "tiny-llm"}
+    assert set(TINY) == {"tiny-image", "tiny-text", "tiny-llm", "tiny-clip"}
     assert not shown & set(TINY)
     assert get_base_spec("minilm-l6").kind == "text"
     assert get_base_spec("nope") is None

@@ -140,9 +140,16 @@ def test_with_shots_larger_than_class_keeps_all(tiny_text_csv):
     assert len(data.split("train")) == 60
 
 
-def test_with_shots_must_be_positive(tiny_text_csv):
+def test_with_shots_must_not_be_negative(tiny_text_csv):
     with pytest.raises(DataError):
-        load_dataset(tiny_text_csv).with_shots(0)
+        load_dataset(tiny_text_csv).with_shots(-1)
+
+
+def test_zero_shots_keep_the_classes_and_no_examples(tiny_text_csv):
+    data = load_dataset(tiny_text_csv)
+    zero = data.with_shots(0)
+    assert len(zero.split("train")) == 0 and zero.classes == data.classes
+    assert len(zero.split("test")) == len(data.split("test"))
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -18,18 +18,50 @@ from headstart.bases.backbone import KINDS
 from headstart.data import load_image
 
 # method -> options for a quick fit, and what its bundle's trained.safetensors must hold:
-#   "head":      only the new head (the base is referenced by name + hash, never stored)
-#   "top_block": the head + the parameters of the top backbone block only (never a lower block)
-#   "all":       every weight (random init: there is no base to reference)
+#   "head":        only the new head (the base is referenced by name + hash, never stored)
+#   "cosine":      a set (not learnt) cosine head: class vectors + the feature centre
+#   "top_block":   the head + the parameters of the top backbone block only (never a lower block)
+#   "body":        the head + centre + the whole tuned body (setfit without LoRA)
+#   "all":         every weight (random init: there is no base to reference)
+#   "calibration": only the per-label calibration of a causal-LM scorer (the prompt is prompt.json)
+# "trainable": what fit reports as trainable parameters: "head", "none", "all" (base + head), "some" (between).
+# "bases": a base kind the method does not support maps to the base it uses instead (None: it must refuse).
 MATRIX: dict[str, dict] = {
-    "probe": {"options": {}, "stores": "head"},
-    "finetune": {"options": {"epochs": 2, "unfreeze": "1"}, "stores": "top_block"},
-    "lora": {"options": {"epochs": 2, "r": 4}, "stores": "head", "adapter": True},
-    "scratch": {"options": {"epochs": 2}, "stores": "all"},
+    "probe": {"options": {}, "stores": "head", "trainable": "head"},
+    "prototype": {"options": {}, "stores": "cosine", "trainable": "none"},
+    "zeroshot": {"options": {}, "stores": {"tiny-llm": "calibration"}, "default_stores": "cosine",
+                 "trainable": "none", "bases": {"tiny-image": "tiny-clip"}},
+    "setfit": {"options": {"epochs": 2}, "stores": "body", "trainable": "all"},
+    "incontext": {"options": {"examples_per_class": 1, "instruction": "Topic?"}, "stores": "calibration",
+                  "trainable": "none", "bases": {"tiny-image": None, "tiny-text": None}},
+    "finetune": {"options": {"epochs": 2, "unfreeze": "1"}, "stores": "top_block", "trainable": "some"},
+    "lora": {"options": {"epochs": 2, "r": 4}, "stores": "head", "adapter": True, "trainable": "some"},
+    "scratch": {"options": {"epochs": 2}, "stores": "all", "trainable": "all"},
+    # auto delegates: its bundle is the chosen method's (tiny data: 8 images, 20 texts per class)
+    "auto": {"options": {}, "chooses": {"tiny-image": "probe", "tiny-text": "setfit", "tiny-llm": "probe"}},
 }
 BASES = {"tiny-image": "tiny_image_folder", "tiny-text": "tiny_text_csv", "tiny-llm": "tiny_text_csv"}
 """base -> the fixture holding data for it: one base per kind."""
-CASES = [(m, b) for m in MATRIX for b in BASES]
+DATA = {**BASES, "tiny-clip": "tiny_image_folder"}
+
+
+def base_for(method: str, kind_base: str) -> str | None:
+    return MATRIX[method].get("bases", {}).get(kind_base, kind_base)
+
+
+def effective(method: str, base: str) -> str:
+    """The method whose bundle a fit produces (`auto` runs another)."""
+    return MATRIX[method].get("chooses", {}).get(base, method)
+
+
+def stores(method: str, base: str) -> str:
+    method = effective(method, base)
+    rule = MATRIX[method]["stores"]
+    return rule.get(base, MATRIX[method].get("default_stores")) if isinstance(rule, dict) else rule
+
+
+CASES = [(m, base_for(m, b)) for m in MATRIX for b in BASES if base_for(m, b)]
+REFUSED = [(m, b) for m in MATRIX for b in BASES if base_for(m, b) is None]
 TEXTS = ["pizza with cheese and soup", "the team scored a goal", "my laptop compiler crashed", "x"]
 HEX = set("0123456789abcdef")
 
@@ -52,7 +84,7 @@ def fitted(request, tmp_path_factory):
     def get(method: str, base: str):
         key = (method, base)
         if key not in done:
-            data = request.getfixturevalue(BASES[base])
+            data = request.getfixturevalue(DATA[base])
             out = tmp_path_factory.mktemp(f"{method}-{base}") / "bundle"
             try:
                 spec = headstart.fit(data, base=base, method=method, seed=0, progress=False, out=out,
@@ -68,7 +100,7 @@ def fitted(request, tmp_path_factory):
 
 
 def sample_inputs(base: str, data_folder: Path) -> list:
-    if base == "tiny-image":
+    if base in ("tiny-image", "tiny-clip"):
         return sorted(str(p) for p in (data_folder / "val").rglob("*.png"))[::5][:4]
     return TEXTS
 
@@ -83,7 +115,7 @@ def param_names(model: torch.nn.Module, module: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize("method,base", CASES)
 def test_bundle_reloads_to_identical_predictions(fitted, request, method, base):
     spec, out = fitted(method, base)
-    xs = sample_inputs(base, request.getfixturevalue(BASES[base]))
+    xs = sample_inputs(base, request.getfixturevalue(DATA[base]))
     before = spec.predict_proba(xs)
     loaded = headstart.load(out)
     after = loaded.predict_proba(xs)
@@ -102,11 +134,17 @@ def test_bundle_stores_only_what_was_trained(fitted, method, base):
     keys = set(stored)
     head = {"head.weight", "head.bias"}
     model = spec.model
+    rule = stores(method, base)
+    method = effective(method, base)
+    if rule == "calibration":
+        assert keys == {"calibration"} and (out / "prompt.json").is_file()
+        return
     assert head <= keys
-    rule = MATRIX[method]["stores"]
-    if rule == "head":
-        assert keys == head
+    if rule in ("head", "cosine"):
+        assert keys == head | ({"center"} if rule == "cosine" else set())
         assert not any(k.startswith("backbone.") for k in keys), "base weights leaked into the bundle"
+    elif rule == "body":
+        assert keys - {"center"} - head == {f"backbone.{k}" for k in model.backbone.state_dict()}
     elif rule == "top_block":
         top_name, top = model.base.blocks()[-1]
         allowed = head | param_names(model, top)
@@ -135,8 +173,12 @@ def test_manifest_and_files(fitted, method, base):
     assert m["base"]["sha256"] == backbone.info.sha256
     assert m["base"]["kind"] == backbone.kind
     assert m["preprocessing"] == json.loads(json.dumps(backbone.info.preprocessing))
+    asked = method
+    if method == "auto":
+        assert m["details"]["auto"]["chose"] == effective(method, base) and m["details"]["auto"]["why"]
+    method = effective(method, base)
     assert m["method"]["name"] == method
-    for k, v in MATRIX[method]["options"].items():
+    for k, v in MATRIX[asked]["options"].items():
         assert m["method"]["config"][k] == v
     assert m["classes"] == spec.classes and len(m["classes"]) == 3
     metrics = m["metrics"]
@@ -144,15 +186,19 @@ def test_manifest_and_files(fitted, method, base):
         assert k in metrics, k
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
     assert metrics["wall_s"] > 0
-    assert metrics["skipped"] == (1 if base == "tiny-image" else 0)  # the corrupt x.jpg
+    assert metrics["skipped"] == (1 if DATA[base] == "tiny_image_folder" else 0)  # the corrupt x.jpg
     head_params = 3 * (backbone.feature_dim + 1)
-    if method == "probe":
+    trainable = MATRIX[method]["trainable"]
+    if trainable == "head":
         assert metrics["trainable_params"] == head_params
-        assert metrics["accuracy"] >= 0.6, "a linear probe should learn the tiny task"
-    elif method == "scratch":
+    elif trainable == "none":
+        assert metrics["trainable_params"] == 0
+    elif trainable == "all":
         assert metrics["trainable_params"] == backbone.info.params + head_params
     else:
         assert head_params < metrics["trainable_params"] < backbone.info.params
+    if method in ("probe", "prototype", "setfit"):
+        assert metrics["accuracy"] >= 0.6, f"{method} should learn the tiny task"
     for lib in ("headstart", "torch", "transformers", "peft", "safetensors", "accelerate"):
         assert m["versions"].get(lib), lib
 
@@ -161,10 +207,19 @@ def test_manifest_and_files(fitted, method, base):
     assert method in card and base in card and "accuracy" in card
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "confusion_matrix.png" in pngs
-    if method != "probe":
+    if method in ("finetune", "lora", "scratch", "setfit"):
         assert "learning_curves.png" in pngs
     for p in (out / "plots").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method,base", REFUSED)
+def test_unsupported_base_kind_is_a_clear_error(request, method, base):
+    from headstart.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="causal LM"):
+        headstart.fit(request.getfixturevalue(BASES[base]), base=base, method=method, progress=False,
+                      log=lambda s: None, **MATRIX[method]["options"])
 
 
 @pytest.mark.parametrize("base", list(BASES))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .bases import load_base
+from .bases.backbone import Backbone
 from .cache import cache_dir
 from .data import Dataset, load_dataset
 from .engine.perf import peak_memory_mb, tune_allocator
@@ -30,7 +31,8 @@ from .specialist import Specialist
 DEFAULT_BASE = {"image": "efficientnet-lite0", "text": "minilm-l6"}
 
 
-def fit(data: str | Path | Dataset, base: str | None = None, method: str = "probe", *, shots: int | None = None,
+def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method: str = "probe", *,
+        shots: int | None = None,
         seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
         use_cache: bool = True, text_column: str = "text", label_column: str = "label",
         image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
@@ -42,6 +44,9 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
     `image_size` trains and predicts image bases at that resolution (default: the base's own).
     `options` are the method's config fields (see `headstart methods` or the method's config
     dataclass), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
+    `base` may also be a loaded `Backbone` (the harness passes copies of one it loaded once);
+    trainable methods change it in place.
+    `shots=0` keeps no training examples: only methods that need none (`zeroshot`, `auto`) run.
 
     >>> spec = fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8, seed=1)
     >>> round(spec.manifest["metrics"]["accuracy"], 2)
@@ -51,13 +56,17 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
     tune_allocator()
     dataset = data if isinstance(data, Dataset) else load_dataset(
         data, text_column=text_column, label_column=label_column, seed=seed, skip_placeholders=skip_placeholders)
-    if shots:
+    if shots is not None:
         dataset = dataset.with_shots(shots, seed)
     base = base or DEFAULT_BASE[dataset.kind]
     spec_method = make_method(method, **options)
-    backbone = load_base(base, pretrained=spec_method.needs_pretrained)
+    if spec_method.needs_examples and not len(dataset.split("train")):
+        raise DataError(f"method {method!r} needs labelled examples and {dataset.source} has none to train on "
+                        "(shots=0); zero examples work with --method zeroshot")
+    backbone = base if isinstance(base, Backbone) else load_base(base, pretrained=spec_method.needs_pretrained)
     if (dataset.kind == "image") != (backbone.kind == "image"):
-        raise DataError(f"{dataset.source} holds {dataset.kind} data but {base!r} is a {backbone.kind} base")
+        raise DataError(f"{dataset.source} holds {dataset.kind} data but {backbone.info.name!r} is a "
+                        f"{backbone.kind} base")
     if image_size:
         try:
             backbone.set_input_size(image_size)
@@ -71,6 +80,8 @@ def fit(data: str | Path | Dataset, base: str | None = None, method: str = "prob
                      log=log, fingerprint=fingerprint)
     torch.manual_seed(seed)
     result = spec_method.fit(backbone, dataset, ctx)
+    if result.method is not None:  # `auto` picked and ran another method: the bundle is that method's
+        spec_method, method = result.method, result.method.name
     model = result.model
     manifest = {
         "base": backbone.info.to_json(),

@@ -70,6 +70,21 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the final metrics as JSON on the last stdout line")
     _add_method_flags(s, _peek(argv, "--method", "probe"))
 
+    s = _sub(sub, "shots", cmd_shots)
+    s.add_argument("data", help="image folder or text table(s), as for `fit`")
+    s.add_argument("--base", default=None, help="registered base, local model folder, timm name or hub id "
+                   "(default: efficientnet-lite0 for images, minilm-l6 for text)")
+    s.add_argument("--methods", default=None,
+                   help="comma list (default: zeroshot,prototype,probe,setfit,lora, those registered)")
+    s.add_argument("--shots", default="0,2,4,8,16,32,64", help="comma list of examples per class")
+    s.add_argument("--seeds", default="5", help="N (seeds 0..N-1) or a comma list of seeds")
+    s.add_argument("--out", default=None, help="folder for shots.json, shots.md and shots.png")
+    s.add_argument("--save-bundles", action="store_true", help="keep every run's bundle in OUT/bundles/")
+    s.add_argument("--image-size", type=int, default=None, help="image bases: train and predict at this resolution")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
+    s.add_argument("--json", action="store_true", help='print {"results": [...]} as JSON on the last stdout line')
+
     s = _sub(sub, "evaluate", cmd_evaluate)
     s.add_argument("bundle")
     s.add_argument("data")
@@ -158,6 +173,48 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_shots(args) -> int:
+    """Accuracy vs shots: every method x shot count x seed on the same sampled subsets.
+
+    Examples:
+      headstart shots ../shared/data/trec --base minilm-l6 --methods zeroshot,probe,lora --shots 0,2,8,32 --seeds 3
+      headstart shots ../shared/data/hymenoptera --methods probe,finetune --out runs/ants-shots --json
+    """
+    from .shots import DEFAULT_METHODS, format_shots_table, run_shots
+
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    methods = _comma_list("--methods", args.methods, str) if args.methods is not None else DEFAULT_METHODS
+    seeds: int | list[int] = _comma_list("--seeds", args.seeds, int)
+    if "," not in args.seeds:
+        seeds = seeds[0]
+    result = run_shots(args.data, base=args.base, methods=methods, shots=_comma_list("--shots", args.shots, int),
+                       seeds=seeds, out=args.out, save_bundles=args.save_bundles, text_column=args.text_column,
+                       label_column=args.label_column, image_size=args.image_size, log=log)
+    log("\n" + format_shots_table(result))
+    if args.out:
+        log(f"wrote {Path(args.out) / 'shots.json'}, shots.md, shots.png")
+    if not result["results"]:
+        raise HeadstartError("no run succeeded; see the errors above")
+    if args.json:
+        print(json.dumps({"results": result["results"]}))
+    return 0
+
+
+def _comma_list(flag: str, text: str, typ: type) -> list:
+    from .errors import ConfigError
+
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [typ(p) for p in parts]
+        if not parts or "" in parts:
+            raise ValueError
+    except ValueError:
+        what = "whole numbers" if typ is int else "names"
+        raise ConfigError(f"{flag} {text!r}: expected a comma list of {what}, e.g. "
+                          f"{'0,2,8' if typ is int else 'probe,lora'}") from None
+    return values
+
+
 def cmd_evaluate(args) -> int:
     """Evaluate a bundle on a dataset split: accuracy, macro-F1, per-class F1."""
     from .api import load
@@ -242,8 +299,10 @@ def _add_method_flags(s: argparse.ArgumentParser, method: str) -> None:
     for f in dataclasses.fields(cls):
         names.append(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        repeatable = "list[str]" in str(hints[f.name])  # --label-text A=.. --label-text B=..
         group.add_argument(f"--{f.name.replace('_', '-')}", dest="opt_" + f.name, default=None,
-                           type=_parser_type(hints[f.name]), metavar=f.name.upper(),
+                           action="append" if repeatable else "store",
+                           type=str if repeatable else _parser_type(hints[f.name]), metavar=f.name.upper(),
                            help=f"{docs.get(f.name, '')} (default: {'auto' if default is None else default})"
                            .replace("%", "%%"))  # argparse %-formats help text
     s.set_defaults(method_fields=names)

@@ -44,17 +44,18 @@ class Specialist:
     def predict_proba(self, xs: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Class probabilities [N, C] for image paths / PIL images (image bases) or strings (text bases)."""
         xs = self._check_inputs(xs)
-        if self._frozen_base() and self.kind == "image" and all(isinstance(x, str) for x in xs):
-            # The base is untouched (probe): reuse cached features of these files.
-            feats, _ = cached_features(self.model.base, xs, load_image, batch_size, progress)
-            return self.model.head(feats).softmax(-1)
+        if self.method.frozen_base and all(isinstance(x, str) for x in xs):
+            # The base is untouched (probe, prototype, zeroshot): reuse cached features of these files/texts.
+            load = load_image if self.kind == "image" else (lambda x: x)
+            feats, _ = cached_features(self.model.base, xs, load, batch_size, progress)
+            return self.model.classify(feats).float().softmax(-1)
         def load(x: Any) -> Any:  # image paths are decoded; PIL images and texts pass through
             return load_image(x) if self.kind == "image" and isinstance(x, str) else x
 
         out = []
         for start in tqdm(range(0, len(xs), batch_size), disable=not progress, file=sys.stderr, desc="predict"):
             chunk = [load(x) for x in xs[start:start + batch_size]]
-            out.append(self.model(**self.model.base.collate(chunk, False)).float().softmax(-1))
+            out.append(self.model(**self.model.collate(chunk, False)).float().softmax(-1))
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def predict(self, xs: Sequence[Any], batch_size: int = 64) -> list[str]:
@@ -78,9 +79,6 @@ class Specialist:
         metrics = classification_metrics(pred, true, self.classes)
         metrics.update(split=split, skipped=len(data.skipped))
         return metrics
-
-    def _frozen_base(self) -> bool:
-        return self.method.name == "probe"
 
     def _check_inputs(self, xs: Sequence[Any]) -> list[Any]:
         if isinstance(xs, (str, Path)):

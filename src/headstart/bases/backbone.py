@@ -80,6 +80,25 @@ class Backbone(nn.Module):
         """Change the input resolution (image bases only)."""
         raise ValueError(f"{self.info.name} is a {self.kind} base: it has no image size")
 
+    @property
+    def has_text_tower(self) -> bool:
+        """Whether `encode_text` puts texts in the same space as `forward`'s features."""
+        return self.kind in ("text", "causal_lm")
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:  # [N, feature_dim]
+        """Texts -> features comparable with this base's features: text encoders embed them with
+        themselves; image bases need a text tower (CLIP/SigLIP-style bases override this)."""
+        if not self.has_text_tower:
+            raise ValueError(f"{self.info.name} is a {self.kind} base without a text tower: zero-shot needs a text "
+                             "encoder, a causal LM, or a CLIP/SigLIP-style image-text base")
+        was_training = self.training
+        self.eval()
+        out = [self(**self.collate(list(texts[i:i + batch_size]), False)).float()
+               for i in range(0, len(texts), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
+
     def source_classifier(self) -> nn.Module | None:
         """The pre-training classifier (e.g. the ImageNet head) when the base has one."""
         return None

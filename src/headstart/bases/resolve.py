@@ -45,6 +45,7 @@ def resolve_unregistered(name_or_path: str, pretrained: bool = True) -> Backbone
 
 def _from_local(path: Path, *, name: str, source: str, pretrained: bool) -> Backbone | None:
     from .causal_lm import load_causal_lm_folder, load_gguf
+    from .clip import is_clip_config, load_clip_folder
     from .text import load_text_folder
 
     if path.is_file():
@@ -57,6 +58,8 @@ def _from_local(path: Path, *, name: str, source: str, pretrained: bool) -> Back
     config = _read_config(path)
     if "architecture" in config:  # timm writes `architecture`, transformers `architectures`
         return load_timm_folder(path, name=name, source=source, pretrained=pretrained)
+    if is_clip_config(config):  # CLIP / SigLIP: an image base with a text tower
+        return load_clip_folder(path, name=name, source=source, pretrained=pretrained)
     if "architectures" in config or "model_type" in config:
         if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
             return load_causal_lm_folder(path, name=name, source=source, pretrained=pretrained)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .causal_lm import CausalLMBackbone
+from .clip import ClipBackbone
 from .image import TimmImageBackbone
 from .registry import register_base
 from .text import HFTextBackbone
@@ -109,3 +110,27 @@ def tiny_llm(pretrained: bool = True) -> CausalLMBackbone:
     )
     lm = _seeded(lambda: LlamaForCausalLM(config).eval())
     return _stamp(CausalLMBackbone(lm, tokenizer, name="tiny-llm", source=SOURCE, sha256=""))
+
+
+@register_base("tiny-clip", kind="image", source=SOURCE, hidden=True)
+def tiny_clip(pretrained: bool = True) -> ClipBackbone:
+    """CLIP: 2-layer ViT (32 px, patch 8) + 2-layer text tower, hidden 32, 16-d projection, random init."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = byte_tokenizer(
+        ["<|startoftext|>", "<|endoftext|>"],
+        template=("<|startoftext|>", "<|endoftext|>"),
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    config = CLIPConfig(
+        # eos id 1: CLIP pools the text at the first eos (id 2 would select its legacy argmax pooling)
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16, architectures=["CLIPModel"],
+    )
+    model = _seeded(lambda: CLIPModel(config).eval())
+    # Not _stamp: the backbone's state_dict is the vision tower only, and the hash must cover the text tower too.
+    return ClipBackbone(model, tokenizer, name="tiny-clip", source=SOURCE, sha256=state_dict_sha256(model))

@@ -10,14 +10,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_learning_curves(history: list[dict], path: Path, title: str) -> bool:
-    epochs = [h["epoch"] for h in history if "epoch" in h]
+    # Engine methods log one row per epoch (train_loss); step-wise methods (setfit's body) one per step (loss).
+    xkey = "epoch" if any("epoch" in h for h in history) else "step"
+    history = [h for h in history if xkey in h]
+    epochs = [h[xkey] for h in history]
     if not epochs:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.plot(epochs, [h.get("train_loss", h.get("loss")) for h in history], "o-" if xkey == "epoch" else "-",
+            label="train loss")
     if any("val_loss" in h for h in history):
         ax.plot(epochs, [h.get("val_loss") for h in history], "o-", label="validation loss")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xkey)
     ax.set_ylabel("loss")
     if any("val_accuracy" in h for h in history):
         ax2 = ax.twinx()

@@ -71,10 +71,11 @@ class Dataset:
         """Keep `shots` training examples per class, sampled with `random.Random(seed)`.
 
         The sample depends only on (train split, shots, seed), so every method sees the same
-        examples. A class with fewer examples keeps all it has.
+        examples. A class with fewer examples keeps all it has. `shots=0` keeps none (the class
+        names remain: what `zeroshot` needs).
         """
-        if shots <= 0:
-            raise DataError(f"--shots must be positive, got {shots}")
+        if shots < 0:
+            raise DataError(f"--shots must be >= 0, got {shots}")
         train = self.split("train")
         rng = random.Random(seed)
         chosen: list[int] = []

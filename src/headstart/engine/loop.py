@@ -94,7 +94,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 if p.requires_grad:
                     out[prefix + n] = p
             for n, b in module.named_buffers(recurse=False):
-                out[prefix + n] = b
+                if n not in module._non_persistent_buffers_set:  # e.g. CLIP's position_ids: not state
+                    out[prefix + n] = b
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, load_image
@@ -16,15 +17,34 @@ from ..engine.schedule import layerwise_param_groups
 
 
 class SpecialistModel(nn.Module):
-    """A backbone (maybe wrapped by PEFT) and a linear head: logits = head(backbone(**batch))."""
+    """A backbone (maybe wrapped by PEFT) and a linear head: logits = head(backbone(**batch)).
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    `normalize=True` makes it a cosine classifier: features are centred (`center`, a stored buffer:
+    zero unless the method sets it) and L2-normalised before the head, whose rows are then (scaled)
+    unit class vectors -- label embeddings (`zeroshot`) or class means (`prototype`).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, normalize: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(_raw(backbone).feature_dim, num_classes)
+        dim = _raw(backbone).feature_dim
+        self.head = nn.Linear(dim, num_classes)
+        self.normalize = normalize
+        if normalize:
+            self.register_buffer("center", torch.zeros(dim))
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:  # [B, num_classes]
-        return self.head(self.backbone(**batch))
+        return self.classify(self.backbone(**batch))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from backbone features [B, D] (the path cached features take)."""
+        if self.normalize:
+            features = F.normalize(features.float() - self.center, dim=-1)
+        return self.head(features)
+
+    def collate(self, items, train: bool = False) -> dict[str, torch.Tensor]:
+        """Raw examples -> the batch `forward` takes."""
+        return self.base.collate(items, train)
 
     @property
     def base(self):
@@ -63,6 +83,8 @@ class FitResult:
     details: dict[str, Any] = field(default_factory=dict)
     """Method-specific facts for the manifest (chosen L2, best epoch, features extracted...)."""
     is_main_process: bool = True
+    method: "Method | None" = None
+    """The method that actually trained the model when it is not the one called (`auto` delegates)."""
 
 
 @dataclass
@@ -132,6 +154,10 @@ class Method:
     name: str = ""
     needs_pretrained: bool = True
     """False for `scratch`: the bundle holds every weight, the base is only the architecture."""
+    needs_examples: bool = True
+    """False for `zeroshot`: it uses the label names only, so it runs with `shots=0`."""
+    frozen_base: bool = False
+    """True when the base is never changed (probe, prototype, zeroshot): predictions reuse cached features."""
 
     def __init__(self, config):
         self.config = config

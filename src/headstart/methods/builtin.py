@@ -1,2 +1,2 @@
 """Importing this module registers the built-in methods."""
-from . import finetune, lora, probe, scratch  # noqa: F401
+from . import auto, finetune, incontext, lora, probe, prototype, scratch, setfit, zeroshot  # noqa: F401

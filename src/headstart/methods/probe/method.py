@@ -16,6 +16,7 @@ class Probe(Method):
     """Frozen base, features cached on disk, a linear head: seconds to re-fit, the strong default for little data."""
 
     config: ProbeConfig
+    frozen_base = True
 
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
         cfg = self.config
@@ -24,21 +25,9 @@ class Probe(Method):
         x, extracted = cached_features(backbone, train.items, loader_for(backbone.kind), cfg.batch_size,
                                        ctx.progress, ctx.use_cache)
         extract_s = time.perf_counter() - t0
-        y = torch.tensor(train.labels)
         num_classes = len(data.classes)
-        grid_scores: dict[str, float] = {}
-        if cfg.l2 is not None:
-            l2 = cfg.l2
-        elif min(torch.bincount(y, minlength=num_classes).tolist()) < 5 or len(cfg.l2_grid) == 1:
-            l2 = sorted(cfg.l2_grid)[len(cfg.l2_grid) // 2]  # too few examples to hold any out
-        else:
-            keep, held = stratified_indices(train.labels, 0.1, ctx.seed)
-            for candidate in cfg.l2_grid:
-                w, b = fit_linear_head(x[keep], y[keep], num_classes, candidate, cfg.max_iter)
-                grid_scores[str(candidate)] = ((x[held] @ w.T + b).argmax(-1) == y[held]).float().mean().item()
-            # Ties go to the stronger regulariser: it generalises at least as well.
-            l2 = max(cfg.l2_grid, key=lambda c: (grid_scores[str(c)], c))
-        w, b = fit_linear_head(x, y, num_classes, l2, cfg.max_iter)
+        w, b, l2, grid_scores = fit_head_with_l2_search(x, train.labels, num_classes, cfg.l2_grid, cfg.l2,
+                                                        cfg.max_iter, ctx.seed)
         model = SpecialistModel(backbone, num_classes)
         with torch.no_grad():
             model.head.weight.copy_(w)
@@ -54,6 +43,29 @@ class Probe(Method):
 
     def trained_state(self, model: SpecialistModel) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in model.head.state_dict(prefix="head.").items()}
+
+
+def fit_head_with_l2_search(x: torch.Tensor, labels: list[int], num_classes: int, l2_grid: list[float],
+                            l2: float | None = None, max_iter: int = 200, seed: int = 0):
+    """A linear head on features `x`, its L2 strength chosen on a stratified 10% holdout of them.
+
+    Returns (W, b, chosen l2, {l2: holdout accuracy}). With fewer than 5 examples in some class
+    nothing can be held out: the middle of the grid is used.
+    """
+    y = torch.tensor(labels)
+    scores: dict[str, float] = {}
+    if l2 is None:
+        if min(torch.bincount(y, minlength=num_classes).tolist()) < 5 or len(l2_grid) == 1:
+            l2 = sorted(l2_grid)[len(l2_grid) // 2]  # too few examples to hold any out
+        else:
+            keep, held = stratified_indices(labels, 0.1, seed)
+            for candidate in l2_grid:
+                w, b = fit_linear_head(x[keep], y[keep], num_classes, candidate, max_iter)
+                scores[str(candidate)] = ((x[held] @ w.T + b).argmax(-1) == y[held]).float().mean().item()
+            # Ties go to the stronger regulariser: it generalises at least as well.
+            l2 = max(l2_grid, key=lambda c: (scores[str(c)], c))
+    w, b = fit_linear_head(x, y, num_classes, l2, max_iter)
+    return w, b, l2, scores
 
 
 def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class AutoConfig:
+    """Let headstart choose the method."""
+
+    allow_slow: bool = True
+    """Allow methods that train the base (setfit, lora) when they are the more accurate choice; False keeps to
+    frozen-base methods (zeroshot, prototype, probe) that fit in seconds."""
+
+    def to_json(self) -> dict:
+        return asdict(self)

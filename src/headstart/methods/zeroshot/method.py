@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...data import Dataset
+from ...errors import ConfigError
+from ..base import FitContext, FitResult, Method, SpecialistModel
+from ..labels import fill_templates, label_phrases, parse_label_text
+from ..prototype.method import cosine_model, cosine_state, set_cosine_head
+from .config import ZeroShotConfig
+
+DEFAULT_TEMPLATES = {"text": ["{}"], "causal_lm": ["{}"], "image": ["a photo of a {}."]}
+DEFAULT_SCALE = 20.0
+
+
+class ZeroShot(Method):
+    """No examples: inputs matched to label names/descriptions (embedding similarity or causal-LM likelihood)."""
+
+    config: ZeroShotConfig
+    needs_examples = False
+
+    @property
+    def frozen_base(self) -> bool:  # type: ignore[override]
+        return self.config.scoring == "similarity"
+
+    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        descriptions = parse_label_text(cfg.label_text, data.classes)
+        scoring = cfg.scoring
+        if scoring == "auto":
+            scoring = "likelihood" if backbone.kind == "causal_lm" else "similarity"
+        if scoring == "likelihood" and backbone.kind != "causal_lm":
+            raise ConfigError(f"scoring='likelihood' needs a causal LM base (e.g. smollm2-135m); "
+                              f"{backbone.info.name} is a {backbone.kind} base")
+        # The manifest records what was actually used, so the bundle rebuilds without the original files.
+        self.config = dataclasses.replace(cfg, scoring=scoring,
+                                          label_text=[f"{k}={v}" for k, v in descriptions.items()])
+        if scoring == "likelihood":
+            model, details = self._fit_likelihood(backbone, data.classes, descriptions)
+        else:
+            model, details = self._fit_similarity(backbone, data.classes, descriptions)
+        details["label_text"] = descriptions
+        return FitResult(model=model, train_s=time.perf_counter() - t0, details=details)
+
+    # ---- embedding similarity (text encoders, image-text bases, causal-LM features) -----------
+    def _fit_similarity(self, backbone, classes: list[str], descriptions: dict[str, str]):
+        cfg = self.config
+        if not backbone.has_text_tower:
+            raise ConfigError(f"{backbone.info.name} is an image base without a text tower: zero-shot images need "
+                              "a CLIP/SigLIP-style base (a local folder or hub id); with a few labelled photos "
+                              "use --method prototype or probe")
+        templates = cfg.templates or DEFAULT_TEMPLATES[backbone.kind]
+        phrases = label_phrases(classes, descriptions)
+        vectors = []
+        for phrase in phrases:  # CLIP's prompt ensembling: mean of the unit embeddings of every template
+            emb = backbone.encode_text(fill_templates(phrase, templates), cfg.batch_size)
+            vectors.append(F.normalize(emb.float(), dim=-1).mean(0))
+        scale = cfg.scale or _base_scale(backbone) or DEFAULT_SCALE
+        model = cosine_model(backbone, len(classes))
+        set_cosine_head(model, torch.stack(vectors), scale)
+        return model, {"scoring": "similarity", "templates": templates, "label_phrases": phrases, "scale": scale}
+
+    # ---- causal-LM likelihood -----------------------------------------------------------------
+    def _fit_likelihood(self, backbone, classes: list[str], descriptions: dict[str, str]):
+        from ..lm_scoring import LabelScoringModel, default_prompt_spec
+
+        cfg = self.config
+        spec = default_prompt_spec(classes, descriptions, [], cfg.instruction, cfg.calibrate)
+        model = LabelScoringModel(backbone, spec, length_norm=cfg.length_norm)
+        model.calibrate_()
+        return model, {"scoring": "likelihood", "calibration": model.calibration.tolist()}
+
+    # ---- bundle -------------------------------------------------------------------------------
+    def trained_state(self, model) -> dict[str, torch.Tensor]:
+        if self.config.scoring == "likelihood":
+            from ..lm_scoring import LMScoringMixin
+
+            return LMScoringMixin.trained_state(self, model)
+        return cosine_state(model)
+
+    def save_artifacts(self, model, folder: Path, base_name: str) -> None:
+        if self.config.scoring == "likelihood":
+            from ..lm_scoring import LMScoringMixin
+
+            LMScoringMixin.save_artifacts(self, model, folder, base_name)
+
+    def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
+        if self.config.scoring == "likelihood":
+            from ..lm_scoring import LMScoringMixin
+
+            return LMScoringMixin.restore_scoring(self, backbone, state, folder)
+        from ...engine.checkpoint import copy_state_into
+
+        model = cosine_model(backbone, num_classes)
+        copy_state_into(model, state)
+        return model
+
+
+def _base_scale(backbone) -> float | None:
+    """An image-text base's own learned logit scale (CLIP: ~100), so probabilities match the model's."""
+    scale = getattr(backbone, "logit_scale", None)
+    return float(scale()) if callable(scale) else None
