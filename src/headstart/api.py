@@ -115,6 +115,7 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
         saved = specialist.save(out)
         metrics = specialist.manifest["metrics"]  # the manifest as written (save re-reads it)
         metrics["bundle"] = str(saved)
+    if result.is_main_process:  # the run finished: its resume checkpoints are spent
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(Path(str(ckpt) + ".old"), ignore_errors=True)
     if result.is_main_process:

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headstart: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nheadstart: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        hint = ("finished runs are in its shots.json" if getattr(args, "command", "") == "shots"
+                else "rerun the same command with --resume to continue")
+        print(f"\nheadstart: interrupted; {hint}", file=sys.stderr)
         return 130
 
 
@@ -55,7 +57,8 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("data", help="image folder (<split>/<class>/* or <class>/*) or text table(s): CSV/TSV/JSONL")
     s.add_argument("--base", default=None, help="registered base, local model folder, timm name or hub id "
                    "(default: efficientnet-lite0 for images, minilm-l6 for text)")
-    s.add_argument("--method", default="probe", help="probe, finetune, lora, scratch (see `headstart methods`)")
+    s.add_argument("--method", default="probe", help="auto, zeroshot, prototype, probe, setfit, incontext, finetune, "
+                   "lora, scratch (see `headstart methods`)")
     s.add_argument("--out", default=None, help="bundle folder to write")
     s.add_argument("--shots", type=int, default=None, help="keep K training examples per class")
     s.add_argument("--seed", type=int, default=0, help="seed for sampling, splits, initialisation and order")

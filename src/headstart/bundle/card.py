@@ -40,6 +40,7 @@ def model_card(m: dict[str, Any]) -> str:
         f"- data: `{data.get('source', '?')}`, {data.get('train_examples', '?')} training examples"
         + (f", {data['sampling']}" if data.get("sampling") else ""),
         f"- method config: `{m['method']['config']}`",
+        *([f"- chosen by `auto`: {m['details']['auto']['why']}"] if "auto" in m.get("details", {}) else []),
         f"- seed: {m.get('seed', 0)}",
         "",
         "![learning curves](plots/learning_curves.png)" if m.get("plots", {}).get("learning_curves") else "",
@@ -47,7 +48,10 @@ def model_card(m: dict[str, Any]) -> str:
         "",
         "## Files",
         "- `manifest.json`: everything needed to rebuild the specialist; `trained.safetensors`: only the trained"
-        " weights" + ("; `adapter/`: the PEFT LoRA adapter" if m["method"]["name"] == "lora" else "") + ".",
+        " weights" + ("; `adapter/`: the PEFT LoRA adapter" if m["method"]["name"] in ("lora", "setfit")
+                      and m["method"]["config"].get("lora", True) else "")
+        + ("; `prompt.json`: the prompt the LM scores labels with" if m["method"]["name"] in ("incontext", "zeroshot")
+           and m["method"]["config"].get("scoring", "likelihood") == "likelihood" else "") + ".",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
         "",

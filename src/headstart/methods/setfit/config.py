@@ -6,8 +6,9 @@ from typing import Any
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # Sentence encoders were pre-trained contrastively: a SetFit-sized rate (2e-5) only nudges them;
     # all in-batch pairs give each step many more comparisons than SetFit's pair batches, so a
-    # somewhat larger rate converges in the few steps used here.
-    "text": {"lr": 5e-5},
+    # larger rate converges in the few steps used here (20 epochs at 8e-5 matched 30 at 5e-5 on
+    # SST-5 / Emotion 8-shot runs, in two thirds of the time).
+    "text": {"lr": 8e-5},
     "causal_lm": {"lr": 3e-5},
     "image": {"lr": 1e-4},
 }
@@ -17,15 +18,15 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 class SetFitConfig:
     """SetFit (Tunstall et al. 2022): body phase (contrastive pairs), then head phase (logistic regression)."""
 
-    epochs: int = 12
+    epochs: int = 20
     """Body phase: passes over the training examples. Each batch compares all of its pairs, so one pass
     covers ~batch_size/2 pairs per example (SetFit's own loop: one pair per two encodings)."""
-    max_steps: int = 300
+    max_steps: int = 200
     """Body phase: at most this many steps whatever the data size."""
     batch_size: int = 32
     """Examples per contrastive step (drawn class-balanced)."""
     lr: float | None = None
-    """Body learning rate (default by base kind: 5e-5 text, 1e-4 image)."""
+    """Body learning rate (default by base kind: 8e-5 text, 1e-4 image)."""
     weight_decay: float = 0.01
     """AdamW weight decay on the body (not on biases and norms)."""
     warmup_ratio: float = 0.1
