@@ -158,7 +158,7 @@ def test_setfit_body_moves_and_lora_variant_stores_only_the_adapter(tiny_text_cs
 # ---- auto -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,kind,expected", [(0, "text", "zeroshot"), (8, "text", "setfit"), (500, "text", "lora"),
-                                             (1, "image", "prototype"), (8, "image", "probe"),
+                                             (1, "image", "prototype"), (4, "image", "prototype"), (8, "image", "probe"),
                                              (0, "image", "zeroshot"), (4, "causal_lm", "probe")])
 def test_auto_rules(n, kind, expected):
     name, why = choose_method(n, kind)
