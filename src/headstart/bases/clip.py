@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone, BaseInfo
-from .image import _eval_transform, _rgb
+from .image import _eval_transform, _rgb, _train_transform
 from .structure import leftover_modules, suffix_targets
 from .weights import quiet_weight_loading, weights_sha256
 
@@ -93,7 +93,7 @@ class ClipBackbone(Backbone):
             "text_padding": "max_length" if self.pad_to_max else "longest",
         }
         self._eval_tf = _eval_transform(cfg)
-        self._train_tf = _train_transform(cfg)
+        self._train_tf = _train_transform(cfg, min_scale=0.6)  # CLIP-style crops keep more of the image
 
     def set_input_size(self, size: int) -> None:
         """Run at `size` x `size` pixels: the position embeddings are interpolated (bicubic) to the new grid.
@@ -208,19 +208,6 @@ def _data_config(model_type: str, size: int, processor: dict[str, Any]) -> dict[
         "crop_pct": crop_pct,
         "crop_mode": crop_mode,
     }
-
-
-def _train_transform(cfg: dict[str, Any]) -> Callable:
-    from timm.data.transforms import str_to_interp_mode
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.RandomResizedCrop(cfg["input_size"][1:], scale=(0.6, 1.0),
-                            interpolation=str_to_interp_mode(cfg["interpolation"])),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(cfg["mean"], cfg["std"]),
-    ])
 
 
 def is_clip_config(config: dict[str, Any]) -> bool:

@@ -159,13 +159,14 @@ def _eval_transform(cfg: dict[str, Any]) -> Callable:
     return create_transform(**cfg, is_training=False)
 
 
-def _train_transform(cfg: dict[str, Any]) -> Callable:
+def _train_transform(cfg: dict[str, Any], min_scale: float = 0.5) -> Callable:
+    """Light augmentation: a random crop of at least `min_scale` of the image, resized, and a flip."""
     from timm.data.transforms import str_to_interp_mode
     from torchvision import transforms as T  # here, not at import: text-only runs never pay for torchvision
 
     size = cfg["input_size"][1:]
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=str_to_interp_mode(cfg["interpolation"])),
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=str_to_interp_mode(cfg["interpolation"])),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(cfg["mean"], cfg["std"]),
