@@ -174,3 +174,23 @@ def run_cmd(cmd: list[str], timeout: float = 240, **kw) -> subprocess.CompletedP
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n--- stderr tail ---\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ---- the CLI as a user runs it -------------------------------------------------------------------
+
+def headstart_cli(*args, timeout: float = 180):
+    """Run the venv's `headstart` console script in a subprocess."""
+    return run_cmd([str(BIN / "headstart"), *map(str, args)], timeout=timeout)
+
+
+def assert_clean_error(result, *needles: str) -> str:
+    """Exit 2, and stderr ends with ONE `headstart: error:` line; no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr.strip().splitlines()[-3:])
+    assert "Traceback" not in result.stderr, result.stderr.strip().splitlines()[-3:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
+    assert len(errors) == 1, result.stderr.strip().splitlines()[-3:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == errors[0], "the error line must be the last thing printed"
+    for n in needles:
+        assert n.lower() in errors[0].lower(), (n, errors[0])
+    return errors[0]

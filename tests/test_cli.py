@@ -5,27 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BIN, TEXT_CLASSES, run_cmd, text_rows, write_table
+from conftest import TEXT_CLASSES, assert_clean_error, text_rows, write_table
+from conftest import headstart_cli as headstart
 
-HEADSTART = str(BIN / "headstart")
 HEADLINE_KEYS = {"accuracy", "macro_f1", "wall_s", "trainable_params", "skipped"}
-
-
-def headstart(*args, timeout: float = 180):
-    return run_cmd([HEADSTART, *map(str, args)], timeout=timeout)
-
-
-def assert_clean_error(result, *needles: str) -> str:
-    """Exit 2, and stderr ends with ONE `headstart: error:` line; no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr.strip().splitlines()[-3:])
-    assert "Traceback" not in result.stderr, result.stderr.strip().splitlines()[-3:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
-    assert len(errors) == 1, result.stderr.strip().splitlines()[-3:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1] == errors[0], "the error line must be the last thing printed"
-    for n in needles:
-        assert n.lower() in errors[0].lower(), (n, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

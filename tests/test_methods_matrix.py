@@ -24,6 +24,10 @@ from headstart.data import load_image
 #   "body":        the head + centre + the whole tuned body (setfit without LoRA)
 #   "all":         every weight (random init: there is no base to reference)
 #   "calibration": only the per-label calibration of a causal-LM scorer (the prompt is prompt.json)
+#   "head_module": only the (non-linear) head: every key under head. (dann's bottleneck + classifier)
+#   "bn_stats":    the head + the BatchNorm statistics re-estimated on the target (adabn), no parameter of the base
+# "target": the method adapts to target data (the fit gets the same data as an unlabelled target).
+# "refuses": what the error says for a base kind the method refuses (default: the causal-LM message).
 # "trainable": what fit reports as trainable parameters: "head", "none", "all" (base + head), "some" (between).
 # "bases": a base kind the method does not support maps to the base it uses instead (None: it must refuse).
 MATRIX: dict[str, dict] = {
@@ -37,6 +41,14 @@ MATRIX: dict[str, dict] = {
     "finetune": {"options": {"epochs": 2, "unfreeze": "1"}, "stores": "top_block", "trainable": "some"},
     "lora": {"options": {"epochs": 2, "r": 4}, "stores": "head", "adapter": True, "trainable": "some"},
     "scratch": {"options": {"epochs": 2}, "stores": "all", "trainable": "all"},
+    "adabn": {"options": {}, "stores": "bn_stats", "trainable": "head", "target": True,
+              "bases": {"tiny-text": None, "tiny-llm": None}, "refuses": "BatchNorm"},
+    "coral": {"options": {}, "stores": "head", "trainable": "head", "target": True},
+    "dann": {"options": {"epochs": 2, "bottleneck": 16, "hidden": 16}, "stores": "head_module", "trainable": "some",
+             "target": True},
+    "selftrain": {"options": {"rounds": 2}, "stores": "head", "trainable": "head", "target": True},
+    "source-only": {"options": {}, "stores": "head", "trainable": "head", "target": True},
+    "target-oracle": {"options": {}, "stores": "head", "trainable": "head", "target": True},
     # auto delegates: its bundle is the chosen method's (tiny data: 8 images, 20 texts per class)
     "auto": {"options": {}, "chooses": {"tiny-image": "probe", "tiny-text": "setfit", "tiny-llm": "probe"}},
 }
@@ -87,8 +99,9 @@ def fitted(request, tmp_path_factory):
             data = request.getfixturevalue(DATA[base])
             out = tmp_path_factory.mktemp(f"{method}-{base}") / "bundle"
             try:
+                target = {"target": data} if MATRIX[method].get("target") else {}
                 spec = headstart.fit(data, base=base, method=method, seed=0, progress=False, out=out,
-                                     **MATRIX[method]["options"])
+                                     **target, **MATRIX[method]["options"])
                 done[key] = (spec, out)
             except Exception as e:  # fail every test of this case without refitting
                 done[key] = e
@@ -139,8 +152,15 @@ def test_bundle_stores_only_what_was_trained(fitted, method, base):
     if rule == "calibration":
         assert keys == {"calibration"} and (out / "prompt.json").is_file()
         return
+    if rule == "head_module":
+        assert keys == {f"head.{k}" for k in model.head.state_dict()} and len(keys) > 2
+        return
     assert head <= keys
-    if rule in ("head", "cosine"):
+    if rule == "bn_stats":
+        bn = {n for n in keys if n.startswith("backbone.")}
+        assert bn and all(n.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for n in bn)
+        assert keys == head | bn
+    elif rule in ("head", "cosine"):
         assert keys == head | ({"center"} if rule == "cosine" else set())
         assert not any(k.startswith("backbone.") for k in keys), "base weights leaked into the bundle"
     elif rule == "body":
@@ -217,9 +237,11 @@ def test_manifest_and_files(fitted, method, base):
 def test_unsupported_base_kind_is_a_clear_error(request, method, base):
     from headstart.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="causal LM"):
-        headstart.fit(request.getfixturevalue(BASES[base]), base=base, method=method, progress=False,
-                      log=lambda s: None, **MATRIX[method]["options"])
+    data = request.getfixturevalue(BASES[base])
+    target = {"target": data} if MATRIX[method].get("target") else {}
+    with pytest.raises(ConfigError, match=MATRIX[method].get("refuses", "causal LM")):
+        headstart.fit(data, base=base, method=method, progress=False, log=lambda s: None, **target,
+                      **MATRIX[method]["options"])
 
 
 @pytest.mark.parametrize("base", list(BASES))

@@ -6,13 +6,15 @@
 """
 __version__ = "0.1.0"
 
+from .adapt import adapt  # noqa: E402
 from .api import evaluate, fit, load  # noqa: E402
 from .bases import list_bases, load_base  # noqa: E402
+from .corrupt import corrupt_folder  # noqa: E402
 from .data import load_dataset  # noqa: E402
 from .errors import HeadstartError  # noqa: E402
 from .methods.registry import list_methods  # noqa: E402
 from .shots import run_shots  # noqa: E402
 from .specialist import Specialist  # noqa: E402
 
-__all__ = ["fit", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
+__all__ = ["fit", "adapt", "corrupt_folder", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
            "run_shots", "HeadstartError", "__version__"]

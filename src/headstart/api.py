@@ -20,7 +20,8 @@ import torch
 from .bases import load_base
 from .bases.backbone import Backbone
 from .cache import cache_dir
-from .data import Dataset, load_dataset
+from .data import Dataset, Split, load_dataset
+from .data.target import load_target
 from .engine.perf import peak_memory_mb, tune_allocator
 from .errors import ConfigError, DataError
 from .methods.base import FitContext
@@ -36,7 +37,7 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
         seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
         use_cache: bool = True, text_column: str = "text", label_column: str = "label",
         image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
-        **options: Any) -> Specialist:
+        target: "str | Path | Split | None" = None, **options: Any) -> Specialist:
     """Specialise `base` on `data` with `method`; save a bundle to `out` when given.
 
     `skip_placeholders=False` keeps images with very few colours (line art, synthetic icons) that
@@ -47,6 +48,9 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
     `base` may also be a loaded `Backbone` (the harness passes copies of one it loaded once);
     trainable methods change it in place.
     `shots=0` keeps no training examples: only methods that need none (`zeroshot`, `auto`) run.
+    `target` is unlabelled target-domain data for the adaptation methods (adabn, coral, dann, selftrain):
+    a path (see `data.target.load_target`) or a `Split`; its labels reach only `target-oracle`.
+    `headstart.adapt` wraps this with the source-only and oracle baselines and the gap report.
 
     >>> spec = fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8, seed=1)
     >>> round(spec.manifest["metrics"]["accuracy"], 2)
@@ -72,12 +76,15 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
             backbone.set_input_size(image_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    target_split = _target_split(target, dataset, backbone.kind, spec_method, text_column, label_column, seed,
+                                 skip_placeholders)
     fingerprint = {"base": backbone.info.sha256, "preprocessing": backbone.info.preprocessing, "method": method,
                    "options": _jsonable(options), "seed": seed,
-                   "data": dataset.source, "train": len(dataset.split("train")), "shots": shots}
+                   "data": dataset.source, "train": len(dataset.split("train")), "shots": shots,
+                   "target": None if target_split is None else [str(target), len(target_split)]}
     ckpt = _checkpoint_dir(out, fingerprint)
     ctx = FitContext(seed=seed, checkpoint_dir=ckpt, resume=resume, progress=progress, use_cache=use_cache,
-                     log=log, fingerprint=fingerprint)
+                     log=log, fingerprint=fingerprint, target=target_split)
     torch.manual_seed(seed)
     result = spec_method.fit(backbone, dataset, ctx)
     if result.method is not None:  # `auto` picked and ran another method: the bundle is that method's
@@ -121,6 +128,27 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
     if result.is_main_process:
         log(format_report(metrics, f"{method} on {backbone.info.name} -> {dataset.source}"))
     return specialist
+
+
+def _target_split(target, dataset: Dataset, kind: str, method, text_column: str, label_column: str, seed: int,
+                  skip_placeholders: bool) -> Split | None:
+    """The target examples a method receives: labels hidden unless it is `target-oracle`."""
+    needs = getattr(method, "needs_target", False)
+    if target is None:
+        if needs:
+            raise ConfigError(f"method {method.name!r} adapts to a target domain: pass target data "
+                              "(`headstart adapt --source S --target T`, or fit(..., target=T))")
+        return None
+    if not getattr(method, "accepts_target", False):
+        raise ConfigError(f"method {method.name!r} does not use target data; the adaptation methods are "
+                          "adabn, coral, dann, selftrain (and the source-only / target-oracle baselines)")
+    if not isinstance(target, Split):
+        target = load_target(target, classes=dataset.classes, kind=dataset.kind, unlabelled=True,
+                             text_column=text_column, label_column=label_column, seed=seed,
+                             skip_placeholders=skip_placeholders).pool
+    if getattr(method, "uses_target_labels", False):
+        return target
+    return Split(list(target.items), [-1] * len(target))
 
 
 def load(folder: str | Path) -> Specialist:

@@ -61,15 +61,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                    "lora, scratch (see `headstart methods`)")
     s.add_argument("--out", default=None, help="bundle folder to write")
     s.add_argument("--shots", type=int, default=None, help="keep K training examples per class")
-    s.add_argument("--seed", type=int, default=0, help="seed for sampling, splits, initialisation and order")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    s.add_argument("--image-size", type=int, default=None,
-                   help="train and predict image bases at this resolution (default: the base's own, e.g. 224)")
-    s.add_argument("--keep-placeholders", action="store_true",
-                   help="keep images with very few colours (line art, icons) instead of skipping them as placeholders")
-    s.add_argument("--text-column", default="text")
-    s.add_argument("--label-column", default="label")
+    _add_training_flags(s)
     s.add_argument("--json", action="store_true", help="print the final metrics as JSON on the last stdout line")
     _add_method_flags(s, _peek(argv, "--method", "probe"))
 
@@ -88,6 +80,34 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--label-column", default="label")
     s.add_argument("--json", action="store_true", help='print {"results": [...]} as JSON on the last stdout line')
 
+    s = _sub(sub, "adapt", cmd_adapt)
+    s.add_argument("--source", required=True, help="labelled source data (image folder or text table), as for `fit`")
+    s.add_argument("--target", required=True, help="target-domain data; its labels, if any, are hidden from the method")
+    s.add_argument("--target-unlabelled", action="store_true",
+                   help="the target may have no labels (a table without a label column, a folder of loose images)")
+    s.add_argument("--target-test", default=None,
+                   help="labelled target data to measure on (default: the target's own held-out split)")
+    s.add_argument("--base", default=None, help="as for `fit`")
+    s.add_argument("--method", default="selftrain", help="selftrain, coral, dann, adabn or source-only")
+    s.add_argument("--oracle", default="auto", choices=["auto", "true", "false"],
+                   help="train the target-oracle reference on the labelled target (auto: when it has labels)")
+    s.add_argument("--out", default=None, help="bundle folder for the adapted specialist")
+    _add_training_flags(s)
+    s.add_argument("--json", action="store_true", help="print the report as JSON on the last stdout line")
+    _add_method_flags(s, _peek(argv, "--method", "selftrain"))
+
+    s = _sub(sub, "corrupt", cmd_corrupt)
+    s.add_argument("source", help="image folder (any layout; mirrored under --out)")
+    s.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
+    s.add_argument("--blur", type=float, default=0.0, help="Gaussian blur radius in pixels")
+    s.add_argument("--dark", type=float, default=0.0, help="darkening in [0, 1): intensities x (1 - dark)")
+    s.add_argument("--noise", type=float, default=0.0, help="std of Gaussian pixel noise on the [0, 1] scale")
+    s.add_argument("--jpeg", type=int, default=None, help="re-encode as JPEG at this quality (1-95)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--keep-placeholders", action="store_true",
+                   help="corrupt images with very few colours too (digits, line art) instead of skipping them")
+
     s = _sub(sub, "evaluate", cmd_evaluate)
     s.add_argument("bundle")
     s.add_argument("data")
@@ -104,6 +124,19 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("bundle")
     s.add_argument("--json", action="store_true")
     return p
+
+
+def _add_training_flags(s: argparse.ArgumentParser) -> None:
+    """The run flags `fit` and `adapt` share."""
+    s.add_argument("--seed", type=int, default=0, help="seed for sampling, splits, initialisation and order")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="train and predict image bases at this resolution (default: the base's own, e.g. 224)")
+    s.add_argument("--keep-placeholders", action="store_true",
+                   help="keep images with very few colours (line art, icons) instead of skipping them as placeholders")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
 
 
 def _sub(sub, name: str, fn) -> argparse.ArgumentParser:
@@ -144,7 +177,7 @@ def cmd_methods(args) -> int:
     from .methods import list_methods
 
     for spec in list_methods():
-        print(f"{spec.name:<10}{spec.summary}")
+        print(f"{spec.name:<14}{spec.summary}")
         docs = field_docs(spec.config_cls)
         for f in dataclasses.fields(spec.config_cls):
             print(f"    --{f.name.replace('_', '-'):<20}{docs.get(f.name, '')}")
@@ -216,6 +249,46 @@ def _comma_list(flag: str, text: str, typ: type) -> list:
         raise ConfigError(f"{flag} {text!r}: expected a comma list of {what}, e.g. "
                           f"{'0,2,8' if typ is int else 'probe,lora'}") from None
     return values
+
+
+def cmd_adapt(args) -> int:
+    """Adapt to a target domain from unlabelled target data; report source-only, adapted and oracle accuracy.
+
+    Examples:
+      headstart adapt --source books_train.csv --target kitchen_train.csv --target-unlabelled \\
+                      --base minilm-l6 --method selftrain --out runs/books2kitchen
+      headstart corrupt ../shared/data/hymenoptera --blur 2 --dark 0.4 --noise 0.05 --out /tmp/ants-factory
+      headstart adapt --source ../shared/data/hymenoptera --target /tmp/ants-factory --method adabn
+    """
+    from .adapt import adapt
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    options = {k: getattr(args, "opt_" + k) for k in args.method_fields if getattr(args, "opt_" + k) is not None}
+    run = adapt(args.source, args.target, base=args.base, method=args.method, target_test=args.target_test,
+                target_unlabelled=args.target_unlabelled, oracle={"auto": None, "true": True, "false": False}[args.oracle],
+                seed=args.seed, out=args.out, resume=args.resume, use_cache=not args.no_cache,
+                text_column=args.text_column, label_column=args.label_column, image_size=args.image_size,
+                skip_placeholders=not args.keep_placeholders, log=log, **options)
+    if args.json:
+        print(json.dumps({k: v for k, v in run.report.items() if k != "target_metrics"}, default=float))
+    return 0
+
+
+def cmd_corrupt(args) -> int:
+    """Make a reproducible "clean -> blurry, dark, noisy" copy of an image folder (a domain shift to adapt to).
+
+    Example:
+      headstart corrupt ../shared/data/hymenoptera --blur 2 --dark 0.4 --noise 0.05 --seed 0 --out /tmp/ants-factory
+    """
+    from .corrupt import corrupt_folder
+    from .errors import ConfigError
+
+    try:
+        corrupt_folder(args.source, args.out, blur=args.blur, dark=args.dark, noise=args.noise, jpeg=args.jpeg,
+                       seed=args.seed, overwrite=args.overwrite, skip_placeholders=not args.keep_placeholders)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return 0
 
 
 def cmd_evaluate(args) -> int:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .bases import load_base
 from .bundle import check_base, read_manifest, read_trained, write_bundle
 from .bundle.card import model_card
-from .data import Dataset, load_dataset, load_image
+from .data import Dataset, load_dataset, load_eval_dataset, load_image
 from .engine.features import cached_features
 from .errors import DataError, LabelError
 from .methods.base import Method, SpecialistModel
@@ -63,10 +63,12 @@ class Specialist:
         return [self.classes[i] for i in self.predict_proba(xs, batch_size).argmax(-1).tolist()]
 
     def evaluate(self, data: Dataset | str | Path, split: str | None = None, progress: bool = True) -> dict[str, Any]:
-        """Accuracy, macro-F1, per-class F1 and the confusion matrix on a split (default: test, else val)."""
+        """Accuracy, macro-F1, per-class F1 and the confusion matrix on a split (default: test, else val;
+        a single table file, or class folders without splits, is evaluated whole)."""
         if not isinstance(data, Dataset):
             cols = self.manifest.get("data", {}).get("columns", {})
-            data = load_dataset(data, **cols)
+            # A single test file is evaluated whole, not split 80/20 as a training file would be.
+            data = load_dataset(data, **cols) if split else load_eval_dataset(data, **cols)
         split = split or data.eval_split
         part = data.split(split)
         unseen = sorted({data.classes[y] for y in part.labels} - set(self.classes))

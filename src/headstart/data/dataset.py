@@ -154,6 +154,21 @@ def load_dataset(path: str | Path, *, text_column: str = "text", label_column: s
     return _split_all(_build("image", {"all": (paths, labels)}, str(root), skipped), test_fraction, seed)
 
 
+def load_eval_dataset(path: str | Path, **kwargs: Any) -> Dataset:
+    """A dataset to evaluate on: a single table, or a folder of class folders without split folders, is
+    evaluated whole (its only split, `test`); data with its own splits keeps them (test, else val).
+
+    >>> len(load_eval_dataset("../shared/data/amazon_multidomain/kitchen_test.csv").split("test"))
+    400
+    """
+    data = load_dataset(path, **kwargs)
+    if data.sampling.get("split_by") != "headstart":
+        return data
+    train, test = data.splits["train"], data.splits["test"]
+    whole = Split(train.items + test.items, train.labels + test.labels)
+    return replace(data, splits={"test": whole}, sampling={"split_by": "none: evaluated whole"})
+
+
 def _build(kind: str, raw: dict[str, tuple[list, list[str]]], source: str, skipped: list[tuple[str, str]]) -> Dataset:
     train_key = "train" if "train" in raw else "all"
     names = sorted(set(raw[train_key][1]), key=_natural_key)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset, load_image
+from ..data import Dataset, Split, load_image
 from ..engine.checkpoint import copy_state_into
 from ..engine.loop import LoopConfig, train_loop, trainable_state
 from ..engine.schedule import layerwise_param_groups
@@ -72,6 +72,8 @@ class FitContext:
     use_cache: bool = True
     log: Callable[[str], None] = print
     fingerprint: dict = field(default_factory=dict)
+    target: "Split | None" = None
+    """Unlabelled target-domain examples for the adaptation methods (labels -1; see methods/adaptation.py)."""
 
 
 @dataclass

@@ -1,2 +1,3 @@
 """Importing this module registers the built-in methods."""
-from . import auto, finetune, incontext, lora, probe, prototype, scratch, setfit, zeroshot  # noqa: F401
+from . import (adabn, auto, baselines, coral, dann, finetune, incontext, lora, probe, prototype,  # noqa: F401
+               scratch, selftrain, setfit, zeroshot)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from ...data import Dataset
+from ..adaptation import AdaptationMethod, labelled_target
+from ..base import FitContext, FitResult
+
+
+class SourceOnly(AdaptationMethod):
+    """Baseline: train on the labelled source only (probe, lora or finetune by --backbone); the target is unused."""
+
+    needs_target = False
+
+    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        self.config, self._trainer = self.config.resolved(backbone.kind), None
+        return self.trainer().fit(backbone, data, ctx)
+
+
+class TargetOracle(AdaptationMethod):
+    """Upper reference: the same training on the *labelled* target (what adaptation tries to approach)."""
+
+    uses_target_labels = True
+
+    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        self.config, self._trainer = self.config.resolved(backbone.kind), None
+        result = self.trainer().fit(backbone, labelled_target(data, ctx.target), ctx)
+        result.details["trained_on"] = "target"
+        return result
