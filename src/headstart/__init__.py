@@ -6,6 +6,12 @@
 """
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+# bitsandbytes (imported by PEFT whenever it is installed) warns on every import that it cannot fetch
+# an optional CPU kernel from the Hugging Face hub; headstart works offline and does not use it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .adapt import adapt  # noqa: E402
 from .api import evaluate, fit, load  # noqa: E402
 from .bases import list_bases, load_base  # noqa: E402

@@ -37,7 +37,7 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
         seed: int = 0, out: str | Path | None = None, resume: bool = False, progress: bool = True,
         use_cache: bool = True, text_column: str = "text", label_column: str = "label",
         image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
-        target: "str | Path | Split | None" = None, **options: Any) -> Specialist:
+        target: "str | Path | Split | None" = None, task: str = "classify", **options: Any) -> "Specialist | Any":
     """Specialise `base` on `data` with `method`; save a bundle to `out` when given.
 
     `skip_placeholders=False` keeps images with very few colours (line art, synthetic icons) that
@@ -51,11 +51,16 @@ def fit(data: str | Path | Dataset, base: "str | Backbone | None" = None, method
     `target` is unlabelled target-domain data for the adaptation methods (adabn, coral, dann, selftrain):
     a path (see `data.target.load_target`) or a `Split`; its labels reach only `target-oracle`.
     `headstart.adapt` wraps this with the source-only and oracle baselines and the gap report.
+    `task="sft"` / `"dpo"` tunes a causal LM as a generator instead (`method` lora or qlora; `eval=` a
+    held-out file; `base` for dpo may be an SFT bundle) and returns an `LMSpecialist`; see `headstart.llm`.
 
     >>> spec = fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8, seed=1)
     >>> round(spec.manifest["metrics"]["accuracy"], 2)
     0.6...
     """
+    if task != "classify":
+        return _fit_generative(task, data, base, method, seed=seed, out=out, resume=resume, progress=progress,
+                               log=log, **options)
     t0 = time.perf_counter()
     tune_allocator()
     dataset = data if isinstance(data, Dataset) else load_dataset(
@@ -151,8 +156,31 @@ def _target_split(target, dataset: Dataset, kind: str, method, text_column: str,
     return Split(list(target.items), [-1] * len(target))
 
 
-def load(folder: str | Path) -> Specialist:
-    """Load a bundle written by `fit(..., out=folder)` or `Specialist.save`."""
+def _fit_generative(task: str, data, base, method: str, **kwargs: Any):
+    from .llm.config import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; tasks: classify, {', '.join(TASKS)}")
+    tune_allocator()
+    if task == "sft":
+        from .llm.sft import fit_sft
+
+        return fit_sft(data, base=base or "smollm2-135m", method=method if method != "probe" else "lora", **kwargs)
+    from .llm.dpo import fit_dpo
+
+    return fit_dpo(data, base=base or "smollm2-135m", method=None if method == "probe" else method, **kwargs)
+
+
+def load(folder: str | Path) -> "Specialist | Any":
+    """Load a bundle written by `fit(..., out=folder)`: a classifier `Specialist`, or an `LMSpecialist`
+    for sft/dpo bundles."""
+    from .bundle import read_manifest
+    from .llm.specialist import LM_TASKS
+
+    if read_manifest(folder).get("task") in LM_TASKS:
+        from .llm.specialist import LMSpecialist
+
+        return LMSpecialist.load(folder)
     return Specialist.load(folder)
 
 

@@ -63,7 +63,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--shots", type=int, default=None, help="keep K training examples per class")
     _add_training_flags(s)
     s.add_argument("--json", action="store_true", help="print the final metrics as JSON on the last stdout line")
-    _add_method_flags(s, _peek(argv, "--method", "probe"))
+    s.add_argument("--task", default="classify", choices=["classify", "sft", "dpo"],
+                   help="classify (default), or tune a causal LM as a generator: sft (instruction data), "
+                   "dpo (preference pairs; --base may be an SFT bundle)")
+    s.add_argument("--eval", default=None, help="sft/dpo: held-out file for eval loss (default: 10%% of the data)")
+    _add_method_flags(s, _peek(argv, "--method", "probe"), task=_peek(argv, "--task", "classify"))
 
     s = _sub(sub, "shots", cmd_shots)
     s.add_argument("data", help="image folder or text table(s), as for `fit`")
@@ -107,6 +111,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--keep-placeholders", action="store_true",
                    help="corrupt images with very few colours too (digits, line art) instead of skipping them")
+
+    from .cli_llm import add_commands
+
+    add_commands(sub, _sub)
 
     s = _sub(sub, "evaluate", cmd_evaluate)
     s.add_argument("bundle")
@@ -198,6 +206,10 @@ def cmd_fit(args) -> int:
     for k in COMMON_METHOD_FLAGS:
         if k not in args.method_fields and getattr(args, "opt_" + k, None) is not None:
             log(f"note: method {args.method!r} has no {k} option; --{k.replace('_', '-')} ignored")
+    if args.task != "classify":
+        from .cli_llm import fit_generative
+
+        return fit_generative(args, options, log)
     spec = fit(args.data, base=args.base, method=args.method, shots=args.shots, seed=args.seed, out=args.out,
                resume=args.resume, use_cache=not args.no_cache, text_column=args.text_column,
                label_column=args.label_column, image_size=args.image_size,
@@ -298,6 +310,9 @@ def cmd_evaluate(args) -> int:
     m = load(args.bundle).evaluate(args.data, args.split, progress=not args.json)
     if args.json:
         print(json.dumps(m))
+    elif "perplexity" in m:  # a generative (sft/dpo) bundle
+        print(f"{args.bundle} on {args.data} ({m['examples']} examples, {m['response_tokens']} answer tokens)")
+        print(f"loss        {m['loss']:.4f}\nperplexity  {m['perplexity']:.2f}")
     else:
         print(f"{args.bundle} on {args.data} ({m['split']}, {m['examples']} examples)")
         print(f"accuracy  {m['accuracy']:.4f}\nmacro-F1  {m['macro_f1']:.4f}")
@@ -353,14 +368,15 @@ def cmd_info(args) -> int:
 
 # ---- method flags from config dataclasses -----------------------------------------------------
 
-def _add_method_flags(s: argparse.ArgumentParser, method: str) -> None:
+def _add_method_flags(s: argparse.ArgumentParser, method: str, task: str = "classify") -> None:
+    from .llm.config import TASKS
     from .methods.registry import get_method_spec
 
     try:
-        cls = get_method_spec(method).config_cls
+        cls = TASKS[task] if task in TASKS else get_method_spec(method).config_cls
     except HeadstartError:
         cls = None  # `fit` itself reports the unknown method
-    group = s.add_argument_group(f"{method} options")
+    group = s.add_argument_group(f"{task if task in TASKS else method} options")
     fields = [f.name for f in dataclasses.fields(cls)] if cls else []
     for name, typ in COMMON_METHOD_FLAGS.items():
         if name not in fields:

@@ -1,0 +1,1 @@
+"""Instruction tuning of causal LMs: LoRA / QLoRA SFT, DPO, generation and merged export."""
