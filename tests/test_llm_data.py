@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,6 @@ from headstart.llm.tokenize import (
     pack_rows,
     pad_batch,
 )
-
-ALPACA_TRAIN = Path(__file__).resolve().parents[1].parent / "shared/data/alpaca_en_demo/train.jsonl"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -158,10 +155,9 @@ def test_missing_empty_and_unusable_files_are_clear_errors(tmp_path):
         load_preference_examples(tmp_path / "p.jsonl")
 
 
-def test_real_alpaca_train_parses_completely():
-    if not ALPACA_TRAIN.is_file():
-        pytest.skip(f"{ALPACA_TRAIN} not found")
-    examples, skipped = load_sft_examples(ALPACA_TRAIN)
+@pytest.mark.real
+def test_real_alpaca_train_parses_completely(data_root):
+    examples, skipped = load_sft_examples(data_root / "alpaca_en_demo" / "train.jsonl")
     assert (len(examples), len(skipped)) == (899, 0)
     assert examples[0].messages[0] == {"role": "user", "content": "Describe a process of making crepes."}
     assert all([m["role"] for m in e.messages] == ["user", "assistant"] for e in examples)
@@ -268,33 +264,6 @@ def test_encode_preference_labels_only_the_final_answer(tok):
     assert labelled_spans(tok, pair["rejected"]) == ["bad answer<|im_end|>"]
     prompt = encode_prompt(tok, ex.prompt)
     assert pair["chosen"]["input_ids"][: len(prompt)] == pair["rejected"]["input_ids"][: len(prompt)] == prompt
-
-
-def _smollm2_tokenizer_folder() -> Path | None:
-    roots = [Path(os.environ["HEADSTART_CACHE"]) / "bases"] if os.environ.get("HEADSTART_CACHE") else []
-    roots.append(Path.home() / ".cache" / "headstart" / "bases")
-    for root in roots:
-        for folder in sorted(root.glob("smollm2-135m-*")):
-            if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
-                return folder
-    return None
-
-
-def test_encode_chat_on_the_real_smollm2_tokenizer():
-    folder = _smollm2_tokenizer_folder()
-    if folder is None:
-        pytest.skip("no dequantised smollm2-135m folder in the headstart cache")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sky."},
-                {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green.\n\n- grass"}]
-    row = encode_chat(tokenizer, messages)
-    assert labelled_spans(tokenizer, row) == ["Blue, like the sky.<|im_end|>", "Green.\n\n- grass<|im_end|>"]
-    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>system\n")  # SmolLM2's default system turn
-    prompt = encode_prompt(tokenizer, messages[:1])
-    assert row["input_ids"][: len(prompt)] == prompt
-    assert all(label == IGNORE for label in row["labels"][: len(prompt)])
 
 
 # ---- batching -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .errors import HeadstartError  # noqa: E402
 from .methods.registry import list_methods  # noqa: E402
 from .shots import run_shots  # noqa: E402
 from .specialist import Specialist  # noqa: E402
+from .transfer.rank import rank  # noqa: E402
 
-__all__ = ["fit", "adapt", "corrupt_folder", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
+__all__ = ["fit", "adapt", "rank", "corrupt_folder", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
            "run_shots", "HeadstartError", "__version__"]

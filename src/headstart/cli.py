@@ -55,8 +55,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
     s = _sub(sub, "fit", cmd_fit)
     s.add_argument("data", help="image folder (<split>/<class>/* or <class>/*) or text table(s): CSV/TSV/JSONL")
-    s.add_argument("--base", default=None, help="registered base, local model folder, timm name or hub id "
-                   "(default: efficientnet-lite0 for images, minilm-l6 for text)")
+    s.add_argument("--base", default=None, help="registered base, local model folder, timm name or hub id, or auto "
+                   "(rank the built-in bases by LogME and use the best; default: efficientnet-lite0 for images, "
+                   "minilm-l6 for text)")
     s.add_argument("--method", default="probe", help="auto, zeroshot, prototype, probe, setfit, incontext, finetune, "
                    "lora, scratch (see `headstart methods`)")
     s.add_argument("--out", default=None, help="bundle folder to write")
@@ -112,9 +113,10 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--keep-placeholders", action="store_true",
                    help="corrupt images with very few colours too (digits, line art) instead of skipping them")
 
-    from .cli_llm import add_commands
+    from . import cli_llm, cli_rank
 
-    add_commands(sub, _sub)
+    cli_llm.add_commands(sub, _sub)
+    cli_rank.add_commands(sub, _sub)
 
     s = _sub(sub, "evaluate", cmd_evaluate)
     s.add_argument("bundle")

@@ -99,6 +99,15 @@ class Backbone(nn.Module):
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
 
+    def feature_layers(self) -> list[str]:
+        """Layers whose pooled output can serve as features, input side first; the last is always
+        "final" (what `forward` returns). Transferability ranking scores each as a candidate."""
+        return ["final"]
+
+    def layer_features(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer: [B, D_layer]} pooled features of every `feature_layers()` entry, from one forward pass."""
+        return {"final": self(**batch)}
+
     def source_classifier(self) -> nn.Module | None:
         """The pre-training classifier (e.g. the ImageNet head) when the base has one."""
         return None

@@ -79,6 +79,20 @@ class CausalLMBackbone(Backbone):
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
         return mean_pool(hidden, attention_mask)
 
+    def feature_layers(self) -> list[str]:
+        """The mean-pooled output of every decoder layer but the last (`layer.0` ..), then "final"
+        (the last layer after the final norm)."""
+        return [f"layer.{i}" for i in range(len(_decoder_layers(self.lm)) - 1)] + ["final"]
+
+    def layer_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 output_hidden_states=True, **extra)
+        hidden = out.hidden_states[1:-1]  # [0]: embeddings; [-1]: the last layer after the final norm
+        feats = {f"layer.{i}": mean_pool(h, attention_mask) for i, h in enumerate(hidden)}
+        feats["final"] = mean_pool(out.last_hidden_state, attention_mask)
+        return feats
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """embed_tokens, layer.0 .. layer.N-1, norm (+ lm_head when it is not tied).
 

@@ -103,6 +103,27 @@ class TimmImageBackbone(Backbone):
         x = self.model.forward_features(pixel_values)
         return self.model.forward_head(x, pre_logits=True)
 
+    def _staged(self) -> bool:
+        return all(hasattr(self.model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+
+    def feature_layers(self) -> list[str]:
+        """EfficientNet-style models: the output of every stage (`blocks.0` ..), then "final"."""
+        if not self._staged():
+            return ["final"]
+        return [f"blocks.{i}" for i in range(len(self.model.blocks))] + ["final"]
+
+    def layer_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._staged():
+            return {"final": self(pixel_values)}
+        m = self.model  # the steps of timm's EfficientNet.forward_features, keeping each stage's output
+        x = m.bn1(m.conv_stem(pixel_values))
+        out = {}
+        for i, stage in enumerate(m.blocks):
+            x = stage(x)
+            out[f"blocks.{i}"] = x.mean(dim=(2, 3))  # global average pool: [B, C_stage]
+        out["final"] = m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
+        return out
+
     def source_classifier(self) -> nn.Module | None:
         return self._source_classifier
 

@@ -87,6 +87,19 @@ class HFTextBackbone(Backbone):
         pooled = mean_pool(hidden, attention_mask)  # [B, D]
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
+    def feature_layers(self) -> list[str]:
+        """The mean-pooled output of every transformer layer but the last (`layer.0` ..), then "final"."""
+        return [f"layer.{i}" for i in range(len(_layer_list(self.model)) - 1)] + ["final"]
+
+    def layer_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+        hidden = out.hidden_states[1:]  # [0] is the embedding output
+        feats = {f"layer.{i}": mean_pool(h, attention_mask) for i, h in enumerate(hidden[:-1])}
+        pooled = mean_pool(out.last_hidden_state, attention_mask)
+        feats["final"] = F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+        return feats
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         embeddings = self.model.get_input_embeddings()
         embeddings = getattr(self.model, "embeddings", embeddings)  # BERT: word+position+type+LN

@@ -78,6 +78,49 @@ def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], 
     return torch.stack([known[k] for k in keys]) if keys else torch.zeros(0, backbone.feature_dim), len(missing)
 
 
+def layer_cache_dir(backbone, layer: str) -> Path:
+    """"final" shares the folder `cached_features` uses (a probe's features serve ranking and back)."""
+    key = base_key(backbone)
+    return cache_dir("features", key if layer == "final" else f"{key}-{layer}")
+
+
+@torch.no_grad()
+def cached_layer_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], layers: Sequence[str],
+                          batch_size: int = 64, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """({layer: features [N, D_layer]}, rows extracted now) for layers of `backbone.feature_layers()`.
+
+    One forward pass per missing row yields every requested layer (`backbone.layer_features`);
+    each layer has its own cache folder, so asking for more layers later re-extracts only rows
+    some requested layer lacks.
+    """
+    unknown = sorted(set(layers) - set(backbone.feature_layers()))
+    if unknown:
+        raise ValueError(f"{backbone.info.name} has no feature layer(s) {unknown}; it has {backbone.feature_layers()}")
+    is_file = backbone.kind == "image"
+    keys = [item_key(x, is_file) for x in items]
+    wanted = set(keys)
+    known = {layer: _load_rows(layer_cache_dir(backbone, layer), wanted) for layer in layers}
+    missing = [i for i, k in enumerate(keys) if any(k not in known[layer] for layer in layers)]
+    if missing:
+        backbone.eval()
+        chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for start in tqdm(range(0, len(missing), batch_size), disable=not progress, file=sys.stderr,
+                          desc=f"{backbone.info.name} features ({len(missing)} new, {len(layers)} layers)",
+                          unit="batch", dynamic_ncols=True):
+            batch = [load(items[i]) for i in missing[start:start + batch_size]]
+            feats = backbone.layer_features(**backbone.collate(batch, False))
+            for layer in layers:
+                chunks[layer].append(feats[layer].float())
+        first_row = {keys[i]: r for r, i in reversed(list(enumerate(missing)))}
+        new_keys = list(first_row)
+        for layer in layers:
+            fresh = torch.cat(chunks[layer])
+            _write_shard(layer_cache_dir(backbone, layer), new_keys, fresh[[first_row[k] for k in new_keys]])
+            for k, r in first_row.items():
+                known[layer][k] = fresh[r]
+    return {layer: torch.stack([known[layer][k] for k in keys]) for layer in layers}, len(missing)
+
+
 def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
     rows: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("shard-*.safetensors")):

@@ -1,0 +1,1 @@
+"""Transferability: rank candidate bases (and layers) for a dataset without fine-tuning."""
