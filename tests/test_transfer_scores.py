@@ -276,10 +276,10 @@ def test_knn_subsample_is_seeded_and_blocks_agree():
 
 
 def test_stratified_subsample_keeps_class_shares():
-    from headstart.transfer.scores import _stratified_subsample
+    from headstart.transfer.scores import stratified_subsample
 
     y = np.repeat([0, 1, 2], [500, 300, 200])
-    idx = _stratified_subsample(y, 101, seed=0)
+    idx = stratified_subsample(y, 101, seed=0)
     assert len(idx) == 101 and len(set(idx.tolist())) == 101
     assert np.bincount(y[idx]).tolist() == [51, 30, 20]  # 50.5 -> 51 by largest remainder
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .scores import hscore, knn_accuracy, leep, logme, nce
+from .scores import hscore, knn_accuracy, leep, logme, nce, stratified_subsample
 
 DEFAULT_CANDIDATES = {"image": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],
                       "text": ["minilm-l6", "smollm2-135m"]}
@@ -177,21 +177,7 @@ def _layers(spec: Sequence[str] | str, available: list[str], base: str) -> list[
 
 
 def _stratified(split, cap: int, seed: int):
-    """`cap` rows (largest-remainder shares per class, at least 2 per class where it has them), seeded."""
-    n = len(split)
-    if n <= cap:
+    """`cap` rows, every class keeping its share and at least 2 rows where it has them; seeded."""
+    if len(split) <= cap:
         return split
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(split.labels)
-    classes, sizes = np.unique(labels, return_counts=True)
-    quota = cap * sizes / n
-    take = np.minimum(sizes, np.maximum(np.floor(quota).astype(int), 2))
-    for i in np.argsort(-(quota - np.floor(quota)), kind="stable"):  # hand out what rounding down left
-        if take.sum() >= cap:
-            break
-        if take[i] < sizes[i]:
-            take[i] += 1
-    keep: list[int] = []
-    for c, k in zip(classes, take):
-        keep += rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False).tolist()
-    return split.subset(sorted(keep))
+    return split.subset(stratified_subsample(np.asarray(split.labels), cap, seed, min_per_class=2).tolist())

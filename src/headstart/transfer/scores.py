@@ -190,13 +190,15 @@ def hscore(features: Any, labels: Any, shrinkage: bool = True) -> float:
     return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-15, hermitian=True) @ cov_g))
 
 
-def _stratified_subsample(y: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of `size` samples keeping each class's share (largest-remainder rounding)."""
+def stratified_subsample(y: np.ndarray, size: int, seed: int, min_per_class: int = 0) -> np.ndarray:
+    """Sorted indices of `size` samples of labels `y` (0..C-1) keeping each class's share (largest-remainder
+    rounding), and at least `min_per_class` of a class where it has them (then possibly a few more than `size`)."""
     rng = np.random.default_rng(seed)
     counts = np.bincount(y)
     quota = counts * size / len(y)
-    take = np.floor(quota).astype(int)
-    take[np.argsort(-(quota - take), kind="stable")[: size - take.sum()]] += 1
+    take = np.minimum(counts, np.maximum(np.floor(quota).astype(int), min_per_class))
+    room = [i for i in np.argsort(-(quota - np.floor(quota)), kind="stable") if take[i] < counts[i]]
+    take[room[: max(0, size - int(take.sum()))]] += 1
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:t] for c, t in enumerate(take)]))
 
 
@@ -215,7 +217,7 @@ def knn_accuracy(features: Any, labels: Any, k: int = 5, max_samples: int = 2000
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     if len(f) > max_samples:
-        keep = _stratified_subsample(y, max_samples, seed)
+        keep = stratified_subsample(y, max_samples, seed)
         f, y = f[keep], y[keep]
     n = len(f)
     k = min(k, n - 1)
