@@ -6,12 +6,14 @@
 For each dataset (images: hymenoptera, flowers17 with efficientnet-lite0/1/2; text: trec, sst5, emotion
 with minilm-l6 and smollm2-135m) and each candidate (base x layer, `rank --layers all`):
   * the scores, from `headstart.rank` on the training split (capped at --max-train, class-stratified;
-    the same rows every method trains on), timed cold (features extracted) and warm (cached);
+    the same rows every method trains on), timed cold (features extracted, in a fresh cache that shares
+    only the unpacked bases) and warm (cached);
   * actual accuracy on the test split of a `probe` on that layer's features (every candidate), and of
     `lora` fine-tuning (the candidates LoRA can train: each base's final layer).
 Then Kendall's tau and weighted tau (scipy's hyperbolic weighting, as TLlib reports) between each score
-and actual accuracy, per dataset and on average, and the time ratio (LoRA fine-tuning of the base
-candidates) / (ranking every candidate, cold). Targets from the issue: LogME tau >= 0.6; ratio >= 100x.
+and actual accuracy, per dataset and on average; the regret of each score's first pick (best accuracy
+minus the picked candidate's); and the time ratio (LoRA fine-tuning of the base candidates) / (ranking
+every candidate, cold), overall and per candidate. Targets from the issue: LogME tau >= 0.6; ratio >= 100x.
 Prints tables and writes bench/results/rank.json (rewritten after every dataset).
 """
 from __future__ import annotations
@@ -19,8 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +78,46 @@ def taus(rows: list[dict], accuracy_key: str) -> dict[str, dict[str, float | Non
     return out
 
 
+def fresh_cache() -> Path:
+    """A new, empty $HEADSTART_CACHE for one dataset, sharing only the unpacked bases and their file hashes.
+
+    So "cold" really extracts features, and no LoRA run resumes from an earlier run's checkpoint.
+    """
+    real = Path(os.environ.get("HEADSTART_CACHE", Path.home() / ".cache" / "headstart")).expanduser()
+    tmp = Path(tempfile.mkdtemp(prefix="headstart-rank-bench-"))
+    for shared in ("bases", "hashes"):
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (tmp / shared).symlink_to(real / shared, target_is_directory=True)
+    return tmp
+
+
+def regrets(rows: list[dict], accuracy_key: str) -> dict[str, float | None]:
+    """Per score: best accuracy minus the accuracy of the candidate that score ranks first (0 = picked the best)."""
+    scored = [r for r in rows if r.get(accuracy_key) is not None]
+    if not scored:
+        return {}
+    best = max(r[accuracy_key] for r in scored)
+    out = {}
+    for score in SCORES:
+        pool = [r for r in scored if r.get(score) is not None]
+        out[score] = round(best - max(pool, key=lambda r: r[score])[accuracy_key], 4) if pool else None
+    return out
+
+
 def run_dataset(name: str, bases: list[str], args) -> dict:
+    real_cache = os.environ.get("HEADSTART_CACHE")
+    os.environ["HEADSTART_CACHE"] = str(fresh_cache())
+    try:
+        return _run_dataset(name, bases, args)
+    finally:
+        shutil.rmtree(os.environ["HEADSTART_CACHE"])  # removes the links, not the shared folders
+        if real_cache is None:
+            del os.environ["HEADSTART_CACHE"]
+        else:
+            os.environ["HEADSTART_CACHE"] = real_cache
+
+
+def _run_dataset(name: str, bases: list[str], args) -> dict:
     data, test_name = capped(name, args.max_train, args.max_test)
     train, test = data.split("train"), data.split(test_name)
     print(f"== {name}: {len(train)} train / {len(test)} {test_name}, {len(data.classes)} classes", flush=True)
@@ -114,19 +158,27 @@ def run_dataset(name: str, bases: list[str], args) -> dict:
               "probe_fit_s": round(probe_s, 1), "lora_s": round(lora_s, 1),
               "tau_probe": taus(rows, "probe_accuracy"),
               "tau_lora": taus(rows, "lora_accuracy") if not args.no_lora else None,
-              "time_ratio_lora": round(lora_s / rank_cold_s, 1) if lora_s else None}
+              "regret_probe": regrets(rows, "probe_accuracy"),
+              "regret_lora": regrets(rows, "lora_accuracy") if not args.no_lora else None,
+              "time_ratio_lora": round(lora_s / rank_cold_s, 1) if lora_s else None,
+              # fine-tuning cost per fine-tuned candidate / ranking cost per ranked candidate
+              "time_ratio_lora_per_candidate": round((lora_s / len(bases)) / (rank_cold_s / len(rows)), 1)
+              if lora_s else None}
     print(table(name, result), flush=True)
     return result
 
 
 def table(name: str, r: dict) -> str:
     lines = [f"{name}: rank {r['rank_cold_s']:.1f} s cold / {r['rank_warm_s']:.2f} s warm; lora {r['lora_s']:.0f} s; "
-             f"ratio {r['time_ratio_lora']}",
+             f"ratio {r['time_ratio_lora']} ({r['time_ratio_lora_per_candidate']} per candidate)",
              "| base | layer | logme | nce | leep | hscore | knn | probe acc | lora acc |", "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(r["candidates"], key=lambda c: -c["logme"]):
         cells = [f"{c[s]:.3f}" if c[s] is not None else "-" for s in SCORES]
         lora = f"{c['lora_accuracy']:.3f}" if c.get("lora_accuracy") is not None else ""
         lines.append(f"| {c['base']} | {c['layer']} | " + " | ".join(cells) + f" | {c['probe_accuracy']:.3f} | {lora} |")
+    for key in ("regret_probe", "regret_lora"):
+        if r.get(key):
+            lines.append(f"{key}: " + ", ".join(f"{s} {v}" for s, v in r[key].items()))
     for key in ("tau_probe", "tau_lora"):
         if r.get(key):
             lines.append(f"{key}: " + ", ".join(f"{s} {v['tau']}/{v['weighted_tau']} (n={v['n']})"
@@ -145,6 +197,18 @@ def summary(results: dict) -> dict:
                                     "mean_weighted_tau": round(statistics.mean(v["weighted_tau"] for v in vals), 4),
                                     "datasets": len(vals)}
         out[key] = per_score
+    for key in ("regret_probe", "regret_lora"):
+        per_score = {}
+        for score in SCORES:
+            vals = [r[key][score] for r in results.values() if r.get(key) and r[key].get(score) is not None]
+            if vals:
+                per_score[score] = {"mean_regret": round(statistics.mean(vals), 4),
+                                    "picked_best": sum(v == 0 for v in vals), "datasets": len(vals)}
+        out[key] = per_score
+    per_candidate = [r["time_ratio_lora_per_candidate"] for r in results.values()
+                     if r.get("time_ratio_lora_per_candidate")]
+    if per_candidate:
+        out["time_ratio_lora_per_candidate_median"] = statistics.median(per_candidate)
     ratios = [r["time_ratio_lora"] for r in results.values() if r.get("time_ratio_lora")]
     if ratios:
         out["time_ratio_lora_median"] = statistics.median(ratios)

@@ -61,25 +61,20 @@ def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], 
     """
     if not use_cache:
         return encode(backbone, items, load, batch_size, progress), len(items)
-    folder = cache_dir("features", base_key(backbone))
-    is_file = backbone.kind == "image"  # image examples are paths; text examples are the texts
-    keys = [item_key(x, is_file) for x in items]
-    known = _load_rows(folder, set(keys))
-    missing = [i for i, k in enumerate(keys) if k not in known]
-    if missing:
-        fresh = encode(backbone, [items[i] for i in missing], load, batch_size, progress,
-                       desc=f"features ({len(missing)} new)")
-        new_keys = list(dict.fromkeys(keys[i] for i in missing))
-        first_row = {keys[i]: r for r, i in reversed(list(enumerate(missing)))}
-        table = fresh[[first_row[k] for k in new_keys]]
-        _write_shard(folder, new_keys, table)
-        for k, r in first_row.items():
-            known[k] = fresh[r]
-    return torch.stack([known[k] for k in keys]) if keys else torch.zeros(0, backbone.feature_dim), len(missing)
+
+    def extract(missing: list[int]) -> dict[str, torch.Tensor]:
+        return {"final": encode(backbone, [items[i] for i in missing], load, batch_size, progress,
+                                desc=f"features ({len(missing)} new)")}
+
+    keys = _item_keys(backbone, items)
+    known, extracted = _cached_rows({"final": layer_cache_dir(backbone, "final")}, keys, extract)
+    if not keys:
+        return torch.zeros(0, backbone.feature_dim), extracted
+    return torch.stack([known["final"][k] for k in keys]), extracted
 
 
 def layer_cache_dir(backbone, layer: str) -> Path:
-    """"final" shares the folder `cached_features` uses (a probe's features serve ranking and back)."""
+    """"final" is the folder `cached_features` uses (a probe's features serve ranking and back)."""
     key = base_key(backbone)
     return cache_dir("features", key if layer == "final" else f"{key}-{layer}")
 
@@ -96,12 +91,8 @@ def cached_layer_features(backbone, items: Sequence[Any], load: Callable[[Any], 
     unknown = sorted(set(layers) - set(backbone.feature_layers()))
     if unknown:
         raise ValueError(f"{backbone.info.name} has no feature layer(s) {unknown}; it has {backbone.feature_layers()}")
-    is_file = backbone.kind == "image"
-    keys = [item_key(x, is_file) for x in items]
-    wanted = set(keys)
-    known = {layer: _load_rows(layer_cache_dir(backbone, layer), wanted) for layer in layers}
-    missing = [i for i, k in enumerate(keys) if any(k not in known[layer] for layer in layers)]
-    if missing:
+
+    def extract(missing: list[int]) -> dict[str, torch.Tensor]:
         backbone.eval()
         chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, len(missing), batch_size), disable=not progress, file=sys.stderr,
@@ -111,14 +102,34 @@ def cached_layer_features(backbone, items: Sequence[Any], load: Callable[[Any], 
             feats = backbone.layer_features(**backbone.collate(batch, False))
             for layer in layers:
                 chunks[layer].append(feats[layer].float())
+        return {layer: torch.cat(chunks[layer]) for layer in layers}
+
+    keys = _item_keys(backbone, items)
+    known, extracted = _cached_rows({layer: layer_cache_dir(backbone, layer) for layer in layers}, keys, extract)
+    return {layer: torch.stack([known[layer][k] for k in keys]) for layer in layers}, extracted
+
+
+def _item_keys(backbone, items: Sequence[Any]) -> list[str]:
+    return [item_key(x, backbone.kind == "image") for x in items]  # image examples are paths, text ones texts
+
+
+def _cached_rows(folders: dict[str, Path], keys: list[str],
+                 extract: Callable[[list[int]], dict[str, torch.Tensor]]) -> tuple[dict[str, dict], int]:
+    """({name: {row key: features}}, rows extracted now): what `folders` hold for `keys`, plus the
+    rows any folder lacks, extracted by `extract(positions)` in one pass and written as a new shard
+    to every folder (a duplicated example is extracted and stored once)."""
+    wanted = set(keys)
+    known = {name: _load_rows(folder, wanted) for name, folder in folders.items()}
+    missing = [i for i, k in enumerate(keys) if any(k not in known[name] for name in folders)]
+    if missing:
+        fresh = extract(missing)
         first_row = {keys[i]: r for r, i in reversed(list(enumerate(missing)))}
         new_keys = list(first_row)
-        for layer in layers:
-            fresh = torch.cat(chunks[layer])
-            _write_shard(layer_cache_dir(backbone, layer), new_keys, fresh[[first_row[k] for k in new_keys]])
+        for name, folder in folders.items():
+            _write_shard(folder, new_keys, fresh[name][[first_row[k] for k in new_keys]])
             for k, r in first_row.items():
-                known[layer][k] = fresh[r]
-    return {layer: torch.stack([known[layer][k] for k in keys]) for layer in layers}, len(missing)
+                known[name][k] = fresh[name][r]
+    return known, len(missing)
 
 
 def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
