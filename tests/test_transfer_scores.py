@@ -62,13 +62,7 @@ def _ref_fit_fixed_point(f, y, pad_sigma=False):
             alpha = gamma / (m2 + 1e-5)
             beta = (N - gamma) / (res2 + 1e-5)
             t_ = alpha / beta
-            evidence = D / 2.0 * np.log(alpha) \
-                + N / 2.0 * np.log(beta) \
-                - 0.5 * np.sum(np.log(alpha + beta * sigma_ev)) \
-                - beta / 2.0 * res2 \
-                - alpha / 2.0 * m2 \
-                - N / 2.0 * np.log(2 * np.pi)
-            evidence /= N
+            # (the published loop also computes the evidence here; it is recomputed below, so it is left out)
             if abs(t_ - t) / t <= 1e-3:  # abs(t_ - t) <= 1e-5 or abs(1 / t_ - 1 / t) <= 1e-5:
                 break
         evidence = D / 2.0 * np.log(alpha) \
