@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 import headstart  # noqa: E402
-from headstart.cache import cache_dir  # noqa: E402
+from headstart.core.storage import cache_dir  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DOMAINS = ["books", "dvd", "electronics", "kitchen"]

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import headstart
-from headstart.shots import format_shots_table, run_shots
+from headstart.experiments.shots import format_shots_table, run_shots
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HEADSTART_DATA", ROOT.parent / "shared" / "data"))

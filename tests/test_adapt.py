@@ -16,7 +16,7 @@ from torch import nn
 
 import headstart
 from headstart.engine.two_domain import train_two_domains
-from headstart.errors import ConfigError, DataError, TrainingError
+from headstart.core.errors import ConfigError, DataError, TrainingError
 from headstart.methods.adabn.method import Adabn, bn_layers, recompute_bn_statistics
 from headstart.methods.base import loader_for
 from headstart.methods.baselines.method import SourceOnly, TargetOracle

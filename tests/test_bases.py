@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from headstart.bases import Backbone, BaseInfo, get_base_spec, list_bases, load_base
-from headstart.errors import UnknownBaseError
+from headstart.core.errors import UnknownBaseError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HEADSTART_DATA", REPO.parent / "shared" / "data"))

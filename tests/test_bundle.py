@@ -9,8 +9,8 @@ import pytest
 
 import headstart
 import headstart.bundle.plots
-import headstart.specialist
-from headstart.errors import BundleError
+import headstart.bundle.classifier
+from headstart.core.errors import BundleError
 
 ALLOWED_SUFFIXES = {".json", ".safetensors", ".png", ".md"}
 """Everything a bundle may hold (PEFT's adapter folder is adapter_config.json,
@@ -59,8 +59,8 @@ def test_failed_save_leaves_old_bundle_intact(bundle_copy, monkeypatch, where, e
 
     if where == "plot":  # wherever the plot function is looked up from
         monkeypatch.setattr(headstart.bundle.plots, "plot_confusion", boom)
-        if hasattr(headstart.specialist, "plot_confusion"):
-            monkeypatch.setattr(headstart.specialist, "plot_confusion", boom)
+        if hasattr(headstart.bundle.classifier, "plot_confusion"):
+            monkeypatch.setattr(headstart.bundle.classifier, "plot_confusion", boom)
     else:
         monkeypatch.setattr(type(spec.method), "save_artifacts", boom)
     with pytest.raises(exc):

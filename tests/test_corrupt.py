@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from headstart import load_dataset
-from headstart.corrupt import corrupt_folder, corrupt_image
-from headstart.errors import DataError
+from headstart.data.corrupt import corrupt_folder, corrupt_image
+from headstart.core.errors import DataError
 
 SETTINGS = {"blur": 1.0, "dark": 0.3, "noise": 0.05, "jpeg": 60}
 

@@ -10,7 +10,7 @@ from conftest import IMAGE_CLASSES, TEXT_CLASSES, text_rows, write_table
 
 from headstart import load_dataset
 from headstart.data import Dataset
-from headstart.errors import DataError
+from headstart.core.errors import DataError
 
 
 def per_class(data: Dataset, split: str) -> Counter:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import headstart
-from headstart.errors import ConfigError, DataError
+from headstart.core.errors import ConfigError, DataError
 from headstart.methods.auto import choose_method
 from headstart.methods.labels import fill_templates, label_phrases, parse_label_text
 from headstart.methods.prototype.method import class_means

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import headstart
-from headstart.errors import DataError
+from headstart.core.errors import DataError
 from headstart.llm.data import (
     ChatExample,
     PreferenceExample,

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 import headstart
-from headstart.errors import ConfigError, DataError
-from headstart.llm.specialist import LMSpecialist
+from headstart.core.errors import ConfigError, DataError
+from headstart.bundle.generator import LMSpecialist
 
 from conftest import assert_clean_error, headstart_cli
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import headstart
-from headstart.errors import ConfigError
+from headstart.core.errors import ConfigError
 from headstart.methods.incontext.method import sample_examples
 from headstart.methods.lm_scoring import LabelScoringModel, PromptSpec, default_prompt_spec, interleave_by_class
 

@@ -235,7 +235,7 @@ def test_manifest_and_files(fitted, method, base):
 
 @pytest.mark.parametrize("method,base", REFUSED)
 def test_unsupported_base_kind_is_a_clear_error(request, method, base):
-    from headstart.errors import ConfigError
+    from headstart.core.errors import ConfigError
 
     data = request.getfixturevalue(BASES[base])
     target = {"target": data} if MATRIX[method].get("target") else {}

@@ -8,7 +8,7 @@ import torch
 
 import headstart
 from headstart.engine.features import cached_features, cached_layer_features
-from headstart.errors import ConfigError, DataError
+from headstart.core.errors import ConfigError, DataError
 from headstart.methods.base import loader_for
 from headstart.transfer import rank as rank_module
 

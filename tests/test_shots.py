@@ -11,11 +11,11 @@ from conftest import BIN, run_cmd
 import headstart
 from headstart import api
 from headstart.bases import load_base
-from headstart.errors import ConfigError, DataError, UnknownMethodError
+from headstart.core.errors import ConfigError, DataError, UnknownMethodError
 from headstart.methods import registry
 from headstart.methods.base import Method
 from headstart.methods.probe.config import ProbeConfig
-from headstart.shots import format_shots_table, run_shots
+from headstart.experiments.shots import format_shots_table, run_shots
 
 RESULT_KEYS = {"method", "shots", "mean", "std", "seeds", "train_s"}
 FAST = {"finetune": {"epochs": 1}}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from headstart.errors import DataError
+from headstart.core.errors import DataError
 from headstart.transfer.scores import SCORES, hscore, knn_accuracy, leep, logme, nce
 
 

@@ -12,15 +12,15 @@ import logging  # noqa: E402
 # an optional CPU kernel from the Hugging Face hub; headstart works offline and does not use it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .adapt import adapt  # noqa: E402
+from .experiments.adapt import adapt  # noqa: E402
 from .api import evaluate, fit, load  # noqa: E402
 from .bases import list_bases, load_base  # noqa: E402
-from .corrupt import corrupt_folder  # noqa: E402
+from .data.corrupt import corrupt_folder  # noqa: E402
 from .data import load_dataset  # noqa: E402
-from .errors import HeadstartError  # noqa: E402
+from .core.errors import HeadstartError  # noqa: E402
 from .methods.registry import list_methods  # noqa: E402
-from .shots import run_shots  # noqa: E402
-from .specialist import Specialist  # noqa: E402
+from .experiments.shots import run_shots  # noqa: E402
+from .bundle.classifier import Specialist  # noqa: E402
 from .transfer.rank import rank  # noqa: E402
 
 __all__ = ["fit", "adapt", "rank", "corrupt_folder", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",

@@ -19,15 +19,15 @@ import torch
 
 from .bases import load_base
 from .bases.backbone import Backbone
-from .cache import cache_dir
+from .core.storage import cache_dir
 from .data import Dataset, Split, load_dataset
 from .data.target import load_target
 from .engine.perf import peak_memory_mb, tune_allocator
-from .errors import ConfigError, DataError
+from .core.errors import ConfigError, DataError
 from .methods.base import FitContext
 from .methods.registry import make_method
-from .report import format_report
-from .specialist import Specialist
+from .core.report import format_report
+from .bundle.classifier import Specialist
 
 DEFAULT_BASE = {"image": "efficientnet-lite0", "text": "minilm-l6"}
 
@@ -186,10 +186,10 @@ def load(folder: str | Path) -> "Specialist | Any":
     """Load a bundle written by `fit(..., out=folder)`: a classifier `Specialist`, or an `LMSpecialist`
     for sft/dpo bundles."""
     from .bundle import read_manifest
-    from .llm.specialist import LM_TASKS
+    from .bundle.generator import LM_TASKS
 
     if read_manifest(folder).get("task") in LM_TASKS:
-        from .llm.specialist import LMSpecialist
+        from .bundle.generator import LMSpecialist
 
         return LMSpecialist.load(folder)
     return Specialist.load(folder)

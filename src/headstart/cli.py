@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import HeadstartError
+from .core.errors import HeadstartError
 
 COMMON_METHOD_FLAGS = {"epochs": int, "batch_size": int}
 """`fit` always accepts these; a method without such a field (probe has no epochs) notes that it ignores them."""
@@ -217,7 +217,7 @@ def cmd_fit(args) -> int:
                label_column=args.label_column, image_size=args.image_size,
                skip_placeholders=not args.keep_placeholders, log=log, **options)
     if args.json and spec.is_main_process:  # under `accelerate launch`, one JSON line, from the main process
-        from .report import headline
+        from .core.report import headline
 
         print(json.dumps(headline(spec.manifest["metrics"])))
     return 0
@@ -230,7 +230,7 @@ def cmd_shots(args) -> int:
       headstart shots ../shared/data/trec --base minilm-l6 --methods zeroshot,probe,lora --shots 0,2,8,32 --seeds 3
       headstart shots ../shared/data/hymenoptera --methods probe,finetune --out runs/ants-shots --json
     """
-    from .shots import DEFAULT_METHODS, format_shots_table, run_shots
+    from .experiments.shots import DEFAULT_METHODS, format_shots_table, run_shots
 
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     methods = _comma_list("--methods", args.methods, str) if args.methods is not None else DEFAULT_METHODS
@@ -251,7 +251,7 @@ def cmd_shots(args) -> int:
 
 
 def _comma_list(flag: str, text: str, typ: type) -> list:
-    from .errors import ConfigError
+    from .core.errors import ConfigError
 
     parts = [p.strip() for p in text.split(",")]
     try:
@@ -274,7 +274,7 @@ def cmd_adapt(args) -> int:
       headstart corrupt ../shared/data/hymenoptera --blur 2 --dark 0.4 --noise 0.05 --out /tmp/ants-factory
       headstart adapt --source ../shared/data/hymenoptera --target /tmp/ants-factory --method adabn
     """
-    from .adapt import adapt
+    from .experiments.adapt import adapt
 
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     options = {k: getattr(args, "opt_" + k) for k in args.method_fields if getattr(args, "opt_" + k) is not None}
@@ -294,8 +294,8 @@ def cmd_corrupt(args) -> int:
     Example:
       headstart corrupt ../shared/data/hymenoptera --blur 2 --dark 0.4 --noise 0.05 --seed 0 --out /tmp/ants-factory
     """
-    from .corrupt import corrupt_folder
-    from .errors import ConfigError
+    from .data.corrupt import corrupt_folder
+    from .core.errors import ConfigError
 
     try:
         corrupt_folder(args.source, args.out, blur=args.blur, dark=args.dark, noise=args.noise, jpeg=args.jpeg,

@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
       headstart generate runs/alpaca-lora "Give three tips for staying healthy."
     """
     from .api import load
-    from .errors import BundleError
+    from .core.errors import BundleError
 
     spec = load(args.bundle)
     if not hasattr(spec, "generate"):
@@ -66,7 +66,7 @@ def cmd_export(args) -> int:
       headstart export runs/alpaca-lora --merged --out merged-model/
     """
     from .api import load
-    from .errors import BundleError
+    from .core.errors import BundleError
 
     spec = load(args.bundle)
     if not hasattr(spec, "export_merged"):

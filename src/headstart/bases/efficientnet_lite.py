@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache import cache_dir, sha256_file
-from ..errors import UnknownBaseError
+from ..core.storage import cache_dir, sha256_file
+from ..core.errors import UnknownBaseError
 from .image import TimmImageBackbone
 from .registry import register_base
 from .weights import save_safetensors_atomic

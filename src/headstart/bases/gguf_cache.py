@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..cache import cache_dir, sha256_file
+from ..core.storage import cache_dir, sha256_file
 
 
 def dequantised_dir(gguf: Path, name: str | None = None) -> tuple[Path, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import UnknownBaseError
+from ..core.errors import UnknownBaseError
 from .backbone import KINDS, Backbone
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..cache import sha256_file
-from ..errors import UnknownBaseError
+from ..core.storage import sha256_file
+from ..core.errors import UnknownBaseError
 from .backbone import Backbone
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")

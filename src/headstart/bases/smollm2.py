@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..cache import cache_dir
-from ..errors import UnknownBaseError
+from ..core.storage import cache_dir
+from ..core.errors import UnknownBaseError
 from .causal_lm import CausalLMBackbone, load_gguf
 from .registry import register_base
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnknownBaseError
+from ..core.errors import UnknownBaseError
 from .backbone import Backbone, BaseInfo
 from .registry import register_base
 from .structure import leftover_modules, suffix_targets

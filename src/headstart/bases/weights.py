@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..cache import sha256_file
+from ..core.storage import sha256_file
 
 
 def state_dict_sha256(module: nn.Module) -> str:

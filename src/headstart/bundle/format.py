@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import BundleError
+from ..core.errors import BundleError
 
 FORMAT = "headstart-bundle"
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .images import IMAGE_SUFFIXES, list_class_folders, scan_class_folders
 from .tables import TABLE_SUFFIXES, read_table
 

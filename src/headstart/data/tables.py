@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json"}
 

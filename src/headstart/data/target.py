@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .dataset import Dataset, Split, load_dataset, load_eval_dataset
 from .images import IMAGE_SUFFIXES, check_image
 from .tables import TABLE_SUFFIXES, _rows

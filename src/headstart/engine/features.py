@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir
+from ..core.storage import cache_dir
 
 
 def base_key(backbone) -> str:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..data import Split
-from ..errors import TrainingError
+from ..core.errors import TrainingError
 from .checkpoint import copy_state_into, find_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import warmup_cosine
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError
+from ..core.errors import TrainingError
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .loop import trainable_state
 

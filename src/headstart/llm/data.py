@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT and other exports name the roles differently.

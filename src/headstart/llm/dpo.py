@@ -16,12 +16,12 @@ from typing import Any, Callable
 import torch
 
 from ..engine.perf import peak_memory_mb
-from ..errors import DataError
+from ..core.errors import DataError
 from .config import DPOConfig
 from .data import load_preference_examples
 from .dpo_maths import dpo_loss, sequence_logps
 from .sft import _bf16, _checkpoint_dir, _config, _drop_checkpoints, _file_key, prepare_model, train_and_held
-from .specialist import LMSpecialist
+from ..bundle.generator import LMSpecialist
 from .tokenize import IGNORE, encode_preference, pad_batch
 from .train import autocast, epoch_batches, train_adapter
 

@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..cache import cache_dir
+from ..core.storage import cache_dir
 from ..engine.perf import peak_memory_mb
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .config import METHODS, SFTConfig
 from .data import load_sft_examples, split_holdout
-from .specialist import LMSpecialist, response_loss
+from ..bundle.generator import LMSpecialist, response_loss
 from .tokenize import IGNORE, encode_chat, length_grouped_batches, pack_rows, pad_batch
 from .train import answer_loss, epoch_batches, train_adapter
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .data import PreferenceExample
 
 IGNORE = -100

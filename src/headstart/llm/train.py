@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..engine.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..engine.schedule import warmup_cosine
-from ..errors import TrainingError
+from ..core.errors import TrainingError
 
 StepLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
 """batch indices -> (loss, stats for the log, tokens processed)."""

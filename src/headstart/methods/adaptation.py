@@ -25,7 +25,7 @@ from torch import nn
 from ..data import Dataset, Split
 from ..engine.checkpoint import copy_state_into
 from ..engine.loop import trainable_state
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .base import FitContext, Method, SpecialistModel, TrainConfig
 
 BACKBONE_MODES = ("frozen", "lora", "finetune")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def normalize_label_text(value: Any) -> list[str]:

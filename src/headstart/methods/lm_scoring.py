@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import BundleError, ConfigError
+from ..core.errors import BundleError, ConfigError
 from .labels import readable
 
 CONTENT_FREE = ["N/A", "", "[MASK]"]

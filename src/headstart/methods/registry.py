@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError, UnknownMethodError
+from ..core.errors import ConfigError, UnknownMethodError
 
 
 @dataclass(frozen=True)

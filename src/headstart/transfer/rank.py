@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .scores import hscore, knn_accuracy, leep, logme, nce, stratified_subsample
 
 DEFAULT_CANDIDATES = {"image": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 SCORES = {
     "logme": "LogME: mean per-class log marginal evidence of a Bayesian linear model on the features",

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ...data import Dataset
 from ...engine.checkpoint import copy_state_into
 from ...engine.features import encode
-from ...errors import ConfigError
+from ...core.errors import ConfigError
 from ..adaptation import AdaptationMethod
 from ..base import FitContext, FitResult, SpecialistModel, loader_for
 from ..probe.method import fit_head_with_l2_search

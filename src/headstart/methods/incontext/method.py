@@ -4,7 +4,7 @@ import random
 import time
 
 from ...data import Dataset
-from ...errors import ConfigError
+from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method
 from ..labels import parse_label_text
 from ..lm_scoring import LabelScoringModel, LMScoringMixin, default_prompt_spec

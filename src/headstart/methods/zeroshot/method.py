@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import Dataset
-from ...errors import ConfigError
+from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method, SpecialistModel
 from ..labels import fill_templates, label_phrases, parse_label_text
 from ..prototype.method import cosine_model, cosine_state, set_cosine_head

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageFilter, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .data.images import IMAGE_SUFFIXES, check_image
-from .errors import DataError
+from .images import IMAGE_SUFFIXES, check_image
+from ..core.errors import DataError
 
 # Suffixes written back in their own format, so source and output paths map 1:1. JPEG at quality
 # 95 (near-lossless, and the folder stays JPEG-sized); the others losslessly. GIF (a 256-colour

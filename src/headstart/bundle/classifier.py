@@ -8,15 +8,15 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .bases import load_base
-from .bundle import check_base, read_manifest, read_trained, write_bundle
-from .bundle.card import model_card
-from .data import Dataset, load_dataset, load_eval_dataset, load_image
-from .engine.features import cached_features
-from .errors import DataError, LabelError
-from .methods.base import Method, SpecialistModel
-from .methods.registry import make_method
-from .metrics import classification_metrics
+from ..bases import load_base
+from .format import check_base, read_manifest, read_trained, write_bundle
+from .card import model_card
+from ..data import Dataset, load_dataset, load_eval_dataset, load_image
+from ..engine.features import cached_features
+from ..core.errors import DataError, LabelError
+from ..methods.base import Method, SpecialistModel
+from ..methods.registry import make_method
+from ..core.metrics import classification_metrics
 
 
 class Specialist:
@@ -102,7 +102,7 @@ class Specialist:
         trained = self.method.trained_state(self.model)
 
         def extras(tmp: Path, full: dict) -> None:
-            from .bundle.plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
+            from .plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
 
             self.method.save_artifacts(self.model, tmp, full["base"]["name"])
             plots = tmp / "plots"

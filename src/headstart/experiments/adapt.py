@@ -20,15 +20,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .api import DEFAULT_BASE, fit
-from .bases import load_base
-from .bases.backbone import Backbone
-from .data import load_dataset
-from .data.target import load_target
-from .errors import ConfigError
-from .methods.adaptation import AdaptationMethod, fresh_copy
-from .methods.registry import get_method_spec
-from .specialist import Specialist
+from ..api import DEFAULT_BASE, fit
+from ..bases import load_base
+from ..bases.backbone import Backbone
+from ..data import load_dataset
+from ..data.target import load_target
+from ..core.errors import ConfigError
+from ..methods.adaptation import AdaptationMethod, fresh_copy
+from ..methods.registry import get_method_spec
+from ..bundle.classifier import Specialist
 
 BASELINES = ("source-only", "target-oracle")
 

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import api
-from .bases import load_base
-from .bases.backbone import Backbone
-from .cache import atomic_write_text
-from .data import Dataset, load_dataset
-from .errors import ConfigError, DataError, HeadstartError
-from .methods.registry import get_method_spec, list_methods
+from .. import api
+from ..bases import load_base
+from ..bases.backbone import Backbone
+from ..core.storage import atomic_write_text
+from ..data import Dataset, load_dataset
+from ..core.errors import ConfigError, DataError, HeadstartError
+from ..methods.registry import get_method_spec, list_methods
 
 DEFAULT_METHODS = ("zeroshot", "prototype", "probe", "setfit", "lora")
 DEFAULT_SHOTS = (0, 2, 4, 8, 16, 32, 64)

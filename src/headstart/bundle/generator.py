@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..bundle import check_base, read_manifest, write_bundle
-from ..errors import BundleError
-from .tokenize import IGNORE, encode_chat, pad_batch
-from .train import answer_loss, autocast
+from . import check_base, read_manifest, write_bundle
+from ..core.errors import BundleError
+from ..llm.tokenize import IGNORE, encode_chat, pad_batch
+from ..llm.train import answer_loss, autocast
 
 ADAPTER_DIR = "adapter"
 REPORT_DIR = "report"
@@ -43,7 +43,7 @@ class LMSpecialist:
     def generate(self, prompt: str | list[dict], stream: Callable[[str], None] | None = None, **options: Any) -> str:
         """Answer one prompt (a string or chat messages); `stream` receives the text as it is produced.
         Options: max_new_tokens, temperature (0 = greedy), top_p, repetition_penalty, seed."""
-        from .generate import generate
+        from ..llm.generate import generate
 
         return generate(self.model, self.tokenizer, prompt, stream=stream, **options)
 
@@ -51,7 +51,7 @@ class LMSpecialist:
                  batch_size: int = 8) -> dict[str, Any]:
         """Mean loss per response token and perplexity on held-out instruction data (a JSONL file in the
         SFT shapes, evaluated whole; `split` is accepted for symmetry with classifiers and unused)."""
-        from .data import load_sft_examples
+        from ..llm.data import load_sft_examples
 
         examples, skipped = load_sft_examples(data)
         max_length = self.manifest["method"]["config"].get("max_length", 512)
@@ -64,8 +64,8 @@ class LMSpecialist:
     def export_merged(self, out: str | Path) -> Path:
         """The adapter merged into the full-precision base, saved as a transformers model folder.
         QLoRA adapters merge against the dequantised fp32 base (merging into 4-bit weights is lossy)."""
-        from .export import adapter_on_fp32_base, merge_adapter_into_base, save_merged
-        from .model import load_lm
+        from ..llm.export import adapter_on_fp32_base, merge_adapter_into_base, save_merged
+        from ..llm.model import load_lm
 
         fp32, tokenizer, _ = load_lm(self.manifest["base"]["name"], quantize=None)
         peft_model = adapter_on_fp32_base(self._folder / ADAPTER_DIR, fp32)
@@ -95,7 +95,7 @@ class LMSpecialist:
         """Rebuild base + adapter; refuses a base whose weights hash differs. No code from the bundle runs."""
         from peft import PeftModel
 
-        from .model import cpu_supports_bf16, load_lm
+        from ..llm.model import cpu_supports_bf16, load_lm
 
         folder = Path(folder)
         manifest = read_manifest(folder)
