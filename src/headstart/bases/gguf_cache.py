@@ -7,11 +7,9 @@ copy is an ordinary float32 safetensors checkpoint that loads in well under a se
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from ..core.storage import cache_dir, sha256_file
+from ..core.storage import atomic_dir, cache_dir, sha256_file
 
 
 def dequantised_dir(gguf: Path, name: str | None = None) -> tuple[Path, str]:
@@ -32,17 +30,10 @@ def dequantised_dir(gguf: Path, name: str | None = None) -> tuple[Path, str]:
     for other in sorted(root.glob(f"*-{sha[:16]}")):
         if (other / "config.json").exists() and not other.name.startswith("."):
             return other, sha
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # A copy another process finishes meanwhile is identical (same GGUF) and may already be loading, so
+    # it is kept (replace=False); only a folder that is there already without config.json is replaced.
+    with atomic_dir(final, replace=final.exists()) as tmp:
         _dequantise(gguf, tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").exists():  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final, sha
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .images import IMAGE_SUFFIXES, check_image
 from ..core.errors import DataError
+from ..core.storage import atomic_dir
 
 # Suffixes written back in their own format, so source and output paths map 1:1. JPEG at quality
 # 95 (near-lossless, and the folder stays JPEG-sized); the others losslessly. GIF (a 256-colour
@@ -146,10 +147,16 @@ def corrupt_folder(source: str | Path, out: str | Path, *, blur: float = 0.0, da
         raise DataError(f"{out} already exists and is not empty: pass overwrite=True (--overwrite) to replace it")
 
     plan = _plan(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run with our (reused) pid
+    with atomic_dir(dst) as tmp:
+        info = _write_corrupted(src, tmp, plan, blur=blur, dark=dark, noise=noise, jpeg=jpeg, seed=seed,
+                                progress=progress, skip_placeholders=skip_placeholders)
+    log(f"corrupted {info['images']} images -> {out} (skipped {len(info['skipped'])})")
+    return info
 
+
+def _write_corrupted(src: Path, tmp: Path, plan: list[tuple[Path, Path | None]], *, blur: float, dark: float,
+                     noise: float, jpeg: int | None, seed: int, progress: bool, skip_placeholders: bool) -> dict:
+    """Corrupt or copy every planned file from `src` into `tmp`; return the CORRUPTION.json content."""
     def work(item: tuple[Path, Path | None]) -> tuple[str, Path, Path | None, str | None]:
         rel, target = item
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -170,36 +177,21 @@ def corrupt_folder(source: str | Path, out: str | Path, *, blur: float = 0.0, da
         return "image", rel, target, None
 
     images, copied, skipped, renamed = 0, 0, [], {}
-    try:
-        tmp.mkdir(parents=True)
-        # Threads, not processes: PIL releases the GIL while decoding, filtering and encoding.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for kind, rel, target, reason in tqdm(pool.map(work, plan), total=len(plan), disable=not progress,
-                                                  file=sys.stderr, desc="corrupt", unit="file"):
-                if kind == "copied":
-                    copied += 1
-                elif kind == "skipped":
-                    skipped.append([rel.as_posix(), reason])
-                else:
-                    images += 1
-                    if target != rel:
-                        renamed[rel.as_posix()] = target.as_posix()
-        info = {"source": str(src), "blur": blur, "dark": dark, "noise": noise, "jpeg": jpeg, "seed": int(seed),
-                "skip_placeholders": skip_placeholders,
-                "images": images, "copied": copied, "skipped": skipped, "renamed": renamed,
-                "headstart_version": _version()}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.replace(dst, old)  # move aside first: rename cannot replace a non-empty folder
-            os.replace(tmp, dst)
-            if old.is_dir():
-                shutil.rmtree(old)
+    # Threads, not processes: PIL releases the GIL while decoding, filtering and encoding.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for kind, rel, target, reason in tqdm(pool.map(work, plan), total=len(plan), disable=not progress,
+                                              file=sys.stderr, desc="corrupt", unit="file"):
+            if kind == "copied":
+                copied += 1
+            elif kind == "skipped":
+                skipped.append([rel.as_posix(), reason])
             else:
-                old.unlink()
-        else:
-            os.replace(tmp, dst)  # POSIX rename may replace an empty folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"corrupted {images} images -> {out} (skipped {len(skipped)})")
+                images += 1
+                if target != rel:
+                    renamed[rel.as_posix()] = target.as_posix()
+    info = {"source": str(src), "blur": blur, "dark": dark, "noise": noise, "jpeg": jpeg, "seed": int(seed),
+            "skip_placeholders": skip_placeholders,
+            "images": images, "copied": copied, "skipped": skipped, "renamed": renamed,
+            "headstart_version": _version()}
+    (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
