@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-END_OF_TURN = "<|im_end|>"
+from .tokenize import END_OF_TURN, has_chat_template, render_chat
 
 
 class _CallbackStreamer:
@@ -21,9 +21,10 @@ class _CallbackStreamer:
     to exactly the decoded answer. The first `put` (the prompt) is skipped.
     """
 
-    def __init__(self, tokenizer: Any, callback: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer: Any, callback: Callable[[str], None], cut_marker: bool = False) -> None:
         self.tokenizer = tokenizer
         self.callback = callback
+        self.cut_marker = cut_marker
         self.ids: list[int] = []
         self.sent = ""
         self.prompt_seen = False
@@ -42,6 +43,8 @@ class _CallbackStreamer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def _emit(self, text: str, *, final: bool) -> None:
+        if self.cut_marker:  # the end-of-turn marker is text here: never hand out it or a start of it
+            text = _cut_at_marker(text, final)
         if not final:
             text = text.rstrip("\ufffd")
         if len(text) > len(self.sent) and text.startswith(self.sent):
@@ -50,18 +53,25 @@ class _CallbackStreamer:
             self.callback(piece)
 
 
-def _messages(prompt: str | list[dict]) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
+def _cut_at_marker(text: str, final: bool) -> str:
+    """`text` up to END_OF_TURN; unless final, also without a trailing piece that may start it."""
+    text = text.split(END_OF_TURN, 1)[0]
+    if not final:
+        for n in range(min(len(END_OF_TURN) - 1, len(text)), 0, -1):
+            if END_OF_TURN.startswith(text[-n:]):
+                return text[:-n]
+    return text
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict]) -> str:
-    """The prompt text the model sees: the chat template with the assistant turn opened."""
-    messages = _messages(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(str(m["content"]) for m in messages) + "\n"
+    """The prompt text the model sees: `render_chat` (the renderer training uses) with the assistant turn opened."""
+    return render_chat(tokenizer, prompt, add_generation_prompt=True)
+
+
+def _marker_as_text(tokenizer: Any) -> bool:
+    """ChatML fallback on a vocabulary without an `<|im_end|>` token: the marker is plain text, so
+    generation stops on the string and it is cut from the answer."""
+    return not has_chat_template(tokenizer) and END_OF_TURN not in tokenizer.get_vocab()
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -114,7 +124,10 @@ def generate(
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    streamer = _CallbackStreamer(tokenizer, stream) if stream is not None else None
+    cut_marker = _marker_as_text(tokenizer)
+    if cut_marker:
+        kwargs.update(stop_strings=[END_OF_TURN], tokenizer=tokenizer)
+    streamer = _CallbackStreamer(tokenizer, stream, cut_marker) if stream is not None else None
 
     modes = {m: m.training for m in model.modules()}
     try:
@@ -133,4 +146,4 @@ def generate(
     while new and (new[-1] in stops or new[-1] == pad):
         new.pop()
     answer = tokenizer.decode(new, skip_special_tokens=True)
-    return answer
+    return _cut_at_marker(answer, final=True) if cut_marker else answer

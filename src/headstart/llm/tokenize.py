@@ -27,17 +27,37 @@ from .data import PreferenceExample
 IGNORE = -100
 TRAIN_ON = ("assistant", "last", "all")
 
-# Used when a tokenizer carries no chat template of its own (plain base LMs): ChatML, as SmolLM2.
+END_OF_TURN = "<|im_end|>"
+"""ChatML's end-of-turn marker: generation stops on it, training labels it with each answer."""
+
+# The one fallback for a tokenizer with no chat template of its own (plain base LMs): ChatML, as SmolLM2.
+# Training needs explicit roles and an end-of-turn marker (to find the answer spans and to learn to stop),
+# so generation and scoring use the same markup: a model is prompted as it was trained, never differently.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
-def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text through the tokenizer's chat template (ChatML when it has none)."""
-    extra = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": CHATML_TEMPLATE}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer brings its own chat template (else `render_chat` falls back to ChatML)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer: Any, messages: str | list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text: the one renderer for training, generation and label scoring.
+
+    Uses the tokenizer's chat template, or ChatML (`CHATML_TEMPLATE`) when it has none. A plain string
+    is one user message. `add_generation_prompt=True` ends with the opened assistant turn.
+
+    >>> render_chat(tokenizer, "Hi", add_generation_prompt=True)
+    '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    extra = {} if has_chat_template(tokenizer) else {"chat_template": CHATML_TEMPLATE}
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra)
 
 
 def encode_chat(tokenizer: Any, messages: list[dict], max_length: int = 1024,

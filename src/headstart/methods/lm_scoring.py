@@ -1,6 +1,7 @@
 """Classify with a causal LM by the log-likelihood of each label's answer (never by parsing generated text).
 
-The prompt is a chat (the tokenizer's own template), demonstrations as earlier turns:
+The prompt is a chat rendered by `llm.tokenize.render_chat` (the tokenizer's own template, ChatML when it
+has none: the same text SFT trains on and generation prompts with), demonstrations as earlier turns:
 
     <|im_start|>user
     {instruction}
@@ -37,15 +38,13 @@ import torch
 from torch import nn
 
 from ..core.errors import BundleError, ConfigError
+from ..llm.tokenize import render_chat
 from .labels import readable
 
 CONTENT_FREE = ["N/A", "", "[MASK]"]
 """Inputs with no content (Zhao et al. 2021): what the prompt alone makes the LM favour."""
 PROMPT_FILE = "prompt.json"
 _INPUT, _ANSWER = "@@HEADSTART-INPUT@@", "@@HEADSTART-ANSWER@@"
-_PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}Answer: {{ m['content'] }}\n\n"
-                   "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}")
-"""For a tokenizer without a chat template: plain `text / Answer: label` blocks."""
 
 
 @dataclass
@@ -173,8 +172,8 @@ class LabelScoringModel(nn.Module):
     def _split_template(self) -> tuple[str, str, list[int]]:
         """(shared prefix, what follows an input up to the answer, end-of-turn ids) from the rendered chat."""
         tok = self.backbone.tokenizer
-        template = None if getattr(tok, "chat_template", None) else _PLAIN_TEMPLATE
-        text = tok.apply_chat_template(self._messages(_INPUT, _ANSWER), tokenize=False, chat_template=template)
+        # The renderer SFT trains with and generation prompts with (ChatML when the tokenizer has no template).
+        text = render_chat(tok, self._messages(_INPUT, _ANSWER))
         if text.count(_INPUT) != 1 or text.count(_ANSWER) != 1 or text.index(_INPUT) > text.index(_ANSWER):
             raise ConfigError(f"the chat template of {self.backbone.info.name!r} cannot be split into "
                               "prompt and answer")
