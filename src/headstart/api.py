@@ -182,22 +182,28 @@ def _fit_generative(task: str, data, base, method: str, **kwargs: Any):
     return fit_dpo(data, base=base or "smollm2-135m", method=None if method == "probe" else method, **kwargs)
 
 
-def load(folder: str | Path) -> "Specialist | Any":
+def load(folder: str | Path, base: Any = None, **options: Any) -> "Specialist | Any":
     """Load a bundle written by `fit(..., out=folder)`: a classifier `Specialist`, or an `LMSpecialist`
-    for sft/dpo bundles."""
-    from .bundle import read_manifest
-    from .bundle.generator import LM_TASKS
+    for sft/dpo bundles (the manifest's `kind` decides).
 
-    if read_manifest(folder).get("task") in LM_TASKS:
-        from .bundle.generator import LMSpecialist
+    `base`: an already loaded base to share between specialists instead of loading one per bundle.
+    `options`: `head=` for a classifier bundle with several heads, `adapter=` for a generator's adapter.
 
-        return LMSpecialist.load(folder)
-    return Specialist.load(folder)
+    >>> base = headstart.load_base("minilm-l6")
+    >>> topic, tone = headstart.load("runs/topic", base=base), headstart.load("runs/tone", base=base)
+    """
+    from .bundle.commands import load as load_bundle
+
+    return load_bundle(folder, base=base, **options)
 
 
-def evaluate(bundle: str | Path, data: str | Path, split: str | None = None) -> dict[str, Any]:
-    """Load a bundle and evaluate it on a dataset split."""
-    return load(bundle).evaluate(data, split)
+def evaluate(bundle: "str | Path | Specialist", data: str | Path, split: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Evaluate a bundle (a folder or a loaded specialist) on held-out data: accuracy and F1 for a
+    classifier on a dataset split, loss and perplexity for a generator on an instruction file."""
+    from .bundle.commands import evaluate as evaluate_bundle
+
+    return evaluate_bundle(bundle, data, split, progress=progress)
 
 
 def _checkpoint_dir(out: str | Path | None, fingerprint: dict) -> Path:

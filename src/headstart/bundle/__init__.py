@@ -1,4 +1,11 @@
-"""The bundle: one folder, JSON + safetensors (+ PEFT adapter), written atomically."""
-from .format import FORMAT, MANIFEST, TRAINED, check_base, read_manifest, read_trained, write_bundle
+"""The bundle: one folder, JSON + safetensors (+ PEFT adapters), written atomically, checked on load.
 
-__all__ = ["FORMAT", "MANIFEST", "TRAINED", "check_base", "read_manifest", "read_trained", "write_bundle"]
+`format` reads and writes the files, `manifest` holds the schema, `specialist` the base class of
+`classifier.Specialist` and `generator.LMSpecialist`, `card` the model card, `commands` the
+kind-independent operations (info, predict, evaluate, export) the CLI is generated from.
+"""
+from .format import (ADAPTER_DIR, FORMAT, FORMAT_VERSION, MANIFEST, TRAINED, check_adapter_folder, check_base,
+                     read_manifest, read_trained, write_bundle)
+
+__all__ = ["ADAPTER_DIR", "FORMAT", "FORMAT_VERSION", "MANIFEST", "TRAINED", "check_adapter_folder", "check_base",
+           "read_manifest", "read_trained", "write_bundle"]

@@ -1,4 +1,12 @@
-"""A trained specialist: predict, evaluate, save as a bundle, load from one."""
+"""A trained classifier: a base + what a method trained on it (a head, an adapter, blocks) + the labels.
+
+    spec = headstart.load("runs/trec-ft")
+    spec.predict(["Who wrote Hamlet ?"])                  # ['HUM']
+    spec.evaluate("../shared/data/trec")["accuracy"]
+
+Prediction reads the feature cache (frozen-base methods reuse features extracted at fit time)
+but never writes to it: a long-running process that predicts must not grow the cache.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,18 +16,18 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..bases import load_base
-from .format import check_base, read_manifest, read_trained, write_bundle
-from .card import model_card
-from ..data import Dataset, load_dataset, load_eval_dataset, load_image
-from ..engine.features import cached_features
-from ..core.errors import DataError, LabelError
-from ..methods.base import Method, SpecialistModel
-from ..methods.registry import make_method
+from ..core.errors import BundleError, DataError, HeadstartError, LabelError
 from ..core.metrics import classification_metrics
+from ..data import Dataset, load_dataset, load_eval_dataset, load_image
+from ..methods.base import Method, SpecialistModel
+from .format import check_base, read_safetensors, read_trained
+from .manifest import DEFAULT
+from .specialist import BundleSpecialist, reraise_as_bundle_error
+
+HEAD_PREFIX = "head."
 
 
-class Specialist:
+class Specialist(BundleSpecialist):
     """A base + what a method trained on it + the label names.
 
     >>> spec = headstart.load("runs/trec-ft")
@@ -27,28 +35,34 @@ class Specialist:
     ['HUM']
     """
 
+    bundle_kind = "classifier"
+
     def __init__(self, model: SpecialistModel, method: Method, classes: list[str], manifest: dict[str, Any]):
+        super().__init__(manifest)
         self.model = model.eval()
         self.method = method
         self.classes = list(classes)
-        self.manifest = manifest
-        self.is_main_process = True
-        """False on the non-main processes of an `accelerate launch` run (they neither save nor report)."""
 
-    # ---- inference -------------------------------------------------------------------------
     @property
     def kind(self) -> str:
+        """The base's kind: "image" or "text" (what `predict` takes)."""
         return self.model.base.kind
 
+    @property
+    def heads(self) -> list[str]:
+        """Names of the heads the bundle holds (`load(folder, head=name)` picks one)."""
+        return list(self.manifest.get("heads", {DEFAULT: None}))
+
+    # ---- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, xs: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Class probabilities [N, C] for image paths / PIL images (image bases) or strings (text bases)."""
         xs = self._check_inputs(xs)
         if self.method.frozen_base and all(isinstance(x, str) for x in xs):
-            # The base is untouched (probe, prototype, zeroshot): reuse cached features of these files/texts.
-            load = load_image if self.kind == "image" else (lambda x: x)
-            feats, _ = cached_features(self.model.base, xs, load, batch_size, progress)
+            # The base is untouched (probe, prototype): features cached at fit time serve here too.
+            feats = features_read_only(self.model.base, xs, batch_size, progress)
             return self.model.classify(feats).float().softmax(-1)
+
         def load(x: Any) -> Any:  # image paths are decoded; PIL images and texts pass through
             return load_image(x) if self.kind == "image" and isinstance(x, str) else x
 
@@ -93,48 +107,121 @@ class Specialist:
         return xs
 
     # ---- bundle ----------------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Write this specialist as a bundle folder (atomically)."""
-        folder = Path(folder)
-        manifest = {k: v for k, v in self.manifest.items() if k not in ("format", "format_version", "files",
-                                                                          "versions", "created")}
-        manifest["bundle_name"] = str(folder)
-        trained = self.method.trained_state(self.model)
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return self.method.trained_state(self.model)
 
-        def extras(tmp: Path, full: dict) -> None:
-            from .plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
+    def bundle_manifest(self) -> dict[str, Any]:
+        # The head in memory is written as the default one; heads this bundle was not loaded with
+        # are not carried over (their weight files stay with the bundle they came from).
+        return {**super().bundle_manifest(), "classes": self.classes, "heads": {DEFAULT: {"classes": self.classes}}}
 
-            self.method.save_artifacts(self.model, tmp, full["base"]["name"])
-            plots = tmp / "plots"
-            plots.mkdir()
-            title = f"{full['method']['name']} on {full['base']['name']}"
-            full["plots"] = {"learning_curves": plot_learning_curves(full.get("history", []), plots / "learning_curves.png", title)}
-            if "confusion" in full.get("metrics", {}):
-                plot_confusion(full["metrics"]["confusion"], self.classes, plots / "confusion_matrix.png", title)
-                full["plots"]["confusion_matrix"] = True
-            (tmp / "metrics.json").write_text(_dumps(full.get("metrics", {})))
-            (tmp / "README.md").write_text(model_card(full))
+    def base_model_relation(self) -> str | None:
+        return "adapter" if self.method.frozen_base else None
 
-        out = write_bundle(folder, manifest, trained, extras)
-        self.manifest = read_manifest(out)
-        return out
+    def write_extras(self, tmp: Path, full: dict[str, Any]) -> None:
+        from .plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
+
+        self.method.save_artifacts(self.model, tmp, full["base"]["name"])
+        plots = tmp / "plots"
+        plots.mkdir()
+        title = f"{full['method']['name']} on {full['base']['name']}"
+        curves = plot_learning_curves(full.get("history", []), plots / "learning_curves.png", title)
+        full["plots"] = {"learning_curves": curves}
+        if "confusion" in full.get("metrics", {}):
+            plot_confusion(full["metrics"]["confusion"], self.classes, plots / "confusion_matrix.png", title)
+            full["plots"]["confusion_matrix"] = True
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Specialist":
-        """Rebuild a specialist from a bundle; refuses a base whose weights hash differs."""
+    def load(cls, folder: str | Path, base: Any = None, head: str | None = None) -> "Specialist":
+        """Rebuild a specialist from a bundle; refuses a base whose weights hash differs.
+
+        `base`: an already loaded Backbone to build on instead of loading one, so many specialists
+        share one base in memory (a server). Only bundles that leave the base untouched (probe,
+        prototype) can share; the rest change the base's weights and need their own.
+        `head`: which of the bundle's heads to use (default: "default", or the only one).
+
+        >>> base = headstart.load_base("minilm-l6")
+        >>> topic, tone = (headstart.load(f, base=base) for f in ("runs/topic", "runs/tone"))
+        """
+        from ..bases import load_base
+        from ..methods.registry import make_method
+
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        method = make_method(manifest["method"]["name"], **manifest["method"]["config"])
-        backbone = load_base(manifest["base"]["name"], pretrained=method.needs_pretrained)
+        manifest = cls.open_manifest(folder)
+        head_name, classes = _pick_head(folder, manifest, head)
+        try:
+            method = make_method(manifest["method"]["name"], **manifest["method"]["config"])
+        except (HeadstartError, TypeError, ValueError) as e:
+            raise reraise_as_bundle_error(folder, "its method cannot be rebuilt", e) from None
+        if base is not None and not (method.frozen_base and not manifest.get("adapters")):
+            raise BundleError(f"{folder}: a {method.name} bundle changes its base's weights, so it cannot share "
+                              "a loaded base; load it without base=")
+        backbone = base if base is not None else load_base(manifest["base"]["name"], pretrained=method.needs_pretrained)
         check_base(manifest, backbone.info.sha256)
-        size = manifest.get("preprocessing", {}).get("input_size")
-        if size and backbone.kind == "image" and size != backbone.info.preprocessing.get("input_size"):
-            backbone.set_input_size(size[-1])  # the resolution it was trained at
-        model = method.restore(backbone, len(manifest["classes"]), read_trained(folder), folder)
-        return cls(model, method, manifest["classes"], manifest)
+        _match_input_size(folder, manifest, backbone, shared=base is not None)
+        cls.vet_adapter_folders(folder, manifest)
+        state = _head_state(folder, manifest, head_name, read_trained(folder))
+        if base is not None and any(not k.startswith(HEAD_PREFIX) and k != "center" for k in state):
+            raise BundleError(f"{folder}: a frozen-base bundle holds base weights ({next(iter(state))}); refused")
+        try:
+            model = method.restore(backbone, len(classes), state, folder)
+        except (HeadstartError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise reraise_as_bundle_error(folder, "its stored weights do not fit its method and base", e) from None
+        spec = cls(model, method, classes, manifest)
+        spec.folder = folder
+        return spec
 
 
-def _dumps(obj: Any) -> str:
-    import json
+def features_read_only(backbone, items: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Features [N, D] of `items`: rows the feature cache holds are read, the rest are computed and
+    not stored (prediction must not grow the cache without bound)."""
+    from ..engine.features import _item_keys, _load_rows, encode, layer_cache_dir
 
-    return json.dumps(obj, indent=2, default=float)
+    load = load_image if backbone.kind == "image" else (lambda x: x)
+    try:
+        keys = _item_keys(backbone, items)
+        known = _load_rows(layer_cache_dir(backbone, "final"), set(keys))
+    except OSError:  # an unreadable cache (read-only home, removed files) only costs the lookup
+        keys, known = [], {}
+    missing = [i for i, k in enumerate(keys) if k not in known] if keys else list(range(len(items)))
+    fresh = encode(backbone, [items[i] for i in missing], load, batch_size, progress, desc="features")
+    out = torch.zeros(len(items), backbone.feature_dim)
+    for row, i in enumerate(missing):
+        out[i] = fresh[row]
+    for i, k in enumerate(keys):
+        if k in known:
+            out[i] = known[k]
+    return out
+
+
+def _pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tuple[str, list[str]]:
+    heads = manifest["heads"]
+    if head is None:
+        head = DEFAULT if DEFAULT in heads or len(heads) != 1 else next(iter(heads))
+    if head not in heads:
+        raise BundleError(f"{folder}: no head {head!r} (it holds: {', '.join(map(repr, heads))})")
+    return head, list(heads[head]["classes"])
+
+
+def _head_state(folder: Path, manifest: dict[str, Any], head: str, state: dict[str, torch.Tensor]) -> dict:
+    """The stored state with head `head`'s tensors in place of the default head's."""
+    entry = manifest["heads"][head]
+    if "weights" not in entry:
+        return state
+    own = read_safetensors(folder / entry["weights"], f"head {head!r} weights")
+    return {**{k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX) and k != "center"}, **own}
+
+
+def _match_input_size(folder: Path, manifest: dict[str, Any], backbone, shared: bool) -> None:
+    size = manifest.get("preprocessing", {}).get("input_size")
+    if not size or backbone.kind != "image" or size == backbone.info.preprocessing.get("input_size"):
+        return
+    if shared:  # resizing would change every other specialist on this base
+        raise BundleError(f"{folder}: trained at input size {size}, the shared base runs at "
+                          f"{backbone.info.preprocessing.get('input_size')}; load it without base=")
+    if not isinstance(size, list) or not size or not isinstance(size[-1], int):
+        raise BundleError(f"{folder}: `preprocessing.input_size` must be a list of integers")
+    try:
+        backbone.set_input_size(size[-1])  # the resolution it was trained at
+    except ValueError as e:
+        raise reraise_as_bundle_error(folder, "its input size does not suit its base", e) from None

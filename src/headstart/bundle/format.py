@@ -1,38 +1,47 @@
 """The bundle: the one artifact headstart writes and reads.
 
     <bundle>/
-      manifest.json         base (name + weights sha256), method + config, labels, preprocessing,
-                            metrics, data and training facts, library versions
-      trained.safetensors   only what was trained (the head; unfrozen blocks for finetune;
-                            everything for scratch) -- never the frozen base
-      adapter/              PEFT's own adapter folder (lora): loads with PeftModel.from_pretrained
+      manifest.json         kind (classifier / generator), base (name + weights sha256), method +
+                            config, heads and their labels, adapters, preprocessing, metrics,
+                            data and training facts, library versions (schema: manifest.py)
+      trained.safetensors   only what was trained (heads; unfrozen blocks for finetune;
+                            everything for scratch) -- never the frozen base; absent when
+                            nothing but an adapter was trained (generators)
+      adapter/              PEFT's own adapter folder; the manifest's `adapters` names it
       metrics.json          the report's numbers
-      README.md             model card
+      README.md             model card (Hugging Face YAML front matter)
       plots/*.png           learning curves, confusion matrix
 
 Written into a temporary sibling folder and renamed into place, so a crash never leaves a
 half-written bundle where a good one was. Loading reads JSON and safetensors only: no pickle,
-no code from the bundle runs.
+no code from the bundle runs, and whatever is damaged is reported as one BundleError line.
 """
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..core.errors import BundleError
+from ..core.storage import atomic_dir, recover_interrupted_swap
+from .manifest import DEFAULT, upgrade_v1, validate
 
 FORMAT = "headstart-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRAINED = "trained.safetensors"
+ADAPTER_DIR = "adapter"
+"""Where a bundle written by `fit` keeps its (default) PEFT adapter; readers take the name from
+the manifest's `adapters`."""
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+WRITER_KEYS = ("format", "format_version", "files", "versions", "created", "adapters")
+"""Manifest keys the writer sets itself: a re-save drops the old values and writes fresh ones."""
+_PICKLE_LIKE = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip (a pickle inside)
 
 
 def library_versions() -> dict[str, str]:
@@ -49,68 +58,122 @@ def library_versions() -> dict[str, str]:
             "accelerate": accelerate.__version__, "safetensors": safetensors.__version__}
 
 
-def write_bundle(folder: str | Path, manifest: dict[str, Any], trained: dict[str, torch.Tensor],
+def write_bundle(folder: str | Path, manifest: dict[str, Any], trained: dict[str, torch.Tensor] | None,
                  write_extras: Callable[[Path, dict], None]) -> Path:
-    """Write a bundle atomically; `write_extras(tmp_folder, full_manifest)` adds adapters, card and plots."""
+    """Write a bundle atomically; `write_extras(tmp_folder, full_manifest)` adds adapters, card and plots
+    (and may add to the manifest, which is written last). `trained=None` writes no trained.safetensors."""
+    from safetensors.torch import save_file
+
     folder = Path(folder).resolve()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_swap(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
-                    "files": {"trained": TRAINED}, "versions": library_versions(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        # Tied/shared tensors must be saved as separate copies: safetensors refuses shared storage.
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in trained.items()}, tmp / TRAINED,
-                  metadata={"format": FORMAT})
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                **{k: v for k, v in manifest.items() if k not in WRITER_KEYS},
+                "files": {"trained": TRAINED} if trained is not None else {},
+                "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with atomic_dir(folder) as tmp:
+        if trained is not None:
+            # Tied/shared tensors must be saved as separate copies: safetensors refuses shared storage.
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in trained.items()}, tmp / TRAINED,
+                      metadata={"format": FORMAT})
         write_extras(tmp, manifest)
+        adapters = find_adapters(tmp)
+        if adapters:
+            manifest["adapters"] = adapters
+        validate(manifest, str(folder))  # never write what load would refuse
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
-def recover_interrupted_swap(folder: Path) -> None:
-    """A kill between "move the old bundle aside" and "move the new one in" leaves only the old one,
-    as `.<name>.old-<pid>`: put it back so the bundle is never lost."""
-    if folder.exists():
-        return
-    leftovers = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if leftovers and (leftovers[-1] / MANIFEST).is_file():
-        os.replace(leftovers[-1], folder)
+def find_adapters(folder: Path) -> dict[str, str]:
+    """{adapter name: folder} for the PEFT adapter folders written into `folder` (`adapter/` is "default")."""
+    return {DEFAULT if p.parent.name == ADAPTER_DIR else p.parent.name: p.parent.name
+            for p in sorted(folder.glob(f"*/{ADAPTER_CONFIG}"))}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, schema-checked and in the version-2 shape (v1 bundles upgraded in memory)."""
     folder = Path(folder)
-    recover_interrupted_swap(folder.resolve())
+    recover_interrupted_swap(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: not a headstart bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+        raise BundleError(f"{path}: unreadable manifest ({_one_line(e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not a headstart bundle manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise BundleError(f"{folder}: bundle format {manifest['format_version']} is newer than this headstart "
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{path}: `format_version` must be a positive integer")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{folder}: bundle format {version} is newer than this headstart "
                           f"({FORMAT_VERSION}); upgrade headstart")
-    return manifest
+    return validate(upgrade_v1(manifest, (folder / ADAPTER_DIR).is_dir()), str(path))
 
 
-def read_trained(folder: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(folder) / TRAINED
+def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (missing, truncated, a pickle) is a BundleError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not path.is_file():
-        raise BundleError(f"{folder}: incomplete bundle (no {TRAINED})")
-    return load_file(path)
+        raise BundleError(f"{path.parent}: incomplete bundle (no {path.name})")
+    _refuse_pickle(path, what)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise BundleError(f"{path}: damaged {what} ({_one_line(e)})") from None
+
+
+def read_trained(folder: str | Path, name: str = TRAINED) -> dict[str, torch.Tensor]:
+    return read_safetensors(Path(folder) / name, "trained weights")
+
+
+def check_adapter_folder(folder: Path) -> Path:
+    """Vet a PEFT adapter folder before PEFT reads it: a JSON LoRA config and safetensors weights only.
+
+    PEFT would fall back to `adapter_model.bin` (torch.load, a pickle) or to the hub when the
+    safetensors file is missing; refusing here means neither ever happens.
+    """
+    if not folder.is_dir():
+        raise BundleError(f"{folder.parent}: incomplete bundle (no adapter folder {folder.name}/)")
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"))
+    if others:
+        raise BundleError(f"{folder}: unexpected file(s) in the adapter folder ({', '.join(others[:4])}); "
+                          f"adapters load only from {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: incomplete adapter (no {ADAPTER_CONFIG})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise BundleError(f"{folder / ADAPTER_CONFIG}: unreadable adapter config ({_one_line(e)})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise BundleError(f"{folder / ADAPTER_CONFIG}: not a LoRA adapter config")
+    _check_safetensors_header(folder / ADAPTER_WEIGHTS, "adapter weights")
+    return folder
+
+
+def _check_safetensors_header(path: Path, what: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: incomplete adapter (no {path.name})")
+    _refuse_pickle(path, what)
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # reads every tensor: a truncated file fails here, not inside PEFT
+                f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise BundleError(f"{path}: damaged {what} ({_one_line(e)})") from None
+
+
+def _refuse_pickle(path: Path, what: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_LIKE):
+        raise BundleError(f"{path}: {what} are a pickle / torch.save file, not safetensors; refused "
+                          "(headstart never unpickles)")
 
 
 def check_base(manifest: dict[str, Any], actual_sha256: str) -> None:
@@ -120,6 +183,11 @@ def check_base(manifest: dict[str, Any], actual_sha256: str) -> None:
         raise BundleError(f"base mismatch: this bundle was trained on {manifest['base']['name']!r} with weights "
                           f"sha256 {expected[:12]}..., but the base found here has {actual_sha256[:12]}...; "
                           "install the matching base weights")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _json_default(o: Any):

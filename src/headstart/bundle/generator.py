@@ -5,39 +5,61 @@
     spec.evaluate("../shared/data/alpaca_en_demo/test.jsonl")   # {"loss": ..., "perplexity": ...}
     spec.export_merged("merged-model/")                # a plain transformers folder
 
-The bundle holds the adapter only (PEFT's own folder `adapter/`), the base referenced by name +
-weights sha256, the report (`report/side_by_side.md`), a model card and metrics.
+The bundle holds the adapter only (PEFT's own folder, named in the manifest's `adapters`), the
+base referenced by name + weights sha256, the report (`report/side_by_side.md`), a model card and
+metrics. Several generator bundles can share one loaded base: each adds its adapter under its own
+name and switches to it before it runs.
 """
 from __future__ import annotations
 
-import json
+import itertools
 import math
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import check_base, read_manifest, write_bundle
 from ..core.errors import BundleError
 from ..llm.tokenize import IGNORE, encode_chat, pad_batch
 from ..llm.train import answer_loss, autocast
+from .format import ADAPTER_DIR, check_base
+from .manifest import DEFAULT, GENERATIVE_TASKS
+from .specialist import BundleSpecialist, reraise_as_bundle_error
 
-ADAPTER_DIR = "adapter"
 REPORT_DIR = "report"
-LM_TASKS = ("sft", "dpo")
+LM_TASKS = GENERATIVE_TASKS
+_shared_names = itertools.count(1)
 
 
-class LMSpecialist:
-    def __init__(self, model, tokenizer, manifest: dict[str, Any], bf16: bool = False):
+class LMSpecialist(BundleSpecialist):
+    bundle_kind = "generator"
+
+    def __init__(self, model, tokenizer, manifest: dict[str, Any], bf16: bool = False, side_by_side: str | None = None):
+        super().__init__(manifest)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.manifest = manifest
         self.bf16 = bf16
-        self.is_main_process = True
+        self.side_by_side = side_by_side
+        """The base-vs-tuned report written to `report/side_by_side.md` on save."""
+        self.shared_base = False
+        """True when other specialists' adapters sit in the same base modules (`load(..., base=)`)."""
 
     @property
     def method(self) -> str:
         return self.manifest["method"]["name"]
+
+    @property
+    def adapter_name(self) -> str:
+        """The name PEFT knows this specialist's adapter by (not "default" when it shares its base)."""
+        return getattr(self.model, "active_adapter", DEFAULT)
+
+    def _activate(self) -> None:
+        # On a shared base every specialist's LoRA layers sit in the same modules: switch to ours.
+        if self.shared_base:
+            self.model.set_adapter(self.adapter_name, inference_mode=not self.model.training)
 
     # ---- use -----------------------------------------------------------------------------
     def generate(self, prompt: str | list[dict], stream: Callable[[str], None] | None = None, **options: Any) -> str:
@@ -45,6 +67,7 @@ class LMSpecialist:
         Options: max_new_tokens, temperature (0 = greedy), top_p, repetition_penalty, seed."""
         from ..llm.generate import generate
 
+        self._activate()
         return generate(self.model, self.tokenizer, prompt, stream=stream, **options)
 
     def evaluate(self, data: str | Path, split: str | None = None, progress: bool = False,
@@ -53,6 +76,7 @@ class LMSpecialist:
         SFT shapes, evaluated whole; `split` is accepted for symmetry with classifiers and unused)."""
         from ..llm.data import load_sft_examples
 
+        self._activate()
         examples, skipped = load_sft_examples(data)
         max_length = self.manifest["method"]["config"].get("max_length", 512)
         rows = [r for r in (encode_chat(self.tokenizer, ex.messages, max_length) for ex in examples)
@@ -63,51 +87,95 @@ class LMSpecialist:
 
     def export_merged(self, out: str | Path) -> Path:
         """The adapter merged into the full-precision base, saved as a transformers model folder.
-        QLoRA adapters merge against the dequantised fp32 base (merging into 4-bit weights is lossy)."""
+        QLoRA adapters merge against the dequantised fp32 base (merging into 4-bit weights is lossy).
+        Works before the specialist was ever saved: the adapter in memory is used."""
         from ..llm.export import adapter_on_fp32_base, merge_adapter_into_base, save_merged
         from ..llm.model import load_lm
 
         fp32, tokenizer, _ = load_lm(self.manifest["base"]["name"], quantize=None)
-        peft_model = adapter_on_fp32_base(self._folder / ADAPTER_DIR, fp32)
-        return save_merged(merge_adapter_into_base(peft_model), tokenizer, Path(out))
+        with tempfile.TemporaryDirectory(prefix="headstart-adapter-") as scratch:
+            adapter = self.export_adapter(Path(scratch) / ADAPTER_DIR)
+            peft_model = adapter_on_fp32_base(adapter, fp32)
+            return save_merged(merge_adapter_into_base(peft_model), tokenizer, Path(out))
+
+    def export_adapter(self, out: str | Path) -> Path:
+        """This specialist's adapter alone, as PEFT's folder (`PeftModel.from_pretrained(base, out)`)."""
+        out = Path(out)
+        if out.exists():
+            raise BundleError(f"{out} already exists; choose a new folder for the adapter")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.peft-", dir=out.parent))
+        try:
+            self.model.save_pretrained(str(staging), selected_adapters=[self.adapter_name],
+                                       save_embedding_layers=False)
+            # PEFT writes any adapter but "default" into a subfolder named after it.
+            (staging if self.adapter_name == DEFAULT else staging / self.adapter_name).replace(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
 
     # ---- bundle ----------------------------------------------------------------------------
     def save(self, folder: str | Path, side_by_side: str | None = None) -> Path:
-        manifest = {k: v for k, v in self.manifest.items()
-                    if k not in ("format", "format_version", "files", "versions", "created")}
+        """Write the bundle (adapter, report, card, metrics) atomically."""
+        if side_by_side is not None:
+            self.side_by_side = side_by_side
+        return super().save(folder)
 
-        def extras(tmp: Path, full: dict) -> None:
-            self.model.save_pretrained(str(tmp / ADAPTER_DIR), save_embedding_layers=False)
-            (tmp / "metrics.json").write_text(json.dumps(full.get("metrics", {}), indent=2, default=float))
-            if side_by_side:
-                (tmp / REPORT_DIR).mkdir()
-                (tmp / REPORT_DIR / "side_by_side.md").write_text(side_by_side)
-            (tmp / "README.md").write_text(_card(full))
+    def write_extras(self, tmp: Path, full: dict[str, Any]) -> None:
+        self.export_adapter(tmp / ADAPTER_DIR)
+        if self.side_by_side:
+            (tmp / REPORT_DIR).mkdir()
+            (tmp / REPORT_DIR / "side_by_side.md").write_text(self.side_by_side)
 
-        self.model.peft_config["default"].base_model_name_or_path = manifest["base"]["name"]
-        out = write_bundle(folder, manifest, {}, extras)
-        self.manifest = read_manifest(out)
-        self._folder = out
-        return out
+    def bundle_manifest(self) -> dict[str, Any]:
+        manifest = super().bundle_manifest()
+        self.model.peft_config[self.adapter_name].base_model_name_or_path = manifest["base"]["name"]
+        return manifest
+
+    def base_model_relation(self) -> str:
+        return "adapter"
 
     @classmethod
-    def load(cls, folder: str | Path, trainable: bool = False) -> "LMSpecialist":
-        """Rebuild base + adapter; refuses a base whose weights hash differs. No code from the bundle runs."""
+    def load(cls, folder: str | Path, trainable: bool = False, base: Any = None,
+             adapter: str | None = None) -> "LMSpecialist":
+        """Rebuild base + adapter; refuses a base whose weights hash differs. No code from the bundle runs.
+
+        `base`: an already loaded causal-LM Backbone to share with other generator bundles (each adds
+        its adapter to the same modules and switches to it when it runs); not with `trainable`.
+        `adapter`: which of the bundle's adapters (default: "default", or the only one).
+
+        >>> base = headstart.load_base("smollm2-135m")
+        >>> terse, chatty = (headstart.load(f, base=base) for f in ("runs/terse", "runs/chatty"))
+        """
         from peft import PeftModel
 
         from ..llm.model import cpu_supports_bf16, load_lm
 
         folder = Path(folder)
-        manifest = read_manifest(folder)
+        manifest = cls.open_manifest(folder)
         if manifest.get("task") not in LM_TASKS:
             raise BundleError(f"{folder}: not a generative (sft/dpo) bundle")
+        if base is not None and trainable:
+            raise BundleError(f"{folder}: a shared base cannot be trained; load it without base= to train")
+        adapter_dir = cls.adapter_folder(folder, manifest, adapter)
         quantize = "nf4" if manifest["method"]["name"] == "qlora" else None
-        model, tokenizer, info = load_lm(manifest["base"]["name"], quantize=quantize)
+        try:
+            model, tokenizer, info = load_lm(base if base is not None else manifest["base"]["name"], quantize=quantize)
+        except ValueError as e:  # the named base is not a causal LM
+            raise reraise_as_bundle_error(folder, "its base cannot be loaded as a causal LM", e) from None
         check_base(manifest, info.sha256)
-        peft_model = PeftModel.from_pretrained(model, str(folder / ADAPTER_DIR), is_trainable=trainable)
+        name = f"shared{next(_shared_names)}" if base is not None else DEFAULT  # unique in the shared modules
+        try:
+            with warnings.catch_warnings():  # peft warns when a second adapter joins modules that hold one
+                warnings.simplefilter("ignore")
+                peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name,
+                                                       is_trainable=trainable)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise reraise_as_bundle_error(folder, f"its adapter {adapter_dir.name}/ does not fit its base", e) from None
         bf16 = _bf16_setting(manifest["method"]["config"].get("bf16", "auto"), cpu_supports_bf16())
         spec = cls(peft_model, tokenizer, manifest, bf16)
-        spec._folder = folder
+        spec.folder = folder
+        spec.shared_base = base is not None
         return spec
 
 
@@ -134,21 +202,3 @@ def response_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8, bf1
 def _bf16_setting(value: str | bool, supported: bool) -> bool:
     value = str(value).lower()
     return supported if value == "auto" else value == "true"
-
-
-def _card(m: dict) -> str:
-    metrics = m.get("metrics", {})
-    lines = [f"# {m.get('bundle_name', 'headstart LM specialist')}", "",
-             f"{m['task'].upper()} of `{m['base']['name']}` with `{m['method']['name']}` "
-             f"(adapter only; base weights sha256 `{m['base']['sha256'][:12]}...`).", "",
-             "| metric | value |", "|---|---|"]
-    for k in ("eval_loss_before", "eval_loss", "eval_perplexity", "reward_accuracy_before", "reward_accuracy",
-              "train_examples", "eval_examples", "tokens_per_s", "wall_s", "peak_mem_mb"):
-        if metrics.get(k) is not None:
-            v = metrics[k]
-            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines += ["", "Load: `headstart.load(folder)`; generate: `headstart generate FOLDER \"prompt\"`; "
-              "merge: `headstart export FOLDER --merged --out DIR`.", ""]
-    if m.get("data"):
-        lines.append(f"Data: `{m['data'].get('source')}`.")
-    return "\n".join(lines) + "\n"

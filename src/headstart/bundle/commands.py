@@ -1,0 +1,164 @@
+"""What a user does with any bundle, whatever its kind: load, info, predict, evaluate, export.
+
+Each function takes a bundle folder (or an already loaded specialist) and either works for the
+bundle's kind or raises one HeadstartError line saying why not. The CLI's `info`, `predict`,
+`evaluate` and `export` commands are generated from these signatures and docstrings.
+
+    >>> from headstart.bundle import commands
+    >>> commands.info("runs/trec-probe")["kind"]
+    'classifier'
+    >>> commands.predict("runs/trec-probe", ["Who wrote Hamlet ?"])[0]["label"]
+    'HUM'
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.errors import BundleError, ConfigError
+from .format import read_manifest
+from .specialist import BundleSpecialist
+
+
+def load(folder: str | Path, base: Any = None, **options: Any) -> BundleSpecialist:
+    """Load a bundle as the specialist its manifest's kind names: a classifier `Specialist` or a
+    generator `LMSpecialist`.
+
+    folder: the bundle folder written by `fit(..., out=folder)`.
+    base: an already loaded base (a Backbone) to share with other specialists instead of loading one.
+    options: `head=` (classifiers) or `adapter=` / `trainable=` (generators).
+    """
+    kind = read_manifest(folder)["kind"]
+    if kind == "generator":
+        from .generator import LMSpecialist
+
+        return LMSpecialist.load(folder, base=base, **options)
+    from .classifier import Specialist
+
+    return Specialist.load(folder, base=base, **options)
+
+
+def info(folder: str | Path) -> dict[str, Any]:
+    """What a bundle holds, without loading its base: kind, task, base, method, labels, heads,
+    adapters, metrics, files, when and with what it was made.
+
+    folder: the bundle folder.
+    """
+    folder = Path(folder)
+    m = read_manifest(folder)
+    base = m["base"]
+    return {
+        "bundle": str(folder), "kind": m["kind"], "task": m.get("task", "classify"),
+        "format_version": m["format_version"],
+        "base": {k: base.get(k) for k in ("name", "kind", "params", "sha256", "source", "license")},
+        "method": {"name": m["method"]["name"], "config": m["method"]["config"]},
+        "labels": m.get("classes"), "heads": {name: h["classes"] for name, h in m.get("heads", {}).items()},
+        "adapters": m.get("adapters", {}), "metrics": _headline_metrics(m.get("metrics", {})),
+        "parent": m.get("parent"),
+        "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+        "created": m.get("created"), "headstart_version": m.get("versions", {}).get("headstart"),
+    }
+
+
+def describe(folder: str | Path) -> str:
+    """`info` as the lines `headstart info` prints.
+
+    folder: the bundle folder.
+    """
+    i = info(folder)
+    base, params = i["base"], i["base"]["params"]
+    size = f"{params / 1e6:.1f}M params, " if isinstance(params, (int, float)) else ""
+    lines = [f"bundle     {i['bundle']}",
+             f"kind       {i['kind']} ({i['task']})",
+             f"base       {base['name']} ({base['kind']}, {size}sha256 {base['sha256'][:16]}...)"
+             + (f", licence {base['license']}" if base.get("license") else ""),
+             f"method     {i['method']['name']} {_compact(i['method']['config'])}"]
+    for name, classes in i["heads"].items():
+        lines.append(f"labels     {', '.join(classes)}" if name == "default" else f"head {name:<6}{', '.join(classes)}")
+    if i["adapters"]:
+        lines.append("adapters   " + ", ".join(f"{n} ({d}/)" for n, d in i["adapters"].items()))
+    if i["metrics"]:
+        lines.append("metrics    " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in i["metrics"].items()))
+    lines += [f"files      {', '.join(i['files'])}",
+              f"created    {i['created']} with headstart {i['headstart_version']}"]
+    return "\n".join(lines)
+
+
+def predict(bundle: str | Path | BundleSpecialist, inputs: Sequence[Any], *, top_k: int = 1,
+            batch_size: int = 64, max_new_tokens: int = 128, temperature: float = 0.0) -> list[dict[str, Any]]:
+    """Run a bundle on inputs: labels with scores (classifiers) or answers (generators).
+
+    bundle: a bundle folder, or a specialist already loaded.
+    inputs: image paths or texts (classifiers), prompts (generators).
+    top_k: how many labels, best first, each classifier row lists.
+    batch_size: examples per forward pass (classifiers).
+    max_new_tokens: the longest answer, in tokens (generators).
+    temperature: 0 answers greedily; above 0 samples (generators).
+    """
+    spec = _loaded(bundle)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if spec.bundle_kind == "generator":
+        return [{"input": str(x), "answer": spec.generate(str(x), max_new_tokens=max_new_tokens,
+                                                          temperature=temperature)} for x in inputs]
+    if top_k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {top_k}")
+    probs = spec.predict_proba(inputs, batch_size)
+    k = min(top_k, len(spec.classes))
+    rows = []
+    for x, p in zip(inputs, probs):
+        top = p.topk(k)
+        best = [{"label": spec.classes[i], "score": round(float(s), 4)}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        rows.append({"input": str(x), **best[0], "top": best})
+    return rows
+
+
+def evaluate(bundle: str | Path | BundleSpecialist, data: str | Path, split: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Score a bundle on held-out data: accuracy, macro-F1, per-class F1 (classifiers) or loss and
+    perplexity on answer tokens (generators).
+
+    bundle: a bundle folder, or a specialist already loaded.
+    data: a dataset folder or table (classifiers), an instruction JSONL file (generators).
+    split: which split to score (classifiers; default: test, else val).
+    progress: show progress bars.
+    """
+    return _loaded(bundle).evaluate(data, split, progress=progress)
+
+
+def export(bundle: str | Path | BundleSpecialist, out: str | Path, merged: bool = True) -> Path:
+    """Write a generator bundle for use without headstart: its adapter merged into the float32 base
+    (a plain transformers folder), or with `merged=False` the PEFT adapter folder alone.
+
+    bundle: a bundle folder, or a specialist already loaded (saved or not).
+    out: the folder to write (replaced atomically when merged).
+    merged: merge the adapter into the base (True) or write the adapter alone (False).
+    """
+    spec = _loaded(bundle)
+    if spec.bundle_kind != "generator":
+        raise BundleError(f"{_name(bundle)} is a classifier bundle: export writes generator (sft/dpo) bundles; "
+                          "a classifier is used through its bundle (headstart.load / predict)")
+    return spec.export_merged(out) if merged else spec.export_adapter(out)
+
+
+def _loaded(bundle: str | Path | BundleSpecialist) -> BundleSpecialist:
+    return bundle if isinstance(bundle, BundleSpecialist) else load(bundle)
+
+
+def _name(bundle: str | Path | BundleSpecialist) -> str:
+    if isinstance(bundle, BundleSpecialist):
+        return str(bundle.folder or "this specialist")
+    return str(bundle)
+
+
+def _headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "macro_f1", "split", "examples", "eval_loss", "eval_perplexity", "reward_accuracy",
+            "trainable_params", "wall_s")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _compact(config: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(config, default=str)
