@@ -13,6 +13,7 @@ from ...engine.features import encode
 from ...core.errors import ConfigError
 from ..adaptation import AdaptationMethod
 from ..base import FitContext, FitResult, SpecialistModel, loader_for
+from ..heads import L2_GRID, set_linear
 from ..probe.method import fit_head_with_l2_search
 from .config import AdabnConfig
 
@@ -77,12 +78,10 @@ class Adabn(AdaptationMethod):
                                         "BN statistics (source)")
             # Not the feature cache: these features depend on the statistics just set.
             xs = encode(backbone, source.items, load, 64, ctx.progress, "features (source)")
-            w, b, l2, scores = fit_head_with_l2_search(xs, source.labels, len(data.classes), [1e-4, 1e-3, 1e-2, 1e-1],
+            w, b, l2, scores = fit_head_with_l2_search(xs, source.labels, len(data.classes), list(L2_GRID),
                                                        cfg.l2, 200, ctx.seed)
             model = self.prepare(backbone, len(data.classes))
-            with torch.no_grad():
-                model.head.weight.copy_(w)
-                model.head.bias.copy_(b)
+            set_linear(model.head, w, b)
             result = FitResult(model=model, details={"l2": l2, "l2_grid_holdout_accuracy": scores})
         else:
             result = self.trainer().fit(backbone, data, ctx)

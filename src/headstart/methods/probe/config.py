@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..heads import default_l2_grid
+
 
 @dataclass
 class ProbeConfig:
     """Linear probe on frozen features."""
 
-    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    l2_grid: list[float] = field(default_factory=default_l2_grid)
     """L2 strengths tried on a held-out 10% of train; the best is refitted on all of train."""
     l2: float | None = None
     """Fix the L2 strength instead of searching `l2_grid`."""

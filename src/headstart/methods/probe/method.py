@@ -9,6 +9,7 @@ from ...data import Dataset
 from ...data.dataset import stratified_indices
 from ...engine.features import cached_features
 from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
+from ..heads import set_linear
 from .config import ProbeConfig
 
 
@@ -29,9 +30,7 @@ class Probe(Method):
         w, b, l2, grid_scores = fit_head_with_l2_search(x, train.labels, num_classes, cfg.l2_grid, cfg.l2,
                                                         cfg.max_iter, ctx.seed)
         model = SpecialistModel(backbone, num_classes)
-        with torch.no_grad():
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(b)
+        set_linear(model.head, w, b)
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         model.eval()

@@ -10,6 +10,7 @@ from ...engine.features import cached_features
 from ...engine.loop import LoopConfig, train_loop
 from ..adaptation import AdaptationMethod
 from ..base import FitContext, FitResult, SpecialistModel, loader_for
+from ..heads import L2_GRID, set_linear
 from ..probe.method import fit_head_with_l2_search
 from .config import SelftrainConfig
 
@@ -62,7 +63,7 @@ class Selftrain(AdaptationMethod):
         load = loader_for(backbone.kind)
         xs, _ = cached_features(backbone, source.items, load, 64, ctx.progress, ctx.use_cache)
         xt, _ = cached_features(backbone, target_items, load, 64, ctx.progress, ctx.use_cache)
-        grid = [1e-4, 1e-3, 1e-2, 1e-1]
+        grid = list(L2_GRID)
         w, b, l2, _ = fit_head_with_l2_search(xs, source.labels, len(data.classes), grid, self.config.l2, 200, ctx.seed)
         history: list[dict] = []
         for r in range(1, rounds + 1):
@@ -72,9 +73,7 @@ class Selftrain(AdaptationMethod):
             w, b, _, _ = fit_head_with_l2_search(torch.cat([xs, xt[idx]]), source.labels + pseudo,
                                                  len(data.classes), grid, l2, 200, ctx.seed)
         model = self.prepare(backbone, len(data.classes))
-        with torch.no_grad():
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(b)
+        set_linear(model.head, w, b)
         train_s = time.perf_counter() - t0
         return FitResult(model=model.eval(), history=history, train_s=train_s,
                          examples_per_s=len(source) / max(train_s, 1e-9),
