@@ -17,7 +17,7 @@ from headstart.llm.data import (
     load_sft_examples,
     split_holdout,
 )
-from headstart.llm.dpo_maths import dpo_loss, sequence_logps
+from headstart.methods.dpo.maths import dpo_loss, sequence_logps
 from headstart.llm.tokenize import (
     IGNORE,
     encode_chat,

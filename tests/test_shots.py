@@ -132,7 +132,7 @@ class TextOnly(Method):
 
 def test_failing_method_is_recorded_and_the_rest_continue(tiny_image_folder, monkeypatch):
     headstart.list_methods()  # builtins first, so the stand-in is removed cleanly afterwards
-    monkeypatch.setitem(registry._METHODS, "textonly", registry.MethodSpec("textonly", ProbeConfig, TextOnly, ""))
+    monkeypatch.setitem(registry._METHODS, ("classify", "textonly"), registry.MethodSpec("textonly", ProbeConfig, TextOnly, ""))
     lines: list[str] = []
     result = run_shots(tiny_image_folder, base="tiny-image", methods=["zeroshot", "textonly", "probe"], shots=[2],
                        seeds=2, log=lines.append)

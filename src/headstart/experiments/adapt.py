@@ -18,19 +18,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..api import DEFAULT_BASE, fit
-from ..bases import load_base
-from ..bases.backbone import Backbone
+from ..api import fit
 from ..data import load_dataset
 from ..data.target import load_target
 from ..core.errors import ConfigError
 from ..methods.adaptation import AdaptationMethod, fresh_copy
 from ..methods.registry import get_method_spec
 from ..bundle.classifier import Specialist
+from ..tasks.classify import prepare_base
+
+if TYPE_CHECKING:
+    from ..bases.backbone import Backbone
 
 BASELINES = ("source-only", "target-oracle")
+ADAPTIVE = ("adabn", "coral", "dann", "selftrain", "source-only")
+"""What `adapt` runs as its method: the adaptation methods, and the source-only baseline alone."""
 
 
 @dataclass
@@ -64,17 +68,14 @@ def adapt(source: str | Path, target: str | Path, base: "str | Backbone | None" 
     ['accuracy', 'oracle_accuracy', 'source_only_accuracy']
     """
     t0 = time.perf_counter()
-    spec_cls = get_method_spec(method).method_cls
-    if not issubclass(spec_cls, AdaptationMethod) or method == "target-oracle":
-        adaptive = [m for m in ("adabn", "coral", "dann", "selftrain", "source-only")]
-        raise ConfigError(f"{method!r} is not an adaptation method; use one of {', '.join(adaptive)}")
+    method_cls = get_method_spec(method).method_cls
+    if not issubclass(method_cls, AdaptationMethod) or method == "target-oracle":
+        raise ConfigError(f"{method!r} is not an adaptation method; use one of {', '.join(ADAPTIVE)}")
     cols = {"text_column": text_column, "label_column": label_column}
     data = load_dataset(source, seed=seed, skip_placeholders=skip_placeholders, **cols)
     tgt = load_target(target, classes=data.classes, kind=data.kind, test=target_test, unlabelled=target_unlabelled,
                       seed=seed, skip_placeholders=skip_placeholders, **cols)
-    loaded = base if isinstance(base, Backbone) else load_base(base or DEFAULT_BASE[data.kind])
-    if image_size:
-        loaded.set_input_size(image_size)
+    loaded = prepare_base(base, data, image_size=image_size)
     log(f"adapt: {len(data.split('train'))} labelled source examples ({data.source}), {len(tgt.pool)} target "
         f"examples ({tgt.source}{', labels hidden from the method' if tgt.labelled else ', unlabelled'}), "
         f"target test: {len(tgt.test.split('test')) if tgt.test else 0} examples")

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import api
-from ..bases import load_base
 from ..bases.backbone import Backbone
 from ..core.storage import atomic_write_text
 from ..data import Dataset, load_dataset
-from ..core.errors import ConfigError, DataError, HeadstartError
+from ..core.errors import ConfigError, HeadstartError
 from ..methods.registry import get_method_spec, list_methods
+from ..tasks.classify import prepare_base
 
 DEFAULT_METHODS = ("zeroshot", "prototype", "probe", "setfit", "lora")
 DEFAULT_SHOTS = (0, 2, 4, 8, 16, 32, 64)
@@ -224,16 +224,10 @@ def _plan(methods: list[str], shots: list[int], seeds: list[int], log) -> dict[t
 
 
 def _load_pristine(base, dataset: Dataset, image_size: int | None) -> tuple[Backbone, str]:
-    name = base.info.name if isinstance(base, Backbone) else (base or api.DEFAULT_BASE[dataset.kind])
-    pristine = copy.deepcopy(base) if isinstance(base, Backbone) else load_base(name)
-    if (dataset.kind == "image") != (pristine.kind == "image"):
-        raise DataError(f"{dataset.source} holds {dataset.kind} data but {name!r} is a {pristine.kind} base")
-    if image_size:
-        try:
-            pristine.set_input_size(image_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return pristine, name
+    """The base every run copies (a given Backbone is copied too: the caller's stays untouched), and its name."""
+    pristine = prepare_base(copy.deepcopy(base) if isinstance(base, Backbone) else base, dataset,
+                            image_size=image_size)
+    return pristine, (base.info.name if isinstance(base, Backbone) else pristine.info.name)
 
 
 def _one_run(subset: Dataset, pristine: Backbone, base_name: str, base_given: bool, method: str, k: int, s: int,

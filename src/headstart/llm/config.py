@@ -1,92 +1,12 @@
-"""Config dataclasses of the generative tasks: `sft` (instruction tuning) and `dpo` (preference tuning).
-
-The generative tasks have their own small registry (`TASKS`): their methods (`lora`, `qlora`) train
-a PEFT adapter on the LM itself and produce a generator, not a classifier, so they do not share the
-classifier `Method` protocol. Options become CLI flags exactly as classifier method options do.
-"""
+"""Deprecated: kept only while cli.py still imports `TASKS`; the configs live in methods/sft and methods/dpo,
+the tasks (and which methods each has) in `headstart.tasks` and `methods.registry`. Delete once cli.py is
+generated from `api.fit`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
-METHODS = ("lora", "qlora")
-
-
-@dataclass
-class SFTConfig:
-    """Supervised fine-tuning on instruction/chat data: LoRA on the fp32 base, or QLoRA on a 4-bit NF4 base."""
-
-    epochs: int = 1
-    """Passes over the training examples."""
-    batch_size: int = 8
-    """Sequences per optimizer step (length-grouped to waste little padding)."""
-    lr: float = 2e-4
-    """Peak learning rate of the adapter (warm-up, then cosine to 0)."""
-    warmup_ratio: float = 0.03
-    """Share of steps spent warming the learning rate up."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay on the adapter."""
-    r: int = 8
-    """LoRA rank."""
-    alpha: int = 16
-    """LoRA scaling numerator (update = alpha / r * B @ A)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
-    target_modules: str = "all-linear"
-    """Comma-separated module names to adapt, or `all-linear` (every projection of attention and MLP)."""
-    max_length: int = 512
-    """Tokens per example (longer conversations are cut at the end)."""
-    packing: bool = False
-    """Concatenate examples into max_length blocks (no padding at all; examples may attend across a boundary)."""
-    bf16: str = "auto"
-    """bfloat16 autocast: `auto` (when the CPU has AVX512-BF16/AMX or a GPU supports it), `true`, `false`."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less peak memory, ~30% more time."""
-    eval_fraction: float = 0.1
-    """Held-out share of the training file for eval loss when no --eval file is given."""
-    checkpoint_every: int = 50
-    """Optimizer steps between resume checkpoints (adapter + optimizer state)."""
-    side_by_side: int = 10
-    """Held-out prompts answered by the base and the tuned model into the bundle's report (0: none)."""
-    max_new_tokens: int = 128
-    """Answer length for the side-by-side report."""
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "r", "alpha", "max_length", "checkpoint_every", "max_new_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 <= self.warmup_ratio < 1 or not 0 <= self.dropout < 1:
-            raise ValueError("need lr > 0, 0 <= warmup_ratio < 1, 0 <= dropout < 1")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if str(self.bf16).lower() not in ("auto", "true", "false"):
-            raise ValueError(f"bf16 must be auto, true or false, got {self.bf16!r}")
-        if self.side_by_side < 0:
-            raise ValueError("side_by_side must be >= 0")
-
-    def targets(self) -> list[str] | str:
-        return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class DPOConfig(SFTConfig):
-    """Direct Preference Optimisation (Rafailov et al. 2023) from an SFT bundle: the reference is that frozen SFT model."""
-
-    beta: float = 0.1
-    """Strength of the implicit KL penalty towards the reference."""
-    lr: float = 5e-5
-    """Peak learning rate of the adapter (DPO moves in small steps)."""
-    batch_size: int = 4
-    """Preference pairs per optimizer step."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
+from ..methods.dpo.config import DPOConfig
+from ..methods.sft.config import SFTConfig
 
 TASKS = {"sft": SFTConfig, "dpo": DPOConfig}
-"""task -> its config dataclass; every task accepts the methods in METHODS."""
+"""generative task -> the config dataclass of its methods (what the current CLI turns into flags)."""
+
+__all__ = ["DPOConfig", "SFTConfig", "TASKS"]

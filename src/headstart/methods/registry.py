@@ -1,9 +1,11 @@
-"""The registry of methods: name -> config dataclass + implementation class.
+"""The registry of methods: (task, name) -> config dataclass + implementation class.
 
-    register_method("probe", config_cls=ProbeConfig, method_cls=Probe)
+    register_method("probe", config_cls=ProbeConfig, method_cls=Probe)                  # a classify method
+    register_method("qlora", task="sft", config_cls=SFTConfig, method_cls=QloraSFT)      # an sft method
 
 Adding a method = one package under `methods/`, one `register_method` call, one row in the
-test matrix (tests fail if a registered method has no row).
+test matrix (tests fail if a registered classify method has no row). A name may mean different
+methods in different tasks (`lora` adapts a classifier's encoder in `classify`, a causal LM in `sft`).
 """
 from __future__ import annotations
 
@@ -19,39 +21,49 @@ class MethodSpec:
     config_cls: type
     method_cls: type
     summary: str
+    task: str = "classify"
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: dict[tuple[str, str], MethodSpec] = {}
+"""(task, method name) -> its spec."""
 
 
-def register_method(name: str, *, config_cls: type, method_cls: type) -> None:
-    if name in _METHODS:
-        raise ValueError(f"method {name!r} is already registered")
+def register_method(name: str, *, config_cls: type, method_cls: type, task: str = "classify") -> None:
+    if (task, name) in _METHODS:
+        raise ValueError(f"method {name!r} is already registered for task {task!r}")
     summary = (method_cls.__doc__ or "").strip().split("\n")[0]
-    _METHODS[name] = MethodSpec(name, config_cls, method_cls, summary)
+    _METHODS[(task, name)] = MethodSpec(name, config_cls, method_cls, summary, task)
     method_cls.name = name
 
 
-def list_methods() -> list[MethodSpec]:
+def list_methods(task: str = "classify") -> list[MethodSpec]:
+    """The methods of one task, in registration order."""
     _ensure_builtins()
-    return list(_METHODS.values())
+    return [spec for (t, _), spec in _METHODS.items() if t == task]
 
 
-def get_method_spec(name: str) -> MethodSpec:
+def get_method_spec(name: str, task: str = "classify") -> MethodSpec:
+    """The spec of method `name` in `task`. A method of another task is a ConfigError naming this
+    task's methods; a name no task knows is an UnknownMethodError."""
     _ensure_builtins()
-    if name not in _METHODS:
-        raise UnknownMethodError(f"unknown method {name!r}; known: {', '.join(_METHODS)}")
-    return _METHODS[name]
+    if (task, name) in _METHODS:
+        return _METHODS[(task, name)]
+    known = ", ".join(spec.name for spec in list_methods(task))
+    elsewhere = sorted(t for t, n in _METHODS if n == name)
+    if elsewhere:
+        raise ConfigError(f"task {task!r} has methods {known}, not {name!r} (a {'/'.join(elsewhere)} method)")
+    raise UnknownMethodError(f"unknown method {name!r}; {task} methods: {known}")
 
 
-def make_method(name: str, **options: Any):
-    """Build a method from its name and config options (unknown options are a clear error)."""
-    spec = get_method_spec(name)
+def make_method(name: str, task: str = "classify", **options: Any):
+    """Build a method from its name and config options: the one place options are validated
+    (unknown options and invalid values are one-line ConfigErrors)."""
+    spec = get_method_spec(name, task)
     known = {f.name for f in fields(spec.config_cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise UnknownMethodError(f"method {name!r} has no option(s) {', '.join(unknown)}; "
-                                 f"its options: {', '.join(sorted(known))}")
+        raise ConfigError(f"method {name!r} has no option(s) {', '.join(unknown)}; "
+                          f"its options: {', '.join(sorted(known))}")
     try:
         config = spec.config_cls(**options)
     except (TypeError, ValueError) as e:

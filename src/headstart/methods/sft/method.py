@@ -1,0 +1,144 @@
+"""Instruction tuning of a causal LM: LoRA on the fp32 base (`lora`) or on a 4-bit NF4 base (`qlora`).
+
+Each example is rendered with the base's chat template; the loss covers the assistant's answers (and
+their end-of-turn token) only. The held-out loss is measured before and after training, on the same
+rows, so the two are comparable. Started from a bundle (`fit(..., init=BUNDLE)`), the bundle's adapter
+is trained further instead of a fresh one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ...core.errors import ConfigError, DataError
+from ..base import FitContext, FitResult, Method
+from .config import SFTConfig
+
+
+@dataclass
+class LMStart:
+    """What a generative method starts from (the task builds it; the method never loads a base)."""
+
+    model: Any
+    """The causal LM: plain (fp32, or 4-bit for qlora), or a PeftModel whose adapter a parent bundle trained."""
+    tokenizer: Any
+    base: dict[str, Any]
+    """The base's manifest entry (name, sha256, ...)."""
+
+    @property
+    def continues_adapter(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+
+@dataclass
+class TuningData:
+    """Training and held-out examples of a generative task (chat examples or preference pairs)."""
+
+    source: str
+    train: list
+    held: list
+    skipped: list = field(default_factory=list)
+    held_from: str = ""
+    """Where the held-out examples come from (an eval file, or a share of the training file)."""
+
+
+def resolve_bf16(value: str, supported: bool) -> bool:
+    """The `bf16` option (auto/true/false) against what this machine supports."""
+    value = str(value).lower()
+    if value == "true" and not supported:
+        raise ConfigError("bf16=true, but this CPU has no bfloat16 support (AVX512-BF16 / AMX); use bf16=auto")
+    return supported if value == "auto" else value == "true"
+
+
+def trainable_adapter(start: LMStart, cfg: SFTConfig, method: str, log: Callable[[str], None]) -> tuple[Any, bool]:
+    """(PEFT model whose adapter trains, bf16 flag): a fresh LoRA adapter on the base, or the parent's."""
+    from ...llm.model import add_lora, cpu_supports_bf16
+
+    bf16 = resolve_bf16(cfg.bf16, cpu_supports_bf16())
+    model = start.model
+    if not start.continues_adapter:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            model.config.use_cache = False
+        model = add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets())
+        model.peft_config["default"].base_model_name_or_path = start.base["name"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = "the parent bundle's adapter" if start.continues_adapter else "a fresh adapter"
+    log(f"{method} on {start.base['name']}: {trainable:,} trainable parameters in {what}, "
+        f"bf16 autocast {'on' if bf16 else 'off'}")
+    return model, bf16
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0)) if loss == loss else float("nan")
+
+
+class SFT(Method):
+    """LoRA on the float32 causal LM: only the adapter trains, on the answers of chat examples."""
+
+    config: SFTConfig
+    quantize: str | None = None
+    """How the task loads the base for this method: None (float32) or "nf4" (4-bit, QLoRA)."""
+
+    def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
+        from ...bundle.generator import response_loss
+        from ...llm.tokenize import length_grouped_batches, pack_rows, pad_batch
+        from ...llm.train import answer_loss, epoch_batches, train_adapter
+
+        cfg = self.config
+        model, bf16 = trainable_adapter(start, cfg, self.name, ctx.log)
+        tokenizer = start.tokenizer
+        train_rows, cut = encode_chats(tokenizer, data.train, cfg.max_length)
+        held_rows, _ = encode_chats(tokenizer, data.held, cfg.max_length)
+        if not train_rows:
+            raise DataError(f"{data.source}: no training example keeps an answer within max_length={cfg.max_length}")
+        if cfg.packing:
+            train_rows = pack_rows(train_rows, cfg.max_length, tokenizer.eos_token_id)
+        ctx.log(f"sft: {len(train_rows)} training {'blocks' if cfg.packing else 'examples'}, {len(held_rows)} held out "
+                f"({len(data.skipped)} rows skipped, {cut} without an answer within max_length)")
+        pad_id = tokenizer.pad_token_id
+        before, _ = response_loss(model, held_rows, pad_id, cfg.batch_size, bf16)
+        ctx.log(f"held-out loss before: {before:.4f}")
+
+        def step_loss(batch_idx: list[int]):
+            batch = pad_batch([train_rows[i] for i in batch_idx], pad_id)
+            return answer_loss(model, batch), {}, int(batch["attention_mask"].sum())
+
+        lengths = [len(r["input_ids"]) for r in train_rows]
+        batches = epoch_batches(lambda e: length_grouped_batches(lengths, cfg.batch_size, ctx.seed * 1000 + e),
+                                cfg.epochs)
+        run = train_adapter(model, batches=batches, step_loss=step_loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            warmup_ratio=cfg.warmup_ratio, bf16=bf16, checkpoint_every=cfg.checkpoint_every,
+                            checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume, fingerprint=ctx.fingerprint,
+                            progress=ctx.progress, log=ctx.log)
+        after, tokens = response_loss(model, held_rows, pad_id, cfg.batch_size, bf16)
+        ctx.log(f"held-out loss after: {after:.4f} (before {before:.4f})")
+        # The held-out loss is taken here, on the rows trained against: the "before" exists only before training.
+        held_out = {"eval_loss_before": before, "eval_loss": after, "eval_perplexity_before": perplexity(before),
+                    "eval_perplexity": perplexity(after), "eval_examples": len(held_rows), "eval_tokens": tokens}
+        return training_result(model, run, held_out, bf16)
+
+
+class QloraSFT(SFT):
+    """QLoRA: LoRA on the causal LM quantised to 4-bit NF4 (a third of the weight memory)."""
+
+    quantize = "nf4"
+
+
+def training_result(model, run: dict, held_out: dict[str, Any], bf16: bool) -> FitResult:
+    """The FitResult of a generative method: the held-out figures and throughput go to `details`."""
+    return FitResult(model=model.eval(), history=run["history"], train_s=run["train_s"],
+                     details={**held_out, "tokens": run["tokens"], "tokens_per_s": round(run["tokens_per_s"], 1),
+                              "bf16": bf16})
+
+
+def encode_chats(tokenizer, examples, max_length: int) -> tuple[list[dict], int]:
+    """(token rows that keep at least one answer token, how many were dropped for having none)."""
+    from ...llm.tokenize import IGNORE, encode_chat
+
+    rows = [encode_chat(tokenizer, ex.messages, max_length) for ex in examples]
+    kept = [r for r in rows if any(t != IGNORE for t in r["labels"])]
+    return kept, len(rows) - len(kept)
+
