@@ -256,3 +256,32 @@ def test_selection_splits_never_return_the_eval_split(tiny_image_folder, tmp_pat
     s_train, s_val = data3.selection_splits()
     assert s_val.items == data3.split("val").items
     assert not _ids(s_val) & _ids(data3.split("test"))
+
+
+# ---- sampling protocols (data/sampling.py) ----------------------------------------------------
+
+def test_sampling_protocols_keep_their_seeded_output():
+    """Pinned outputs of the three protocols, computed before they moved to data/sampling.py: benchmark
+    figures and shot subsets depend on them bit for bit."""
+    import numpy as np
+
+    from headstart.data.sampling import per_class_sample, stratified_indices, stratified_subsample
+    from headstart.methods.incontext.method import sample_examples
+    from headstart.transfer.scores import stratified_subsample as from_scores
+
+    labels = [i % 3 for i in range(20)] + [0] * 5
+    assert per_class_sample(labels, 3, 2, seed=1) == sample_examples(labels, 3, 2, seed=1) == [6, 22, 1, 19, 2, 8]
+    assert stratified_indices(labels, 0.2, seed=0)[1] == [3, 8, 19, 22]
+    assert stratified_subsample(labels, 10, seed=0, min_per_class=2).tolist() == [2, 4, 6, 7, 10, 12, 14, 15, 20, 22]
+    assert from_scores is stratified_subsample
+    assert np.bincount(np.array([0] * 90 + [1] * 10)[stratified_subsample([0] * 90 + [1] * 10, 10, seed=0)]).tolist() \
+        == [9, 1]
+
+
+def test_with_shots_is_per_class_sample(tiny_text_csv):
+    from headstart.data.sampling import per_class_sample
+
+    data = load_dataset(tiny_text_csv)
+    train = data.split("train")
+    chosen = per_class_sample(train.labels, len(data.classes), 3, seed=4)
+    assert data.with_shots(3, seed=4).split("train").items == [train.items[i] for i in sorted(chosen)]

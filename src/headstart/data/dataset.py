@@ -9,13 +9,13 @@ Split names are normalised: `dev` is `val`. Evaluation uses `test` when there is
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import DataError
 from .images import IMAGE_SUFFIXES, list_class_folders, scan_class_folders
+from .sampling import per_class_sample, stratified_indices
 from .tables import TABLE_SUFFIXES, read_table
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -77,11 +77,7 @@ class Dataset:
         if shots < 0:
             raise DataError(f"--shots must be >= 0, got {shots}")
         train = self.split("train")
-        rng = random.Random(seed)
-        chosen: list[int] = []
-        for c in range(len(self.classes)):
-            idx = [i for i, y in enumerate(train.labels) if y == c]
-            chosen += sorted(rng.sample(idx, min(shots, len(idx))))
+        chosen = per_class_sample(train.labels, len(self.classes), shots, seed)
         return replace(self, splits={**self.splits, "train": train.subset(sorted(chosen))},
                        sampling={**self.sampling, "shots": shots, "shots_seed": seed})
 
@@ -196,19 +192,6 @@ def _split_all(data: Dataset, test_fraction: float, seed: int) -> Dataset:
 def _stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     keep, held = stratified_indices(split.labels, fraction, seed)
     return split.subset(keep), split.subset(held)
-
-
-def stratified_indices(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(kept, held-out) indices: `fraction` of each class held out, seeded; a class of one stays whole."""
-    rng = random.Random(seed)
-    keep, held = [], []
-    for c in sorted(set(labels)):
-        idx = [i for i, y in enumerate(labels) if y == c]
-        rng.shuffle(idx)
-        n_held = max(1, round(len(idx) * fraction)) if len(idx) > 1 else 0
-        held += idx[:n_held]
-        keep += idx[n_held:]
-    return sorted(keep), sorted(held)
 
 
 def _natural_key(name: str) -> tuple:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, DataError
-from .scores import hscore, knn_accuracy, leep, logme, nce, stratified_subsample
+from ..data.sampling import stratified_subsample
+from .scores import hscore, knn_accuracy, leep, logme, nce
 
 DEFAULT_CANDIDATES = {"image": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],
                       "text": ["minilm-l6", "smollm2-135m"]}

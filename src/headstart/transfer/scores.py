@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import DataError
+from ..data.sampling import stratified_subsample  # noqa: F401  (also imported from here)
 
 SCORES = {
     "logme": "LogME: mean per-class log marginal evidence of a Bayesian linear model on the features",
@@ -188,18 +189,6 @@ def hscore(features: Any, labels: Any, shrinkage: bool = True) -> float:
     else:
         cov_f = fc.T @ fc / len(f)
     return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-15, hermitian=True) @ cov_g))
-
-
-def stratified_subsample(y: np.ndarray, size: int, seed: int, min_per_class: int = 0) -> np.ndarray:
-    """Sorted indices of `size` samples of labels `y` (0..C-1) keeping each class's share (largest-remainder
-    rounding), and at least `min_per_class` of a class where it has them (then possibly a few more than `size`)."""
-    rng = np.random.default_rng(seed)
-    counts = np.bincount(y)
-    quota = counts * size / len(y)
-    take = np.minimum(counts, np.maximum(np.floor(quota).astype(int), min_per_class))
-    room = [i for i in np.argsort(-(quota - np.floor(quota)), kind="stable") if take[i] < counts[i]]
-    take[room[: max(0, size - int(take.sum()))]] += 1
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:t] for c, t in enumerate(take)]))
 
 
 def knn_accuracy(features: Any, labels: Any, k: int = 5, max_samples: int = 2000, seed: int = 0) -> float:

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import random
 import time
 
 from ...data import Dataset
+from ...data.sampling import per_class_sample
 from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method
 from ..labels import parse_label_text
@@ -50,10 +50,5 @@ class InContext(LMScoringMixin, Method):
 
 
 def sample_examples(labels: list[int], num_classes: int, per_class: int, seed: int) -> list[int]:
-    """Indices of up to `per_class` examples of each class, sampled with `random.Random(seed)`."""
-    rng = random.Random(seed)
-    chosen: list[int] = []
-    for c in range(num_classes):
-        idx = [i for i, y in enumerate(labels) if y == c]
-        chosen += sorted(rng.sample(idx, min(per_class, len(idx))))
-    return chosen
+    """Indices of up to `per_class` demonstrations of each class: `Dataset.with_shots`'s sampling."""
+    return per_class_sample(labels, num_classes, per_class, seed)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import Dataset
-from ...data.dataset import stratified_indices
+from ...data.sampling import stratified_indices
 from ...engine.features import cached_features
 from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
 from ..heads import set_linear
