@@ -9,8 +9,6 @@ on the float32 base it was trained against (`adapter_on_fp32_base`), then merged
 """
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.storage import atomic_dir
 from .model import _peft, is_4bit
 
 
@@ -75,22 +74,7 @@ def save_merged(model: nn.Module, tokenizer: Any, out: Path) -> Path:
         raise TypeError("save_merged takes a merged model: call merge_adapter_into_base(peft_model) first")
     _refuse_4bit(model, "save_merged")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            os.replace(out, old)  # a non-empty folder cannot be replaced in one rename
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old.exists() and not out.exists():
-                os.replace(old, out)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
