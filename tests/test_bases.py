@@ -261,6 +261,21 @@ def test_resolve_local_timm_folder(tmp_path):
         torch.testing.assert_close(again(**x), base(**x))
 
 
+def test_unregistered_bases_take_the_licence_their_folder_declares(tmp_path):
+    from headstart.bases.resolve import declared_license
+
+    base = load_base("tiny-text")
+    base.model.save_pretrained(tmp_path)
+    base.tokenizer.save_pretrained(tmp_path)
+    assert load_base(str(tmp_path)).info.license == ""  # declares none: unknown, not guessed
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\nlicense: 'mit'\n---\n# card\nlicense: no\n")
+    assert load_base(str(tmp_path)).info.license == "mit"
+    timm_folder = tmp_path / "timm"
+    timm_folder.mkdir()
+    (timm_folder / "config.json").write_text(json.dumps({"architecture": "x", "pretrained_cfg": {"license": "cc-by-4.0"}}))
+    assert declared_license(timm_folder) == "cc-by-4.0"
+
+
 def test_resolve_timm_name_without_pretrained_weights():
     base = load_base("test_resnet", pretrained=False)
     assert base.kind == "image" and base.info.sha256 == "random"

@@ -20,7 +20,8 @@ from .backbone import Backbone
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # What a model needs from a hub repo; skips ONNX/TF/flax copies and other formats.
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"]
+# README.md is the model card: its front matter declares the licence.
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"]
 
 
 def resolve_unregistered(name_or_path: str, pretrained: bool = True) -> Backbone | None:
@@ -31,7 +32,8 @@ def resolve_unregistered(name_or_path: str, pretrained: bool = True) -> Backbone
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _from_local(path, name=name_or_path, source=str(path.resolve()), pretrained=pretrained)
+        backbone = _from_local(path, name=name_or_path, source=str(path.resolve()), pretrained=pretrained)
+        return _with_license(backbone, path if path.is_dir() else path.parent)
     if _is_timm_name(name_or_path):
         return _from_timm_name(name_or_path, pretrained)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
@@ -39,8 +41,34 @@ def resolve_unregistered(name_or_path: str, pretrained: bool = True) -> Backbone
         backbone = _from_local(folder, name=name_or_path, source=f"hf-hub:{name_or_path}", pretrained=pretrained)
         if backbone is None:
             raise UnknownBaseError(f"hub repo {name_or_path!r} holds neither a transformers, timm nor GGUF model")
-        return backbone
+        return _with_license(backbone, folder)
     return None
+
+
+def declared_license(folder: Path) -> str:
+    """The licence a model folder declares: `license:` in its model card's front matter (Hugging Face),
+    else in the `pretrained_cfg` of its config.json (timm); '' when it declares none.
+
+    >>> declared_license(Path("no/such/folder"))
+    ''
+    """
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        if text.startswith("---"):
+            front_matter = text.split("---", 2)[1]
+            for line in front_matter.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    pretrained_cfg = _read_config(folder).get("pretrained_cfg") or {}
+    return str(pretrained_cfg.get("license") or "")
+
+
+def _with_license(backbone: Backbone | None, folder: Path) -> Backbone | None:
+    if backbone is not None and not backbone.info.license:
+        backbone.info.license = declared_license(folder)
+    return backbone
 
 
 def _from_local(path: Path, *, name: str, source: str, pretrained: bool) -> Backbone | None:
@@ -126,14 +154,18 @@ def _from_timm_name(name: str, pretrained: bool) -> Backbone:
     if not pretrained:
         model = timm.create_model(name, pretrained=False)
         return TimmImageBackbone(model, name=name, source="random init", sha256="random")
-    hub_id = getattr(timm.models.get_pretrained_cfg(name, allow_unregistered=True), "hf_hub_id", None)
+    pretrained_cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
     if not hub_id:
         raise UnknownBaseError(f"timm model {name!r} has no Hugging Face hub weights; use pretrained=False")
     try:
         folder = hub_snapshot(hub_id)
     except UnknownBaseError as e:
         raise UnknownBaseError(f"timm model {name!r}: pretrained weights need the Hugging Face hub. {e}") from None
-    return load_timm_folder(folder, name=name, source=f"hf-hub:{hub_id}")
+    backbone = _with_license(load_timm_folder(folder, name=name, source=f"hf-hub:{hub_id}"), folder)
+    if not backbone.info.license:  # timm's registry knows the licence of the weights it points to
+        backbone.info.license = str(getattr(pretrained_cfg, "license", None) or "")
+    return backbone
 
 
 def hub_snapshot(repo_id: str) -> Path:
