@@ -48,6 +48,14 @@ class BaseSpec:
     def description(self) -> str:
         return self.cfg.description
 
+    @property
+    def license(self) -> str:
+        return self.cfg.license
+
+    @property
+    def hf_hub_id(self) -> str:
+        return self.cfg.hf_hub_id
+
     def info(self) -> BaseInfo:
         """The `BaseInfo` that building this base yields, without building it."""
         return BaseInfo.from_cfg(self.name, self.cfg)
