@@ -3,25 +3,53 @@
     import headstart
     spec = headstart.fit("../shared/data/hymenoptera", base="efficientnet-lite0", method="probe")
     spec.predict(["ant.jpg"]); spec.save("runs/ants"); headstart.load("runs/ants")
-"""
-__version__ = "0.1.0"
 
-import logging  # noqa: E402
+`import headstart` is light: each public name is imported on first use (PEP 562), so the command
+line and `headstart.list_bases()` do not pay for torch.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
 
 # bitsandbytes (imported by PEFT whenever it is installed) warns on every import that it cannot fetch
 # an optional CPU kernel from the Hugging Face hub; headstart works offline and does not use it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .experiments.adapt import adapt  # noqa: E402
-from .api import evaluate, fit, load  # noqa: E402
-from .bases import list_bases, load_base  # noqa: E402
-from .data.corrupt import corrupt_folder  # noqa: E402
-from .data import load_dataset  # noqa: E402
-from .core.errors import HeadstartError  # noqa: E402
-from .methods.registry import list_methods  # noqa: E402
-from .experiments.shots import run_shots  # noqa: E402
-from .bundle.classifier import Specialist  # noqa: E402
-from .transfer.rank import rank  # noqa: E402
+_EXPORTS = {
+    "fit": ".api", "load": ".api", "evaluate": ".api",
+    "adapt": ".experiments.adapt", "run_shots": ".experiments.shots", "rank": ".transfer.rank",
+    "corrupt_folder": ".data.corrupt", "load_dataset": ".data",
+    "list_bases": ".bases", "load_base": ".bases", "list_methods": ".methods.registry",
+    "Specialist": ".bundle.classifier", "HeadstartError": ".core.errors",
+}
+"""Public name -> the module that defines it."""
 
-__all__ = ["fit", "adapt", "rank", "corrupt_folder", "load", "evaluate", "Specialist", "load_dataset", "load_base", "list_bases", "list_methods",
-           "run_shots", "HeadstartError", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .api import evaluate, fit, load  # noqa: F401
+    from .bases import list_bases, load_base  # noqa: F401
+    from .bundle.classifier import Specialist  # noqa: F401
+    from .core.errors import HeadstartError  # noqa: F401
+    from .data import load_dataset  # noqa: F401
+    from .data.corrupt import corrupt_folder  # noqa: F401
+    from .experiments.adapt import adapt  # noqa: F401
+    from .experiments.shots import run_shots  # noqa: F401
+    from .methods.registry import list_methods  # noqa: F401
+    from .transfer.rank import rank  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,167 @@
+"""The command table: each `headstart` subcommand names one typed API function, and the printer for its
+result. Flags come from the function (generate.py); only spellings that differ from a parameter are here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import show
+from .generate import Flag, add_function_flags, description, first_sentence, summary_without_import
+from .options import add_method_option_flags, chosen_options
+
+HIDDEN = frozenset({"log", "progress"})
+"""Parameters the CLI fills itself: logs go to stdout (stderr with --json); progress bars unless --json."""
+
+RESUME_HINT = "rerun the same command with --resume to continue"
+
+TEXT_TABLE_FLAGS = {
+    "use_cache": Flag("use_cache", ("--no-cache",), "do not read or write the feature cache", invert=True),
+    "skip_placeholders": Flag("skip_placeholders", ("--keep-placeholders",), invert=True,
+                              help="keep images with very few colours (line art, icons) instead of skipping them "
+                                   "as placeholders"),
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    function: str
+    """`module:qualname` of the API function whose signature and docstring make the flags and help."""
+    show: Callable[[Any, argparse.Namespace], None]
+    flags: dict[str, Flag] = field(default_factory=dict)
+    leading: tuple[Flag, ...] = ()
+    """Positionals declared before the function's own (`generate BUNDLE PROMPT`)."""
+    extra: tuple[Flag, ...] = ()
+    """Keyword flags the function takes through `**options` rather than by name (`fit --eval`)."""
+    hidden: frozenset[str] = HIDDEN
+    option_tasks: tuple[str, ...] | None = None
+    """When the function takes `**options`: the tasks whose method-config fields become flags (None: all)."""
+    json: str = "print the result as JSON on the last stdout line (logs go to stderr)"
+    call: Callable[..., Any] | None = None
+    """`call(args, **kwargs)` when not `function(**kwargs)` (generate loads the bundle, then streams)."""
+    examples: str = ""
+    help: str = ""
+    """The one-line summary in `headstart --help`, where the function's first sentence speaks Python."""
+    interrupted: str = RESUME_HINT
+
+    def resolve(self) -> Callable:
+        module, _, qualname = self.function.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def summary(self) -> str:
+        """The function's first docstring sentence, read from its source so that `headstart --help` imports nothing."""
+        if self.help:
+            return self.help
+        module, _, qualname = self.function.partition(":")
+        root = Path(__file__).resolve().parents[1]  # src/headstart
+        relative = Path(*module.split(".")[1:])
+        for path in (root / relative.with_suffix(".py"), root / relative / "__init__.py"):
+            if path.is_file() and (line := summary_without_import(str(path), qualname)):
+                return line
+        return first_sentence(inspect.getdoc(self.resolve()) or "")
+
+    def build(self, parser: argparse.ArgumentParser) -> None:
+        fn = self.resolve()
+        parts = [self.help, description(inspect.getdoc(fn) or ""), self.examples]
+        parser.description = "\n\n".join(p for p in parts if p)
+        for flag in self.leading:
+            parser.add_argument(flag.param, help=flag.help, nargs=flag.nargs)
+        declared = add_function_flags(parser, fn, self.flags, self.hidden)
+        params = inspect.signature(fn).parameters
+        for flag in self.extra:
+            if flag.param not in params:  # once the API names it, the generated flag takes over
+                parser.add_argument(*flag.spelling, dest=flag.param, default=None, help=flag.help)
+                declared.append(flag.param)
+        options: list[str] = []
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()) and self.call is None:
+            options = add_method_option_flags(parser, self.option_tasks, set(declared))
+        if self.json:
+            parser.add_argument("--json", action="store_true", help=self.json)
+        parser.set_defaults(_command=self, _declared=[f.param for f in self.leading] + declared, _options=options,
+                            _params=set(params))
+
+    def run(self, args: argparse.Namespace) -> int:
+        kwargs = {name: getattr(args, name) for name in args._declared}
+        kwargs = {k: (" ".join(v) if self._joins(k) and isinstance(v, list) else v) for k, v in kwargs.items()}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in args._params}
+        quiet = getattr(args, "json", False)
+        if "log" in args._params:
+            stream = sys.stderr if quiet else sys.stdout
+            kwargs["log"] = lambda s: print(s, file=stream, flush=True)
+        if "progress" in args._params and quiet:
+            kwargs["progress"] = False
+        kwargs.update(chosen_options(args, args._options))
+        result = self.call(args, **kwargs) if self.call else self.resolve()(**kwargs)
+        self.show(result, args)
+        return 0
+
+    def _joins(self, name: str) -> bool:
+        return any(f.param == name and f.join for f in (*self.flags.values(), *self.leading))
+
+
+def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any) -> str | None:
+    from .verbs import generate
+
+    if args.json:
+        return generate(bundle, prompt, **options)
+    generate(bundle, prompt, stream=lambda piece: print(piece, end="", flush=True), **options)
+    return None
+
+
+BUNDLE = Flag("bundle", help="a bundle folder (written by `fit --out` or `adapt --out`)")
+DATA = Flag("data", help="image folder (<split>/<class>/* or <class>/*) or text table(s): CSV/TSV/JSONL")
+
+COMMANDS: list[Command] = [
+    Command("bases", "headstart.bases:list_bases", show.bases, json="print a JSON list",
+            help="List the known bases: name, kind, parameters, source (from their static facts; builds none)."),
+    Command("methods", "headstart.methods.registry:list_methods", show.methods, json="",
+            help="List the methods of a task and their options."),
+    Command("fit", "headstart.api:fit", show.fit, flags=TEXT_TABLE_FLAGS, help="Specialise a base on labelled data "
+            "(classify), instructions (sft) or preference pairs (dpo); --out writes the bundle.", extra=(
+        Flag("eval", ("--eval",), "sft/dpo: held-out file for eval loss (default: 10%% of the data)"),),
+        json="print the final metrics as JSON on the last stdout line", examples=(
+        "Examples:\n  headstart fit ../shared/data/hymenoptera --base efficientnet-lite0 --method lora --out runs/ants\n"
+        "  headstart fit ../shared/data/trec --base minilm-l6 --method probe --shots 8 --seed 1 --out runs/trec-8")),
+    Command("shots", "headstart.experiments.shots:run_shots", show.shots, json='print {"results": [...]} as JSON on '
+            "the last stdout line", interrupted="finished runs are in its shots.json", examples=(
+                "Example:\n  headstart shots ../shared/data/trec --base minilm-l6 --methods zeroshot,probe,lora "
+                "--shots 0,2,8,32 --seeds 3")),
+    Command("adapt", "headstart.experiments.adapt:adapt", show.adapt, flags={
+        **TEXT_TABLE_FLAGS,
+        "source": Flag("source", ("--source",), "labelled source data (image folder or text table), as for `fit`",
+                       required=True),
+        "target": Flag("target", ("--target",), "target-domain data; its labels, if any, are hidden from the method",
+                       required=True),
+    }, option_tasks=("classify",), json="print the report as JSON on the last stdout line", examples=(
+        "Examples:\n  headstart corrupt ../shared/data/hymenoptera --blur 2 --dark 0.4 --out /tmp/ants-factory\n"
+        "  headstart adapt --source ../shared/data/hymenoptera --target /tmp/ants-factory --method adabn")),
+    Command("corrupt", "headstart.data.corrupt:corrupt_folder", show.nothing, flags={
+        "out": Flag("out", ("--out",), "folder to write (must not exist or be empty, unless --overwrite)",
+                    required=True),
+        "skip_placeholders": TEXT_TABLE_FLAGS["skip_placeholders"],
+    }, json=""),
+    Command("rank", "headstart.transfer.rank:rank", show.rank, json='print {"candidates": [...]} (best first) as '
+            "JSON on the last stdout line"),
+    Command("evaluate", "headstart.api:evaluate", show.evaluate, flags={
+        "bundle": BUNDLE, "data": DATA, "split": Flag("split", help="split to evaluate (default: test, else val)")},
+        json="print the metrics as JSON"),
+    Command("predict", "headstart.cli.verbs:predict", show.predict, json='print {"predictions": [...]} as JSON'),
+    Command("info", "headstart.cli.verbs:info", show.info, json="print the manifest as JSON"),
+    Command("generate", "headstart.llm.generate:generate", show.generate, leading=(
+        Flag("bundle", help="an sft/dpo bundle"),), flags={
+        "prompt": Flag("prompt", help="the instruction (several words are joined)", nargs="+", join=True)},
+        hidden=HIDDEN | {"model", "tokenizer"}, call=_generate,
+        help="Answer a prompt with an sft/dpo bundle, streaming tokens as they are produced.", json='print {"answer": ...} instead of streaming'),
+    Command("export", "headstart.cli.verbs:export", show.export, flags={
+        "merged": Flag("merged", help="merge the adapter into the full-precision base (the only export so far)",
+                       required=True)}, json=""),
+]

@@ -1,0 +1,158 @@
+"""What each command prints: a human table, or with `--json` one JSON object on the last stdout line
+(progress and logs then go to stderr). The API functions return values; only these functions print."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+
+def bases(specs: list, args: Namespace) -> None:
+    rows = [_base_row(spec) for spec in specs]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
+        note = "" if r["available"] else f"  (unavailable: {r['why']})"
+        print(f"{r['name']:<20}{r['kind']:<11}{params:>8}  {r['source']}{note}")
+
+
+def _base_row(spec) -> dict[str, Any]:
+    """A listing row from the base's static facts (no base is built to list it)."""
+    if hasattr(spec, "to_json"):
+        return spec.to_json()
+    # Registries without static facts: build the base once to count its weights.
+    from ..bases import load_base
+    from ..core.errors import HeadstartError
+
+    try:
+        info = load_base(spec.name).info
+        return {"name": spec.name, "kind": spec.kind, "params": info.params, "source": spec.source,
+                "sha256": info.sha256, "available": True}
+    except HeadstartError as e:
+        return {"name": spec.name, "kind": spec.kind, "params": None, "source": spec.source, "available": False,
+                "why": str(e)}
+
+
+def methods(specs: list, args: Namespace) -> None:
+    from .options import field_docs
+
+    for spec in specs:
+        print(f"{spec.name:<14}{spec.summary}")
+        docs = field_docs(spec.config_cls)
+        for f in dataclasses.fields(spec.config_cls):
+            print(f"    --{f.name.replace('_', '-'):<20}{docs.get(f.name, '')}")
+
+
+def fit(specialist, args: Namespace) -> None:
+    if not getattr(specialist, "is_main_process", True):
+        return  # under `accelerate launch`: one JSON line, from the main process
+    metrics = specialist.manifest["metrics"]
+    if "accuracy" in metrics:  # a classifier: fit has logged its report; --json adds the headline numbers
+        from ..core.report import headline
+
+        if args.json:
+            print(json.dumps(headline(metrics)))
+        return
+    print(json.dumps(metrics, default=float, indent=None if args.json else 2))
+
+
+def shots(result: dict, args: Namespace) -> None:
+    from ..core.errors import HeadstartError
+    from ..experiments.shots import format_shots_table
+
+    log = _log(args)
+    log("\n" + format_shots_table(result))
+    if args.out:
+        log(f"wrote {Path(args.out) / 'shots.json'}, shots.md, shots.png")
+    if not result["results"]:
+        raise HeadstartError("no run succeeded; see the errors above")
+    if args.json:
+        print(json.dumps({"results": result["results"]}))
+
+
+def adapt(run, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps({k: v for k, v in run.report.items() if k != "target_metrics"}, default=float))
+
+
+def rank(ranking, args: Namespace) -> None:
+    log = _log(args)
+    log(ranking.table())
+    best = ranking.best()
+    log(f"best by {ranking.by}: {best.base} (layer {best.layer}); ranked {len(ranking.candidates)} candidate(s) "
+        f"in {ranking.wall_s:.1f} s")
+    if args.json:
+        print(json.dumps(ranking.to_json(), default=float))
+
+
+def evaluate(m: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(m))
+    elif "perplexity" in m:  # a generator bundle
+        print(f"{args.bundle} on {args.data} ({m['examples']} examples, {m['response_tokens']} answer tokens)")
+        print(f"loss        {m['loss']:.4f}\nperplexity  {m['perplexity']:.2f}")
+    else:
+        print(f"{args.bundle} on {args.data} ({m['split']}, {m['examples']} examples)")
+        print(f"accuracy  {m['accuracy']:.4f}\nmacro-F1  {m['macro_f1']:.4f}")
+        for c, f1 in m["per_class_f1"].items():
+            print(f"  {c:<20}F1 {f1:.4f}")
+
+
+def predict(rows: list[dict], args: Namespace) -> None:
+    if args.json:
+        print(json.dumps({"predictions": rows}))
+        return
+    for r in rows:
+        alts = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"][1:])
+        print(f"{r['label']}\t{r['score']:.3f}\t{r['input']}" + (f"\t({alts})" if alts else ""))
+
+
+def info(m: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(m))
+        return
+    folder = Path(args.bundle)
+    base = m.get("base", {})
+    print(f"bundle     {folder}")
+    print(f"base       {base.get('name')} ({base.get('kind')}, {base.get('params', 0) / 1e6:.1f}M params, "
+          f"sha256 {str(base.get('sha256'))[:16]}...)")
+    print(f"method     {m['method']['name']} {json.dumps(m['method'].get('config', {}))}")
+    if m.get("task"):
+        print(f"task       {m['task']}")
+    if m.get("classes"):
+        print(f"labels     {', '.join(m['classes'])}")
+    met = m.get("metrics", {})
+    if "accuracy" in met:
+        print(f"metrics    accuracy {met.get('accuracy', 0):.4f}, macro-F1 {met.get('macro_f1', 0):.4f} "
+              f"({met.get('split')}), trainable {met.get('trainable_params', 0):,} params, {met.get('wall_s', 0):.1f} s")
+    elif met:
+        shown = {k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        print("metrics    " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    print(f"files      {', '.join(files)}")
+    print(f"created    {m.get('created')} with headstart {m.get('versions', {}).get('headstart')}")
+
+
+def generate(answer: str | None, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps({"answer": answer}))
+    else:
+        print()  # the answer was streamed as it was produced
+
+
+def export(out, args: Namespace) -> None:
+    print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+
+
+def nothing(result: Any, args: Namespace) -> None:
+    """The function logs what it did (`corrupt`)."""
+
+
+def _log(args: Namespace):
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda s: print(s, file=stream, flush=True)
