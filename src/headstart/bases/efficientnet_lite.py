@@ -100,9 +100,9 @@ def load_efficientnet_lite(variant: int, pretrained: bool = True) -> TimmImageBa
     from .weights import save_safetensors_atomic
 
     name, arch = f"efficientnet-lite{variant}", f"tf_efficientnet_lite{variant}"
-    pth = _weights_file(variant)
     model = timm.create_model(arch, pretrained=False)
     if not pretrained:
+        pth = _weights_file(variant)
         sha = sha256_file(pth) if pth is not None else "random"
         return TimmImageBackbone(model, name=name, source="random init", sha256=sha)
     pth = weights_file(variant)
