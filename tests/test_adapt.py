@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import headstart
-from headstart.engine.two_domain import train_two_domains
+from headstart.engine.batches import PairedDomains
+from headstart.engine.checkpoint import Checkpointer
+from headstart.engine.trainer import TrainSettings, train
 from headstart.core.errors import ConfigError, DataError, TrainingError
 from headstart.methods.adabn.method import Adabn, bn_layers, recompute_bn_statistics
 from headstart.methods.base import loader_for
@@ -482,7 +484,6 @@ def _toy_two_domain(epochs: int, checkpoint_dir=None, resume=False, interrupt_at
     labels = (torch.arange(20) % 3).tolist()
     torch.manual_seed(0)
     modules = nn.ModuleDict({"model": nn.Linear(4, 3)})
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=0.05)
     batch, steps = 8, 3  # ceil(20 / 8) steps per epoch
 
     def step_loss(fs, ys, ft, p):
@@ -493,11 +494,17 @@ def _toy_two_domain(epochs: int, checkpoint_dir=None, resume=False, interrupt_at
         align = coral_loss(lin(fs), lin(ft))
         return ce + align, {"ce": ce.item()}
 
-    out = train_two_domains(modules, n_source=20, source_labels=labels, n_target=12,
-                            featurize=lambda s, t: (xs[s], xt[t]), step_loss=step_loss, optimizer=optimizer,
-                            lr_factor=lambda p: 1.0 - 0.5 * p, epochs=epochs, batch_size=batch,
-                            checkpoint_dir=checkpoint_dir, resume=resume, fingerprint=fingerprint, progress=False,
-                            log=log)
+    def step(pair, p):
+        s_idx, t_idx = pair
+        loss, stats = step_loss(xs[s_idx], torch.tensor(labels)[s_idx], xt[t_idx], p)
+        return loss, stats, len(s_idx)
+
+    groups = [{"params": list(modules.parameters()), "lr": 0.05}]
+    result = train(modules, plan=PairedDomains(20, 12, batch, epochs), step_loss=step, param_groups=groups,
+                   settings=TrainSettings(lr_schedule=lambda s, total: 1.0 - 0.5 * s / total),
+                   checkpoint=Checkpointer(checkpoint_dir, fingerprint=fingerprint, resume=resume),
+                   progress=False, log=log)
+    out = {"history": result.history}
     return modules, out
 
 

@@ -84,6 +84,69 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     return state
 
 
+class Checkpointer:
+    """Where one run keeps its checkpoints, and whether it resumes from them: the resume rules live here once.
+
+    `restore` refuses a checkpoint written by another run (its `fingerprint` differs: data, base or
+    config changed); `save` writes atomically on the main process only (the caller decides).
+    """
+
+    def __init__(self, folder: Path | None, *, fingerprint: dict | None = None, resume: bool = False):
+        self.folder = Path(folder) if folder is not None else None
+        self.fingerprint = fingerprint
+        self.resume = resume
+
+    def found(self) -> Path | None:
+        """The checkpoint to resume from, if resuming and one exists."""
+        if not self.resume or self.folder is None:
+            return None
+        return find_checkpoint(self.folder)
+
+    def restore(self, folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> dict[str, Any]:
+        state = json.loads((Path(folder) / "state.json").read_text())
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+            raise TrainingError(f"{folder} belongs to a different run (data, base or config changed); "
+                                "delete it or drop --resume")
+        return load_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler)
+
+    def save(self, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
+             state: dict[str, Any], extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        if self.folder is not None:
+            save_checkpoint(self.folder, weights=weights, optimizer=optimizer, scheduler=scheduler,
+                            state={**state, "fingerprint": self.fingerprint}, extra=extra)
+
+    def read_extra(self, folder: Path, name: str) -> dict[str, torch.Tensor] | None:
+        path = Path(folder) / f"{name}.safetensors"
+        return load_file(path) if path.exists() else None
+
+    def discard(self) -> None:
+        """The run finished: its checkpoints are spent."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.rmtree(self.folder.with_name(self.folder.name + ".old"), ignore_errors=True)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train, plus all buffers (BN statistics) of the modules that own them.
+
+    Buffers are included whatever the module's current mode: a BN layer trained in train mode
+    and saved in eval mode still carries statistics that differ from the base's.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for mname, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if any(p.requires_grad for _, p in own):
+            prefix = mname + "." if mname else ""
+            for n, p in own:
+                if p.requires_grad:
+                    out[prefix + n] = p
+            for n, b in module.named_buffers(recurse=False):
+                if n not in module._non_persistent_buffers_set:  # e.g. CLIP's position_ids: not state
+                    out[prefix + n] = b
+    return out
+
+
 def copy_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str = "stored weights") -> None:
     """Copy a partial state dict (what was trained) into `model` in place; every name must exist."""
     own = model.state_dict()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,15 +36,28 @@ def _split_decay(module: nn.Module, lr: float, weight_decay: float, name: str) -
     ]
 
 
+LrSchedule = Callable[[int, int], float]
+"""(step, total steps) -> the factor every group's base learning rate is multiplied by."""
+
+
+def warmup_cosine_schedule(warmup_ratio: float) -> LrSchedule:
+    """Linear warm-up over the first `warmup_ratio` of the steps, then cosine decay to 0."""
+    def factor(step: int, total: int) -> float:
+        total = max(1, total)
+        warmup = min(max(0, math.ceil(warmup_ratio * total)), total - 1)
+        return _warmup_cosine(step, total, warmup)
+    return factor
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 to each group's lr, then cosine decay to 0."""
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total_steps, warmup_steps))
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def _warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

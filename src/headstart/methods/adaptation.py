@@ -24,7 +24,7 @@ from torch import nn
 
 from ..data import Dataset, Split
 from ..engine.checkpoint import copy_state_into
-from ..engine.loop import trainable_state
+from ..engine.checkpoint import trainable_state
 from ..core.errors import ConfigError, DataError
 from .base import FitContext, Method, SpecialistModel, TrainConfig
 

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset, Split, load_image
-from ..engine.checkpoint import copy_state_into
-from ..engine.loop import LoopConfig, train_loop, trainable_state
-from ..engine.schedule import layerwise_param_groups
+from ..engine.checkpoint import copy_state_into, trainable_state
 
 
 class SpecialistModel(nn.Module):
@@ -87,6 +85,11 @@ class FitResult:
     is_main_process: bool = True
     method: "Method | None" = None
     """The method that actually trained the model when it is not the one called (`auto` delegates)."""
+    config: Any = None
+    """The config the method actually used (kind defaults filled in); the manifest records it. None: the
+    method's own config as given."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """How the engine trained it: processes, device, precision (empty for closed-form methods)."""
 
 
 @dataclass
@@ -182,47 +185,3 @@ class Method:
 
     def config_json(self) -> dict[str, Any]:
         return self.config.to_json()
-
-
-class TrainedMethod(Method):
-    """A method whose training runs through the engine loop (finetune, lora, scratch)."""
-
-    def _init_head_from_probe(self, model: SpecialistModel, train, num_classes: int, ctx: FitContext) -> None:
-        # Features of the untouched base (a fresh LoRA adapter is a no-op), from the shared cache.
-        from ..engine.features import cached_features
-        from .probe.method import fit_linear_head
-
-        x, _ = cached_features(model.base, train.items, loader_for(model.base.kind), 64, ctx.progress, ctx.use_cache)
-        w, b = fit_linear_head(x, torch.tensor(train.labels), num_classes, l2=1e-2)
-        with torch.no_grad():
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(b)
-
-    def prepare(self, backbone, num_classes: int, cfg: TrainConfig) -> SpecialistModel:
-        raise NotImplementedError
-
-    def param_groups(self, model: SpecialistModel, cfg: TrainConfig) -> list[dict]:
-        return layerwise_param_groups(model.base.blocks(), model.head, cfg.lr, cfg.head_lr, 1.0, cfg.weight_decay)
-
-    def set_mode(self, model: SpecialistModel, epoch: int) -> None:
-        model.train()
-
-    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
-        cfg = self.config.resolved(backbone.kind)
-        self.config = cfg  # the manifest records the values actually used
-        torch.manual_seed(ctx.seed)
-        model = self.prepare(backbone, len(data.classes), cfg)
-        train, val = data.selection_splits(ctx.seed, cfg.early_stopping)
-        if cfg.head_init == "probe":
-            self._init_head_from_probe(model, train, len(data.classes), ctx)
-        loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed, warmup_ratio=cfg.warmup_ratio,
-                              patience=cfg.patience, label_smoothing=cfg.label_smoothing)
-        out = train_loop(model, train=train, val=val, load=loader_for(backbone.kind), collate=model.base.collate,
-                         param_groups=self.param_groups(model, cfg), cfg=loop_cfg, set_mode=self.set_mode,
-                         checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume, fingerprint=ctx.fingerprint,
-                         progress=ctx.progress, log=ctx.log)
-        model.eval()
-        return FitResult(model=model, history=out["history"], train_s=out["train_s"],
-                         examples_per_s=out["examples_per_s"], is_main_process=out["is_main_process"],
-                         details={"best_epoch": out["best_epoch"], "selection_examples": len(val) if val else 0,
-                                  "num_processes": out["num_processes"]})

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from ...engine.schedule import layerwise_param_groups
-from ..base import SpecialistModel, TrainedMethod
+from ..base import SpecialistModel
+from ..training import TrainedMethod
 from .config import FinetuneConfig
 
 
@@ -12,7 +13,6 @@ class Finetune(TrainedMethod):
 
     def prepare(self, backbone, num_classes: int, cfg: FinetuneConfig) -> SpecialistModel:
         model = SpecialistModel(backbone, num_classes)
-        self._n_train = cfg.blocks_to_train(len(backbone.blocks()))
         for p in backbone.parameters():
             p.requires_grad_(False)
         return model
@@ -20,13 +20,15 @@ class Finetune(TrainedMethod):
     def param_groups(self, model: SpecialistModel, cfg: FinetuneConfig) -> list[dict]:
         # Only the blocks that may ever train get a group: frozen blocks never enter the optimizer.
         blocks = model.base.blocks()
-        trainable = blocks[len(blocks) - self._n_train:] if self._n_train else []
+        n_train = cfg.blocks_to_train(len(blocks))
+        trainable = blocks[len(blocks) - n_train:] if n_train else []
         return layerwise_param_groups(trainable, model.head, cfg.lr, cfg.head_lr, cfg.layer_decay, cfg.weight_decay)
 
     def set_mode(self, model: SpecialistModel, epoch: int) -> None:
         """Train mode for the unfrozen top blocks and the head; frozen blocks (and BN statistics) stay in eval."""
         blocks = model.base.blocks()
-        n_open = min(self._n_train, epoch + 1) if self.config.gradual_unfreeze else self._n_train
+        n_train = self.config.blocks_to_train(len(blocks))
+        n_open = min(n_train, epoch + 1) if self.config.gradual_unfreeze else n_train
         model.train()
         for i, (_, block) in enumerate(blocks):
             is_open = i >= len(blocks) - n_open

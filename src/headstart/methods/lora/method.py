@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ...engine.checkpoint import copy_state_into
-from ..base import SpecialistModel, TrainedMethod
+from ..base import SpecialistModel
+from ..training import TrainedMethod
 from .config import LoraMethodConfig
 
 ADAPTER_DIR = "adapter"

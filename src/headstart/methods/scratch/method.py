@@ -3,7 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..base import SpecialistModel, TrainConfig, TrainedMethod
+from ..base import SpecialistModel, TrainConfig
+from ..training import TrainedMethod
 
 
 @dataclass

@@ -7,11 +7,11 @@ import torch
 
 from ...data import Dataset, Split
 from ...engine.features import cached_features
-from ...engine.loop import LoopConfig, train_loop
 from ..adaptation import AdaptationMethod
 from ..base import FitContext, FitResult, SpecialistModel, loader_for
 from ..heads import L2_GRID, set_linear
 from ..probe.method import fit_head_with_l2_search
+from ..training import LoopConfig, train_classifier
 from .config import SelftrainConfig
 
 
@@ -83,7 +83,7 @@ class Selftrain(AdaptationMethod):
     def _fit_trained(self, backbone, data, source: Split, target_items, prior, rounds, ctx) -> FitResult:
         trainer = self.trainer()
         first = trainer.fit(backbone, data, ctx)  # round 0: the source-only model
-        model, tcfg = first.model, trainer.config
+        model, tcfg = first.model, first.config
         history: list[dict] = [{"round": 0, **row} for row in first.history]
         train_s = first.train_s
         load = loader_for(backbone.kind)
@@ -94,12 +94,12 @@ class Selftrain(AdaptationMethod):
             loop_cfg = LoopConfig(epochs=tcfg.epochs, batch_size=tcfg.batch_size, seed=ctx.seed + r,
                                   warmup_ratio=tcfg.warmup_ratio, patience=0, label_smoothing=tcfg.label_smoothing)
             ckpt = ctx.checkpoint_dir.with_name(f"{ctx.checkpoint_dir.name}-round{r}") if ctx.checkpoint_dir else None
-            out = train_loop(model, train=mixed, val=None, load=load, collate=model.base.collate,
-                             param_groups=trainer.param_groups(model, tcfg), cfg=loop_cfg, set_mode=trainer.set_mode,
-                             checkpoint_dir=ckpt, resume=ctx.resume, fingerprint=ctx.fingerprint,
-                             progress=ctx.progress, log=ctx.log)
-            history += [{"round": r, **row} for row in out["history"]]
-            train_s += out["train_s"]
+            out, _ = train_classifier(model, train_split=mixed, val=None, load=load,
+                                      param_groups=trainer.param_groups(model, tcfg), cfg=loop_cfg,
+                                      set_mode=lambda epoch: trainer.set_mode(model, epoch),
+                                      ctx=replace(ctx, checkpoint_dir=ckpt))
+            history += [{"round": r, **row} for row in out.history]
+            train_s += out.train_s
         model.eval()
         return FitResult(model=model, history=history, train_s=train_s, examples_per_s=first.examples_per_s,
                          details={"rounds": rounds, "target_examples": len(target_items),

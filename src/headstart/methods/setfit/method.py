@@ -1,20 +1,20 @@
 from __future__ import annotations
 
 import math
-import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ...data import Dataset
-from ...engine.checkpoint import copy_state_into
+from ...engine.batches import ClassBalanced, balanced_batches  # noqa: F401  (balanced_batches: re-exported)
+from ...engine.checkpoint import Checkpointer, copy_state_into
 from ...engine.features import encode
-from ...engine.schedule import warmup_cosine
+from ...engine.schedule import warmup_cosine_schedule
+from ...engine.trainer import TrainSettings, train
 from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
+from ..heads import set_linear
 from ..probe.method import fit_head_with_l2_search
 from .config import SetFitConfig
 
@@ -27,36 +27,26 @@ class SetFit(Method):
     config: SetFitConfig
 
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
-        cfg = self.config = self.config.resolved(backbone.kind)
-        train = data.split("train")
+        cfg = self.config.resolved(backbone.kind)
+        train_split = data.split("train")
         num_classes = len(data.classes)
         torch.manual_seed(ctx.seed)
-        body = self._wrap(backbone) if cfg.lora else backbone
+        body = _wrap(backbone, cfg.r) if cfg.lora else backbone
         model = SpecialistModel(body, num_classes, normalize=True)
         load = loader_for(backbone.kind)
         t0 = time.perf_counter()
-        history = train_body(model, train.items, train.labels, load, cfg, ctx)
+        history = train_body(model, train_split.items, train_split.labels, load, cfg, ctx)
         body_s = time.perf_counter() - t0
         # Phase 2: a logistic-regression head on the tuned body's unit-length embeddings.
         model.eval()
-        x = F.normalize(encode(model.backbone, train.items, load, 64, ctx.progress, desc="embeddings"), dim=-1)
-        w, b, l2, grid = fit_head_with_l2_search(x, train.labels, num_classes, cfg.l2_grid, seed=ctx.seed)
-        with torch.no_grad():
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(b)
+        x = F.normalize(encode(model.backbone, train_split.items, load, 64, ctx.progress, desc="embeddings"), dim=-1)
+        w, b, l2, grid = fit_head_with_l2_search(x, train_split.labels, num_classes, cfg.l2_grid, seed=ctx.seed)
+        set_linear(model.head, w, b)
         train_s = time.perf_counter() - t0
-        return FitResult(model=model, history=history, train_s=train_s,
-                         examples_per_s=len(train) * max(1, len(history)) / max(body_s, 1e-9) if history else 0.0,
+        return FitResult(model=model, history=history, train_s=train_s, config=cfg,
+                         examples_per_s=len(train_split) * max(1, len(history)) / max(body_s, 1e-9) if history else 0.0,
                          details={"body_steps": len(history), "body_s": round(body_s, 3), "l2": l2,
                                   "l2_grid_holdout_accuracy": grid, "lora": cfg.lora})
-
-    def _wrap(self, backbone):
-        from peft import LoraConfig, get_peft_model
-
-        backbone.name_or_path = backbone.info.name  # PEFT records this as the adapter's base model
-        return get_peft_model(backbone, LoraConfig(r=self.config.r, lora_alpha=2 * self.config.r, lora_dropout=0.0,
-                                                   target_modules=backbone.lora_target_modules(), bias="none",
-                                                   base_model_name_or_path=backbone.info.name))
 
     # ---- bundle -------------------------------------------------------------------------------
     def trained_state(self, model: SpecialistModel) -> dict[str, torch.Tensor]:
@@ -83,24 +73,13 @@ class SetFit(Method):
         return model.eval()
 
 
-def balanced_batches(labels: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` batches of indices, each drawing evenly from every class (so each batch has positive
-    pairs), cycling through each class's examples in a seeded shuffled order."""
-    rng = random.Random(seed)
-    by_class = [[i for i, y in enumerate(labels) if y == c] for c in sorted(set(labels))]
-    queues: list[list[int]] = [[] for _ in by_class]
-    per_class = max(2, batch_size // len(by_class))
-    batches = []
-    for _ in range(steps):
-        batch: list[int] = []
-        for c, members in enumerate(by_class):
-            take = min(per_class, len(members))
-            for _ in range(take):
-                if not queues[c]:
-                    queues[c] = rng.sample(members, len(members))
-                batch.append(queues[c].pop())
-        batches.append(sorted(set(batch)))
-    return batches
+def _wrap(backbone, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    backbone.name_or_path = backbone.info.name  # PEFT records this as the adapter's base model
+    return get_peft_model(backbone, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                               target_modules=backbone.lora_target_modules(), bias="none",
+                                               base_model_name_or_path=backbone.info.name))
 
 
 def pair_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -121,33 +100,32 @@ def pair_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_body(model: SpecialistModel, items: list, labels: list[int], load, cfg: SetFitConfig,
                ctx: FitContext) -> list[dict[str, float]]:
-    """Phase 1: contrastive steps on the backbone; returns one history row per step."""
-    n_classes = len(set(labels))
-    if n_classes < 2 or cfg.epochs == 0 or cfg.max_steps == 0:
+    """Phase 1: contrastive steps on the backbone over class-balanced batches; one history row per step."""
+    if len(set(labels)) < 2 or cfg.epochs == 0 or cfg.max_steps == 0:
         return []
     steps = min(cfg.max_steps, max(1, math.ceil(cfg.epochs * len(items) / cfg.batch_size)))
     params = [p for p in model.backbone.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = warmup_cosine(opt, steps, round(cfg.warmup_ratio * steps))
+    groups = [{"params": [p for p in params if p.ndim > 1], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "lr": cfg.lr, "weight_decay": 0.0}]
     base = model.base
-    model.backbone.train()
-    if base.kind == "image":
-        base.freeze_batchnorm()  # tiny class-balanced batches would only make the statistics noisier
-    history = []
-    bar = tqdm(balanced_batches(labels, cfg.batch_size, steps, ctx.seed), disable=not ctx.progress,
-               file=sys.stderr, desc="setfit body", unit="step", dynamic_ncols=True)
-    for step, idx in enumerate(bar):
+
+    def set_mode(epoch: int) -> None:
+        model.backbone.train()
+        if base.kind == "image":
+            base.freeze_batchnorm()  # tiny class-balanced batches would only make the statistics noisier
+
+    def step(idx: list[int], progress: float):
+        device = next(iter(params)).device
         batch = base.collate([load(items[i]) for i in idx], True)
-        loss = pair_loss(model.backbone(**batch), torch.tensor([labels[i] for i in idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        history.append({"step": step + 1, "loss": round(loss.item(), 5)})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.backbone.eval()
-    return history
+        emb = model.backbone(**{k: v.to(device) for k, v in batch.items()})
+        return pair_loss(emb, torch.tensor([labels[i] for i in idx], device=device)), {}, len(idx)
+
+    # A checkpoint holds the whole body when it trains (not LoRA): a few per run, not one per step.
+    out = train(model.backbone, plan=ClassBalanced(labels, cfg.batch_size, steps, ctx.seed), step_loss=step,
+                param_groups=[g for g in groups if g["params"]],
+                settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio), log_every=1,
+                                       checkpoint_every=max(10, math.ceil(steps / 4))),
+                set_mode=set_mode,
+                checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
+                progress=ctx.progress, log=ctx.log)
+    return out.history
