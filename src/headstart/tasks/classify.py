@@ -97,6 +97,8 @@ class ClassifyTask(Task):
             "history": result.history,
             "details": {**result.details, **start.details},
         }
+        if getattr(result, "training", None):  # how the engine ran it: processes, device, precision
+            manifest["training"] = result.training
         specialist = Specialist(result.model, method, dataset.classes, manifest)
         specialist.is_main_process = result.is_main_process
         return specialist
