@@ -1,15 +1,14 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ...core.config import Config
 
 
 @dataclass
-class AutoConfig:
+class AutoConfig(Config):
     """Let headstart choose the method."""
 
     allow_slow: bool = True
     """Allow methods that train the base (setfit, lora) when they are the more accurate choice; False keeps to
     frozen-base methods (zeroshot, prototype, probe) that fit in seconds."""
-
-    def to_json(self) -> dict:
-        return asdict(self)

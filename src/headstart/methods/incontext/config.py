@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from ...core.config import Config
 from ..labels import normalize_label_text
 
 
 @dataclass
-class InContextConfig:
+class InContextConfig(Config):
     """In-context learning: demonstrations in a causal LM's prompt, nothing trained."""
 
     examples_per_class: int = 4
@@ -34,6 +35,3 @@ class InContextConfig:
         if self.instruction is not None and not str(self.instruction).strip():
             raise ValueError("instruction must not be empty (leave it unset for the default)")
         self.label_text = normalize_label_text(self.label_text)
-
-    def to_json(self) -> dict:
-        return asdict(self)

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from ...core.config import Config
 from ..heads import default_l2_grid
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Config):
     """Linear probe on frozen features."""
 
     l2_grid: list[float] = field(default_factory=default_l2_grid)
@@ -25,6 +26,3 @@ class ProbeConfig:
             raise ValueError(f"l2_grid must be non-empty and non-negative, got {self.l2_grid}")
         if self.max_iter < 1 or self.batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1")
-
-    def to_json(self) -> dict:
-        return asdict(self)

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ...core.config import Config
 
 
 @dataclass
-class PrototypeConfig:
+class PrototypeConfig(Config):
     """Nearest class mean (prototype) on frozen features."""
 
     center: bool = True
@@ -20,6 +22,3 @@ class PrototypeConfig:
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-    def to_json(self) -> dict:
-        return asdict(self)

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from ...core.config import Config
+from ..heads import default_l2_grid
 
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # Sentence encoders were pre-trained contrastively: a SetFit-sized rate (2e-5) only nudges them;
@@ -15,7 +18,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class SetFitConfig:
+class SetFitConfig(Config):
     """SetFit (Tunstall et al. 2022): body phase (contrastive pairs), then head phase (logistic regression)."""
 
     epochs: int = 20
@@ -35,7 +38,7 @@ class SetFitConfig:
     """Train LoRA adapters on the body instead of all its weights (bundle: adapter + head, not the body)."""
     r: int = 8
     """LoRA rank (with `lora`)."""
-    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    l2_grid: list[float] = field(default_factory=default_l2_grid)
     """Head phase: L2 strengths tried on a 10% holdout (when every class has >= 5 examples)."""
 
     def __post_init__(self) -> None:
@@ -48,12 +51,6 @@ class SetFitConfig:
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
 
-    def resolved(self, kind: str) -> "SetFitConfig":
-        values = asdict(self)
-        for k, v in KIND_DEFAULTS.get(kind, KIND_DEFAULTS["text"]).items():
-            if values.get(k) is None:
-                values[k] = v
-        return type(self)(**values)
-
-    def to_json(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def kind_defaults(cls) -> dict[str, dict[str, Any]]:
+        return KIND_DEFAULTS

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from ...core.config import Config
 from ..labels import normalize_label_text
 
 SCORINGS = ("auto", "similarity", "likelihood")
 
 
 @dataclass
-class ZeroShotConfig:
+class ZeroShotConfig(Config):
     """Zero-shot classification from the label set alone."""
 
     label_text: list[str] = field(default_factory=list)
@@ -40,6 +41,3 @@ class ZeroShotConfig:
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
