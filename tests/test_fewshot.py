@@ -81,6 +81,37 @@ def test_zeroshot_similarity_is_cosine_to_label_embeddings(tiny_text_csv):
     torch.testing.assert_close(spec.predict_proba(texts), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("base,method,scoring", [("tiny-text", "zeroshot", "similarity"),
+                                                 ("tiny-llm", "zeroshot", "likelihood"),
+                                                 ("tiny-llm", "incontext", None)])
+def test_fit_leaves_the_method_config_unchanged_and_returns_the_one_it_used(tiny_text_csv, tmp_path, base,
+                                                                             method, scoring):
+    from headstart.core.config import Config
+    from headstart.data import load_dataset
+    from headstart.methods.base import FitContext
+    from headstart.methods.registry import make_method
+
+    data = load_dataset(tiny_text_csv).with_shots(0 if method == "zeroshot" else 1, seed=0)
+    m = make_method(method, label_text=["food=something to eat"],
+                    **({"examples_per_class": 1} if method == "incontext" else {}))
+    given = m.config.to_json()
+    result = m.fit(headstart.load_base(base), data, FitContext(progress=False, log=lambda s: None))
+    assert m.config.to_json() == given  # not reassigned, not changed in place
+    assert isinstance(result.config, Config)
+    assert result.config.label_text == ["food=something to eat"]
+    if scoring:
+        assert given["scoring"] == "auto" and result.config.scoring == scoring
+        assert result.method is not m and result.method.config == result.config  # the bundle's method
+        state = result.method.trained_state(result.model)
+        assert sorted(state) == (["calibration"] if scoring == "likelihood" else ["center", "head.bias", "head.weight"])
+        result.method.save_artifacts(result.model, tmp_path, base)
+        assert (tmp_path / "prompt.json").is_file() == (scoring == "likelihood")
+        restored = m.restore(headstart.load_base(base), 3, state, tmp_path)  # `auto` resolved by the base kind
+        texts = ["pizza and soup", "the coach and the team"]
+        with torch.no_grad():
+            torch.testing.assert_close(restored(**restored.collate(texts)), result.model(**result.model.collate(texts)))
+
+
 def test_zeroshot_on_an_image_base_without_text_tower_is_a_clear_error(tiny_image_folder):
     with pytest.raises(ConfigError, match="text tower"):
         headstart.fit(tiny_image_folder, base="tiny-image", method="zeroshot", shots=0, **QUIET)

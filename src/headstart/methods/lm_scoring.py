@@ -316,28 +316,47 @@ def _cache_kwarg(body: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
+def scoring_state(model: LabelScoringModel) -> dict[str, torch.Tensor]:
+    """What a label-scoring bundle stores in trained.safetensors: the calibration (the LM is the base's)."""
+    return {"calibration": model.calibration.detach()}
+
+
+def save_prompt(model: LabelScoringModel, folder: Path) -> None:
+    """Write the prompt (PromptSpec + length_norm) as the bundle's prompt.json."""
+    prompt = {**model.spec.to_json(), "length_norm": model.length_norm}
+    (Path(folder) / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def load_scoring_model(backbone, state: dict[str, torch.Tensor], folder: Path, batch_size: int = 8) -> LabelScoringModel:
+    """Rebuild the model from prompt.json (JSON only: no code from the bundle runs) and the calibration."""
+    path = Path(folder) / PROMPT_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder}: incomplete bundle (no {PROMPT_FILE})")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BundleError(f"{path}: unreadable prompt ({e})") from None
+    if not isinstance(d, dict):
+        raise BundleError(f"{path}: the prompt is not a JSON object")
+    try:
+        spec = PromptSpec.from_json(d)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: invalid prompt ({e})") from None
+    model = LabelScoringModel(backbone, spec, bool(d.get("length_norm", False)), batch_size)
+    if "calibration" not in state or state["calibration"].shape != model.calibration.shape:
+        raise BundleError(f"{folder}: the stored calibration does not match the {len(model.spec.classes)} labels")
+    model.calibration.copy_(state["calibration"])
+    return model.eval()
+
+
 class LMScoringMixin:
-    """For a Method whose model is a LabelScoringModel: the bundle stores the calibration and prompt.json."""
+    """For a Method whose model is always a LabelScoringModel (`incontext`): the bundle rules above as methods."""
 
     def trained_state(self, model: LabelScoringModel) -> dict[str, torch.Tensor]:
-        return {"calibration": model.calibration.detach()}
+        return scoring_state(model)
 
     def save_artifacts(self, model: LabelScoringModel, folder: Path, base_name: str) -> None:
-        prompt = {**model.spec.to_json(), "length_norm": model.length_norm}
-        (Path(folder) / PROMPT_FILE).write_text(json.dumps(prompt, indent=2, ensure_ascii=False), encoding="utf-8")
+        save_prompt(model, folder)
 
     def restore_scoring(self, backbone, state: dict[str, torch.Tensor], folder: Path) -> LabelScoringModel:
-        """Rebuild the model from prompt.json (JSON only: no code from the bundle runs) and the calibration."""
-        path = Path(folder) / PROMPT_FILE
-        if not path.is_file():
-            raise BundleError(f"{folder}: incomplete bundle (no {PROMPT_FILE})")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise BundleError(f"{path}: unreadable prompt ({e})") from None
-        batch_size = getattr(getattr(self, "config", None), "batch_size", 8)
-        model = LabelScoringModel(backbone, PromptSpec.from_json(d), bool(d.get("length_norm", False)), batch_size)
-        if "calibration" not in state or state["calibration"].shape != model.calibration.shape:
-            raise BundleError(f"{folder}: the stored calibration does not match the {len(model.spec.classes)} labels")
-        model.calibration.copy_(state["calibration"])
-        return model.eval()
+        return load_scoring_model(backbone, state, folder, getattr(getattr(self, "config", None), "batch_size", 8))

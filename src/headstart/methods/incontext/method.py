@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ...data import Dataset
@@ -28,7 +29,8 @@ class InContext(LMScoringMixin, Method):
         cfg = self.config
         t0 = time.perf_counter()
         descriptions = parse_label_text(cfg.label_text, data.classes)
-        cfg.label_text = [f"{k}={v}" for k, v in descriptions.items()]  # self-contained manifest
+        # The manifest records the resolved descriptions (self-contained); a copy, so `self.config` is unchanged.
+        used = dataclasses.replace(cfg, label_text=[f"{k}={v}" for k, v in descriptions.items()])
         train = data.split("train")
         chosen = sample_examples(train.labels, len(data.classes), cfg.examples_per_class, ctx.seed)
         examples = [(train.items[i], train.labels[i]) for i in chosen]
@@ -37,7 +39,7 @@ class InContext(LMScoringMixin, Method):
         model.calibrate_()
         model.eval()
         counts = {c: sum(1 for _, y in examples if y == i) for i, c in enumerate(data.classes)}
-        return FitResult(model=model, train_s=time.perf_counter() - t0,
+        return FitResult(model=model, train_s=time.perf_counter() - t0, config=used,
                          details={"examples_used": len(examples), "examples_per_class": counts,
                                   "prompt_tokens": model.prompt_tokens,
                                   "calibration": dict(zip(data.classes, model.calibration.tolist()))})

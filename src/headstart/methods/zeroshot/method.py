@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -32,25 +33,31 @@ class ZeroShot(Method):
         cfg = self.config
         t0 = time.perf_counter()
         descriptions = parse_label_text(cfg.label_text, data.classes)
-        scoring = cfg.scoring
-        if scoring == "auto":
-            scoring = "likelihood" if backbone.kind == "causal_lm" else "similarity"
+        scoring = self.scoring_for(backbone.kind)
         if scoring == "likelihood" and backbone.kind != "causal_lm":
             raise ConfigError(f"scoring='likelihood' needs a causal LM base (e.g. smollm2-135m); "
                               f"{backbone.info.name} is a {backbone.kind} base")
         # The manifest records what was actually used, so the bundle rebuilds without the original files.
-        self.config = dataclasses.replace(cfg, scoring=scoring,
-                                          label_text=[f"{k}={v}" for k, v in descriptions.items()])
+        # A copy: this method object and its config are never changed by a fit.
+        used = dataclasses.replace(cfg, scoring=scoring, label_text=[f"{k}={v}" for k, v in descriptions.items()])
         if scoring == "likelihood":
-            model, details = self._fit_likelihood(backbone, data.classes, descriptions)
+            model, details = self._fit_likelihood(backbone, data.classes, descriptions, used)
         else:
-            model, details = self._fit_similarity(backbone, data.classes, descriptions)
+            model, details = self._fit_similarity(backbone, data.classes, descriptions, used)
         details["label_text"] = descriptions
-        return FitResult(model=model, train_s=time.perf_counter() - t0, details=details)
+        resolved = copy.copy(self)
+        resolved.config = used  # the bundle's method: its frozen_base and bundle rules follow the scoring used
+        return FitResult(model=model, train_s=time.perf_counter() - t0, details=details, method=resolved,
+                         config=used)
+
+    def scoring_for(self, kind: str) -> str:
+        """The scoring used on a base of this kind: `auto` is likelihood for causal LMs, else similarity."""
+        if self.config.scoring != "auto":
+            return self.config.scoring
+        return "likelihood" if kind == "causal_lm" else "similarity"
 
     # ---- embedding similarity (text encoders, image-text bases, causal-LM features) -----------
-    def _fit_similarity(self, backbone, classes: list[str], descriptions: dict[str, str]):
-        cfg = self.config
+    def _fit_similarity(self, backbone, classes: list[str], descriptions: dict[str, str], cfg: ZeroShotConfig):
         if not backbone.has_text_tower:
             raise ConfigError(f"{backbone.info.name} is an image base without a text tower: zero-shot images need "
                               "a CLIP/SigLIP-style base (a local folder or hub id); with a few labelled photos "
@@ -67,34 +74,31 @@ class ZeroShot(Method):
         return model, {"scoring": "similarity", "templates": templates, "label_phrases": phrases, "scale": scale}
 
     # ---- causal-LM likelihood -----------------------------------------------------------------
-    def _fit_likelihood(self, backbone, classes: list[str], descriptions: dict[str, str]):
+    def _fit_likelihood(self, backbone, classes: list[str], descriptions: dict[str, str], cfg: ZeroShotConfig):
         from ..lm_scoring import LabelScoringModel, default_prompt_spec
 
-        cfg = self.config
         spec = default_prompt_spec(classes, descriptions, [], cfg.instruction, cfg.calibrate)
         model = LabelScoringModel(backbone, spec, length_norm=cfg.length_norm)
         model.calibrate_()
         return model, {"scoring": "likelihood", "calibration": model.calibration.tolist()}
 
-    # ---- bundle -------------------------------------------------------------------------------
+    # ---- bundle: a likelihood model stores what `incontext` stores (see lm_scoring) ----------
     def trained_state(self, model) -> dict[str, torch.Tensor]:
-        if self.config.scoring == "likelihood":
-            from ..lm_scoring import LMScoringMixin
+        from ..lm_scoring import LabelScoringModel, scoring_state
 
-            return LMScoringMixin.trained_state(self, model)
-        return cosine_state(model)
+        return scoring_state(model) if isinstance(model, LabelScoringModel) else cosine_state(model)
 
     def save_artifacts(self, model, folder: Path, base_name: str) -> None:
-        if self.config.scoring == "likelihood":
-            from ..lm_scoring import LMScoringMixin
+        from ..lm_scoring import LabelScoringModel, save_prompt
 
-            LMScoringMixin.save_artifacts(self, model, folder, base_name)
+        if isinstance(model, LabelScoringModel):
+            save_prompt(model, folder)
 
     def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
-        if self.config.scoring == "likelihood":
-            from ..lm_scoring import LMScoringMixin
+        if self.scoring_for(backbone.kind) == "likelihood":
+            from ..lm_scoring import load_scoring_model
 
-            return LMScoringMixin.restore_scoring(self, backbone, state, folder)
+            return load_scoring_model(backbone, state, folder, self.config.batch_size)
         from ...engine.checkpoint import copy_state_into
 
         model = cosine_model(backbone, num_classes)
