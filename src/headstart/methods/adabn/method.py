@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import sys
 import time
 
@@ -67,8 +68,14 @@ class Adabn(AdaptationMethod):
         if not bn_layers(backbone):
             raise ConfigError(f"adabn re-estimates BatchNorm statistics and {backbone.info.name!r} has no BatchNorm "
                               "layers (transformers use LayerNorm); use coral, dann or selftrain")
-        cfg = self.config.resolved(backbone.kind)
-        self.config, self._trainer = cfg, None
+        method = copy.copy(self)  # a copy: this method object and its config are never changed by a fit
+        method.config, method._trainer = self.config.resolved(backbone.kind), None
+        result = method._fit_resolved(backbone, data, ctx)
+        result.config = method.config  # what the manifest records
+        return result
+
+    def _fit_resolved(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
+        cfg = self.config
         source, target_items = data.split("train"), self.target_items(ctx)
         load = loader_for(backbone.kind)
         t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 
@@ -40,13 +41,15 @@ class Selftrain(AdaptationMethod):
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
         cfg = self.config.resolved(backbone.kind)
         rounds = cfg.rounds or (3 if cfg.backbone == "frozen" else 1)
-        self.config, self._trainer = replace(cfg, rounds=rounds), None
+        method = copy.copy(self)  # a copy: this method object and its config are never changed by a fit
+        method.config, method._trainer = replace(cfg, rounds=rounds), None
         source, target_items = data.split("train"), self.target_items(ctx)
         prior = torch.bincount(torch.tensor(source.labels), minlength=len(data.classes)).float()
         prior /= prior.sum()
-        if cfg.backbone == "frozen":
-            return self._fit_frozen(backbone, data, source, target_items, prior, rounds, ctx)
-        return self._fit_trained(backbone, data, source, target_items, prior, rounds, ctx)
+        fit_mode = method._fit_frozen if cfg.backbone == "frozen" else method._fit_trained
+        result = fit_mode(backbone, data, source, target_items, prior, rounds, ctx)
+        result.config = method.config  # what the manifest records
+        return result
 
     def _select(self, probs, prior, r, rounds, history, ctx) -> tuple[list[int], list[int]]:
         share = self.config.max_share * r / rounds
