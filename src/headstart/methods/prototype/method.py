@@ -10,6 +10,7 @@ from ...data import Dataset
 from ...engine.checkpoint import copy_state_into
 from ...engine.features import cached_features
 from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
+from ..heads import set_linear
 from .config import PrototypeConfig
 
 
@@ -62,8 +63,7 @@ def cosine_model(backbone, num_classes: int) -> SpecialistModel:
 def set_cosine_head(model: SpecialistModel, class_vectors: torch.Tensor, scale: float,
                     center: torch.Tensor | None = None) -> None:
     """head(z) = scale * cos(z, class_vectors): unit rows times the scale, no bias."""
-    model.head.weight.copy_(scale * F.normalize(class_vectors.float(), dim=-1))
-    model.head.bias.zero_()
+    set_linear(model.head, scale * F.normalize(class_vectors.float(), dim=-1), torch.zeros_like(model.head.bias))
     if center is not None:
         model.center.copy_(center)
 
