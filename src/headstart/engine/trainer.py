@@ -135,29 +135,12 @@ def train(model: nn.Module, *, plan: BatchPlan, step_loss: StepLoss, param_group
 
     `set_mode(epoch)` puts the model in train mode for an epoch (frozen BatchNorms, gradual unfreezing).
     """
-    from accelerate import Accelerator  # imported here: prediction never needs it
-
-    accelerator = Accelerator()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    params = [p for g in param_groups for p in g["params"]]
-    if not any(p.requires_grad for p in params):
-        raise TrainingError("nothing to train: no parameter in the optimizer requires a gradient")
-    model.to(accelerator.device)
-    if world > 1:
-        _broadcast_from_main(model)
-    optimizer = torch.optim.AdamW(param_groups)
+    loop = _Loop(model, param_groups, step_loss, settings, hooks, checkpoint or Checkpointer(None))
     epochs = [plan.batches(e) for e in range(plan.epochs)]
-    total = sum(len(b) for b in epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: settings.lr_schedule(s, total))
-    run = RunState(model=model, total=total, device=accelerator.device, is_main_process=accelerator.is_main_process)
-    checkpoint = checkpoint or Checkpointer(None)
-    partial = _resume(checkpoint, run, epochs, optimizer, scheduler, hooks, set_mode, log)
-    device_type = accelerator.device.type
-
-    bar = tqdm(total=total, initial=run.step, disable=not progress or not accelerator.is_main_process,
+    run = loop.start(epochs, set_mode, log)
+    bar = tqdm(total=run.total, initial=run.step, disable=not progress or not run.is_main_process,
                file=sys.stderr, unit="step", dynamic_ncols=True)
-    t0, counted, stop = time.perf_counter(), 0, False
-    first = run.step
+    t0, first, counted = time.perf_counter(), run.step, 0
     for epoch, batches in enumerate(epochs):
         start = sum(len(b) for b in epochs[:epoch])
         if run.step >= start + len(batches):
@@ -166,65 +149,96 @@ def train(model: nn.Module, *, plan: BatchPlan, step_loss: StepLoss, param_group
         if set_mode is not None:
             set_mode(epoch)
         sums, epoch_t0 = {}, time.perf_counter()
-        if partial.get("epoch") == epoch:  # resumed inside this epoch: continue its running figures
-            sums, epoch_t0 = partial["sums"], epoch_t0 - partial["elapsed"]
+        if loop.partial.get("epoch") == epoch:  # resumed inside this epoch: continue its running figures
+            sums, epoch_t0 = loop.partial["sums"], epoch_t0 - loop.partial["elapsed"]
         for batch in batches[run.step - start:]:
-            mine = shard(batch, rank, world) if world > 1 else batch
-            if batch_size_of(mine):
-                with autocast(settings.bf16, device_type):
-                    loss, stats, count = step_loss(mine, run.step / max(1, total))
-                    for hook in hooks:
-                        extra = hook.extra_loss(run, mine)
-                        if extra is not None:
-                            loss = loss + extra
-                loss.backward()
-            else:  # a batch smaller than the number of processes: this one only joins the averaging
-                loss, stats, count = torch.zeros(()), {}, 0
-            if world > 1:
-                _average_gradients(params, count)
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                _broadcast_buffers(model)
-            run.step += 1
-            counted += count * world
-            run.count += count * world
-            _accumulate(sums, {"loss": loss.item(), **stats})
-            for hook in hooks:
-                hook.after_step(run)
-            bar.set_postfix(epoch=f"{epoch + 1}/{len(epochs)}", loss=f"{loss.item():.4f}", refresh=False)
+            loss, stats, count = loop.step(run, batch)
+            counted += count
+            _accumulate(sums, {"loss": loss, **stats})
+            bar.set_postfix(epoch=f"{epoch + 1}/{len(epochs)}", loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            if settings.log_every and (run.step % settings.log_every == 0 or run.step == total):
-                run.history.append({"step": run.step, **_means(sums), "lr": scheduler.get_last_lr()[0]})
+            if settings.log_every and (run.step % settings.log_every == 0 or run.step == run.total):
+                run.history.append({"step": run.step, **_means(sums), "lr": loop.scheduler.get_last_lr()[0]})
                 sums = {}
-            last_of_epoch = run.step == start + len(batches)
-            if settings.checkpoint_every and run.step % settings.checkpoint_every == 0 and not last_of_epoch:
-                _save(checkpoint, run, optimizer, scheduler, hooks, accelerator,
-                      partial={"epoch": epoch, "sums": sums, "elapsed": time.perf_counter() - epoch_t0})
+            if settings.checkpoint_every and run.step % settings.checkpoint_every == 0 and run.step < start + len(batches):
+                loop.save(run, partial={"epoch": epoch, "sums": sums, "elapsed": time.perf_counter() - epoch_t0})
+        row = {"epoch": epoch + 1}
         if not settings.log_every:
             means = _means(sums)
-            row = {"epoch": epoch + 1, settings.loss_key: means.pop("loss", 0.0), **means,
-                   "epoch_s": time.perf_counter() - epoch_t0}
+            row.update({settings.loss_key: means.pop("loss", 0.0), **means, "epoch_s": time.perf_counter() - epoch_t0})
             run.history.append(row)
-        else:
-            row = {"epoch": epoch + 1}
-        for hook in hooks:
-            stop = hook.end_of_epoch(run, row) or stop
-        _save(checkpoint, run, optimizer, scheduler, hooks, accelerator, partial={})
+        stop = any([hook.end_of_epoch(run, row) for hook in hooks])  # a list: every hook sees every epoch
+        loop.save(run, partial={})
         if stop and epoch + 1 < len(epochs):
             break
     bar.close()
     for hook in hooks:
         hook.finish(run)
     model.eval()
-    precision = "bf16-autocast" if settings.bf16 else "fp32"
     return TrainResult(history=run.history, train_s=time.perf_counter() - t0, steps=run.step - first, count=counted,
-                       total_count=run.count,
-                       num_processes=world, is_main_process=accelerator.is_main_process,
-                       device=str(accelerator.device), precision=precision)
+                       total_count=run.count, num_processes=loop.world, is_main_process=run.is_main_process,
+                       device=str(run.device), precision="bf16-autocast" if settings.bf16 else "fp32")
+
+
+class _Loop:
+    """The state one `train` call steps: the accelerator, optimizer, schedule, hooks and checkpointer."""
+
+    def __init__(self, model: nn.Module, param_groups: list[dict], step_loss: StepLoss, settings: TrainSettings,
+                 hooks: Sequence[Hook], checkpoint: Checkpointer):
+        from accelerate import Accelerator  # imported here: prediction never needs it
+
+        self.accelerator = Accelerator()
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.params = [p for g in param_groups for p in g["params"]]
+        if not any(p.requires_grad for p in self.params):
+            raise TrainingError("nothing to train: no parameter in the optimizer requires a gradient")
+        self.model, self.step_loss, self.settings, self.hooks, self.checkpoint = (
+            model, step_loss, settings, hooks, checkpoint)
+        model.to(self.accelerator.device)
+        if self.world > 1:
+            _broadcast_from_main(model)
+        self.optimizer = torch.optim.AdamW(param_groups)
+        self.partial: dict = {}
+
+    def start(self, epochs: list, set_mode, log) -> RunState:
+        total = sum(len(b) for b in epochs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: self.settings.lr_schedule(s, total))
+        run = RunState(model=self.model, total=total, device=self.accelerator.device,
+                       is_main_process=self.accelerator.is_main_process)
+        self.partial = _resume(self.checkpoint, run, epochs, self.optimizer, self.scheduler, self.hooks, set_mode, log)
+        return run
+
+    def step(self, run: RunState, batch: Batch) -> tuple[float, dict[str, float], int]:
+        """One optimizer step on this process's share of `batch`; returns (loss, stats, count of all processes)."""
+        mine = shard(batch, self.rank, self.world) if self.world > 1 else batch
+        if batch_size_of(mine):
+            with autocast(self.settings.bf16, self.accelerator.device.type):
+                loss, stats, count = self.step_loss(mine, run.step / max(1, run.total))
+                for hook in self.hooks:
+                    extra = hook.extra_loss(run, mine)
+                    if extra is not None:
+                        loss = loss + extra
+            loss.backward()
+        else:  # a batch smaller than the number of processes: this one only joins the averaging
+            loss, stats, count = torch.zeros(()), {}, 0
+        if self.world > 1:
+            _average_gradients(self.params, count)
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.requires_grad], self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            _broadcast_buffers(self.model)
+        run.step += 1
+        run.count += count * self.world
+        for hook in self.hooks:
+            hook.after_step(run)
+        return loss.item(), stats, count * self.world
+
+    def save(self, run: RunState, partial: dict) -> None:
+        _save(self.checkpoint, run, self.optimizer, self.scheduler, self.hooks, self.accelerator, partial)
 
 
 def _resume(checkpoint: Checkpointer, run: RunState, epochs: list, optimizer, scheduler, hooks, set_mode, log) -> dict:
