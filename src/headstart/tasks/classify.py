@@ -82,11 +82,11 @@ class ClassifyTask(Task):
         from ..bundle.classifier import Specialist
 
         method = result.method or method  # `auto` picked and ran another method: the bundle is that method's
-        config = getattr(result, "config", None)
+        config = result.config if result.config is not None else method.config
         manifest = {
             "task": self.name,
             "base": start.backbone.info.to_json(),
-            "method": {"name": method.name, "config": config.to_json() if config is not None else method.config_json()},
+            "method": {"name": method.name, "config": config.to_json()},
             "classes": dataset.classes,
             "preprocessing": start.backbone.info.preprocessing,
             "seed": settings.seed,
@@ -97,7 +97,7 @@ class ClassifyTask(Task):
             "history": result.history,
             "details": {**result.details, **start.details},
         }
-        if getattr(result, "training", None):  # how the engine ran it: processes, device, precision
+        if result.training:  # how the engine ran it: processes, device, precision
             manifest["training"] = result.training
         specialist = Specialist(result.model, method, dataset.classes, manifest)
         specialist.is_main_process = result.is_main_process

@@ -79,13 +79,13 @@ class SFTTask(Task):
     def artifact(self, result, data, start: Start, method, settings: FitSettings):
         from ..bundle.generator import LMSpecialist
 
-        config = getattr(result, "config", None) or method.config
+        config = result.config if result.config is not None else method.config
         manifest = {"task": self.name, "base": start.base, "method": {"name": method.name, "config": config.to_json()},
                     "seed": settings.seed, "history": result.history,
                     "data": {"source": data.source, "eval": data.held_from, "skipped": [list(s) for s in data.skipped][:100]}}
         if start.parent is not None:
             manifest["parent"] = start.parent
-        if getattr(result, "training", None):
+        if result.training:
             manifest["training"] = result.training
         return LMSpecialist(result.model, start.backbone.tokenizer, manifest, result.details["bf16"])
 

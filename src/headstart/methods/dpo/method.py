@@ -66,7 +66,7 @@ class DPO(Method):
                     "eval_dpo_loss_before": before["dpo_loss"], "eval_dpo_loss": after["dpo_loss"],
                     "reward_margin": after["margin"], "train_examples": len(train_rows),
                     "eval_examples": len(held_rows)}
-        return training_result(model, run, held_out, bf16)
+        return training_result(model, run, held_out, bf16, cfg)
 
 
 class QloraDPO(DPO):

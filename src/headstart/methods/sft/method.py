@@ -118,7 +118,7 @@ class SFT(Method):
         # The held-out loss is taken here, on the rows trained against: the "before" exists only before training.
         held_out = {"eval_loss_before": before, "eval_loss": after, "eval_perplexity_before": perplexity(before),
                     "eval_perplexity": perplexity(after), "eval_examples": len(held_rows), "eval_tokens": tokens}
-        return training_result(model, run, held_out, bf16)
+        return training_result(model, run, held_out, bf16, cfg)
 
 
 class QloraSFT(SFT):
@@ -127,9 +127,10 @@ class QloraSFT(SFT):
     quantize = "nf4"
 
 
-def training_result(model, run: dict, held_out: dict[str, Any], bf16: bool) -> FitResult:
+def training_result(model, run: dict, held_out: dict[str, Any], bf16: bool, config: SFTConfig) -> FitResult:
     """The FitResult of a generative method: the held-out figures and throughput go to `details`."""
-    return FitResult(model=model.eval(), history=run["history"], train_s=run["train_s"],
+    return FitResult(model=model.eval(), history=run["history"], train_s=run["train_s"], config=config,
+                     training=run.get("training", {}),
                      details={**held_out, "tokens": run["tokens"], "tokens_per_s": round(run["tokens_per_s"], 1),
                               "bf16": bf16})
 
