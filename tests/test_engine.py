@@ -248,3 +248,16 @@ def test_feature_cache_for_texts(tmp_path, monkeypatch):
     again, n = cached_features(base, texts + ["new"], lambda x: x, progress=False)
     assert n == 1 and torch.equal(again[:4], feats)
     assert os.listdir(tmp_path / "cache" / "features")
+
+
+def test_a_damaged_feature_shard_is_removed_and_its_rows_extracted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    base = headstart.load_base("tiny-text")
+    texts = ["alpha", "beta gamma"]
+    feats, _ = cached_features(base, texts, lambda x: x, progress=False)
+    shards = list((tmp_path / "cache" / "features").rglob("shard-*.safetensors"))
+    assert len(shards) == 1
+    shards[0].write_bytes(b"\x00" * 40)  # damaged on disk (bit rot, a full disk, a foreign tool)
+    again, n = cached_features(base, texts, lambda x: x, progress=False)
+    assert n == 2 and torch.equal(again, feats), "the damaged shard's rows are extracted again"
+    assert not shards[0].exists(), "the damaged shard is removed, not skipped on every read"

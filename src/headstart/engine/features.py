@@ -141,7 +141,8 @@ def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
                 if not wanted.intersection(keys):
                     continue
                 table = f.get_tensor("features")
-        except Exception:  # a torn or foreign file: ignore it, the rows are re-extracted
+        except Exception:  # a damaged file (writes are atomic, so not a half-written one): drop it for good
+            shard.unlink(missing_ok=True)  # its rows are re-extracted and written anew
             continue
         for r, k in enumerate(keys):
             if k in wanted:
