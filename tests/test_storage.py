@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from headstart.core import storage
-from headstart.core.storage import atomic_dir, atomic_write_bytes, atomic_write_text, recover_interrupted_swap
+from headstart.core.storage import (atomic_dir, atomic_write_bytes, atomic_write_text, discard_dir,
+                                    recover_interrupted_swap)
 
 
 class Killed(BaseException):
@@ -198,3 +199,38 @@ def test_atomic_write_text_and_bytes(tmp_path, monkeypatch):
         atomic_write_text(path, "new")
     monkeypatch.undo()
     assert path.read_bytes() == b"\x00\x01" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_discard_dir_removes_the_folder_and_its_leftovers(tmp_path, kill_at):
+    folder = tmp_path / "ckpt"
+    _write(folder, "one")
+    revive = kill_at(3)  # new folder in place, old one and the killed writer's tmp name left
+    with pytest.raises(Killed):
+        _write(folder, "two")
+    revive()
+    (tmp_path / "keep").mkdir()
+    discard_dir(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    discard_dir(tmp_path / "never-written")  # nothing there: no error
+
+
+def test_a_real_kill_9_inside_the_block_leaves_the_old_folder_and_no_leftover(tmp_path):
+    import signal
+    import sys
+
+    folder = tmp_path / "out"
+    _write(folder, "one")
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from headstart.core.storage import atomic_dir
+with atomic_dir({str(folder)!r}) as tmp:
+    (tmp / "content.txt").write_text("half")
+    print("ready", flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert any(".tmp-" in name for name in _siblings(folder))  # what the killed writer left
+    recover_interrupted_swap(folder)
+    assert _read(folder) == ("one", "oneone") and _siblings(folder) == []

@@ -128,6 +128,19 @@ def recover_interrupted_swap(folder: str | os.PathLike) -> None:
             _remove(leftover)
 
 
+def discard_dir(folder: str | os.PathLike) -> None:
+    """Delete `folder` and every swap leftover of it (`.<name>.old-*`; `.<name>.tmp-*` of dead processes).
+
+    For folders that are done with (a finished run's checkpoints): nothing of them is left behind.
+    """
+    folder = Path(folder).absolute()
+    _remove(folder)
+    if folder.parent.is_dir():
+        for leftover in _leftovers(folder, "old"):
+            _remove(leftover)
+    recover_interrupted_swap(folder)  # with no `old-*` left this only clears dead `tmp-*`
+
+
 def _swap_in(tmp: Path, folder: Path, old: Path, replace: bool) -> None:
     moved_aside = False
     if folder.exists() or folder.is_symlink():
