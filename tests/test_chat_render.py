@@ -58,3 +58,13 @@ def test_end_of_turn_as_plain_text_is_cut_from_answers_and_streams():
         streamer.put(tok(char, return_tensors="pt", add_special_tokens=False)["input_ids"])
     streamer.end()
     assert "".join(pieces) == "Paris."
+
+
+def test_generate_with_a_plain_text_end_marker_runs_and_never_returns_it(templateless_llm):
+    from headstart.llm.generate import generate
+
+    tok = byte_tokenizer(["<|endoftext|>"], unk_token="<|endoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")  # ids fit tiny-llm's vocabulary; no <|im_end|> token
+    pieces: list[str] = []
+    answer = generate(templateless_llm.lm, tok, "Hello", max_new_tokens=24, temperature=0, stream=pieces.append)
+    assert "<|im_end|>" not in answer and "".join(pieces) == answer
