@@ -30,6 +30,12 @@ class CommandParser(argparse.ArgumentParser):
             self.command.build(self)
         return super().parse_known_args(args, namespace)
 
+    def format_help(self) -> str:
+        from .options import write_option_help
+
+        write_option_help(self)
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:
         # One line, like every other headstart error (scripts read the last stderr line).
         self.exit(2, f"headstart: error: {message} (see `{self.prog} --help`)\n")
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except HeadstartError as e:
         print(f"headstart: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `headstart methods | head`: the reader left; no traceback
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         hint = getattr(getattr(args, "_command", None), "interrupted", "")
         print(f"\nheadstart: interrupted; {hint}" if hint else "\nheadstart: interrupted", file=sys.stderr)

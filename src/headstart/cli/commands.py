@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import show
 from .generate import Flag, add_function_flags, description, first_sentence, summary_without_import
+from ..core.errors import ConfigError
 from .options import add_method_option_flags, chosen_options
 
 HIDDEN = frozenset({"log", "progress"})
@@ -46,6 +47,8 @@ class Command:
     call: Callable[..., Any] | None = None
     """`call(args, **kwargs)` when not `function(**kwargs)` (generate loads the bundle, then streams)."""
     examples: str = ""
+    value_errors: bool = False
+    """The function reports bad arguments as ValueError: shown as one-line errors, not tracebacks."""
     help: str = ""
     """The one-line summary in `headstart --help`, where the function's first sentence speaks Python."""
     interrupted: str = RESUME_HINT
@@ -100,7 +103,12 @@ class Command:
         if "progress" in args._params and quiet:
             kwargs["progress"] = False
         kwargs.update(chosen_options(args, args._options))
-        result = self.call(args, **kwargs) if self.call else self.resolve()(**kwargs)
+        try:
+            result = self.call(args, **kwargs) if self.call else self.resolve()(**kwargs)
+        except ValueError as e:
+            if not self.value_errors:
+                raise
+            raise ConfigError(str(e)) from None
         self.show(result, args)
         return 0
 
@@ -148,7 +156,7 @@ COMMANDS: list[Command] = [
         "out": Flag("out", ("--out",), "folder to write (must not exist or be empty, unless --overwrite)",
                     required=True),
         "skip_placeholders": TEXT_TABLE_FLAGS["skip_placeholders"],
-    }, json=""),
+    }, json="", value_errors=True),
     Command("rank", "headstart.transfer.rank:rank", show.rank, json='print {"candidates": [...]} (best first) as '
             "JSON on the last stdout line"),
     Command("evaluate", "headstart.api:evaluate", show.evaluate, flags={
@@ -162,6 +170,7 @@ COMMANDS: list[Command] = [
         hidden=HIDDEN | {"model", "tokenizer"}, call=_generate,
         help="Answer a prompt with an sft/dpo bundle, streaming tokens as they are produced.", json='print {"answer": ...} instead of streaming'),
     Command("export", "headstart.cli.verbs:export", show.export, flags={
+        "out": Flag("out", ("--out",), required=True),
         "merged": Flag("merged", help="merge the adapter into the full-precision base (the only export so far)",
                        required=True)}, json=""),
 ]

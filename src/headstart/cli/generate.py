@@ -66,7 +66,8 @@ def add_function_flags(parser: argparse.ArgumentParser, fn: Callable, flags: dic
         if p.default is p.empty and not flag.spelling:
             parser.add_argument(p.name, **kwargs)
         else:
-            spelling = flag.spelling or (_option(p.name),)
+            off = kwargs.get("action") == "store_false"  # a True default is turned off: --no-use-cache
+            spelling = flag.spelling or ("--no-" + _option(p.name)[2:] if off else _option(p.name),)
             parser.add_argument(*spelling, dest=p.name, required=flag.required, **kwargs)
         declared.append(p.name)
     return declared

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 from collections import Counter
@@ -24,9 +25,7 @@ PREFIX = "opt_"
 class _Field:
     name: str
     hint: str
-    docs: list[str]
-    primary_doc: str  # the default method's wording (`fit --help` describes what a bare `fit` does)
-    users: list[tuple[str, str]]  # (task, method)
+    users: list[tuple[str, str, type]]  # (task, method, config class)
     defaults: list[Any]
 
 
@@ -35,20 +34,31 @@ def add_method_option_flags(parser: argparse.ArgumentParser, tasks: tuple[str, .
     """Declare the union of the config fields of the methods of `tasks` (all tasks: None); return the field names.
 
     A field that is also a parameter of the command's function (`taken`) is left to that parameter.
+    Help texts are read from the config classes' source only when help is shown (`write_option_help`):
+    a run does not pay for parsing the sources of every method.
     """
     group = parser.add_argument_group("method options (each applies to the methods named in its help; "
                                       "`headstart methods` lists every method's own)")
     names = []
-    for field in _union(tasks, _default_method()).values():
+    for field in _union(tasks).values():
         if field.name in taken:
             continue
         option = "--" + field.name.replace("_", "-")
         parse, repeatable = option_parser(option, field.hint)
-        group.add_argument(option, dest=PREFIX + field.name, default=None, type=parse,
-                           action="append" if repeatable else "store", metavar=field.name.upper(),
-                           help=_help(field).replace("%", "%%"))
+        action = group.add_argument(option, dest=PREFIX + field.name, default=None, type=parse,
+                                    action="append" if repeatable else "store", metavar=field.name.upper())
+        action.method_option = field  # type: ignore[attr-defined]  (read by write_option_help)
         names.append(field.name)
     return names
+
+
+def write_option_help(parser: argparse.ArgumentParser) -> None:
+    """Fill in the help of the method-option flags (called just before help is printed)."""
+    primary = _default_method()
+    for action in parser._actions:
+        field = getattr(action, "method_option", None)
+        if field is not None and action.help is None:
+            action.help = _help(field, primary).replace("%", "%%")  # argparse %-formats help text
 
 
 def chosen_options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
@@ -56,33 +66,30 @@ def chosen_options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
     return {n: getattr(args, PREFIX + n) for n in names if getattr(args, PREFIX + n) is not None}
 
 
-def _union(tasks: tuple[str, ...] | None, default_method: str) -> dict[str, _Field]:
+def _union(tasks: tuple[str, ...] | None) -> dict[str, _Field]:
     fields: dict[str, _Field] = {}
     for task, spec in method_specs(tasks):
-        docs = field_docs(spec.config_cls)
-        hints = {f.name: f.type for f in dataclasses.fields(spec.config_cls)}
         for f in dataclasses.fields(spec.config_cls):
-            hint = hints[f.name] if isinstance(hints[f.name], str) else inspect.formatannotation(hints[f.name])
-            entry = fields.setdefault(f.name, _Field(f.name, hint, [], "", [], []))
-            entry.users.append((task, spec.name))
+            hint = f.type if isinstance(f.type, str) else inspect.formatannotation(f.type)
+            entry = fields.setdefault(f.name, _Field(f.name, hint, [], []))
+            entry.users.append((task, spec.name, spec.config_cls))
             entry.defaults.append(f.default if f.default is not dataclasses.MISSING
                                   else f.default_factory())  # type: ignore[misc]
-            entry.docs.append(docs.get(f.name, ""))
-            if (task, spec.name) == ("classify", default_method):
-                entry.primary_doc = entry.docs[-1]
     return fields
 
 
-def _help(field: _Field) -> str:
-    docs = [d for d in field.docs if d]
-    doc = field.primary_doc or (Counter(docs).most_common(1)[0][0] if docs else "")
+def _help(field: _Field, primary_method: str) -> str:
+    """The field's docstring (the default method's wording, else the most common one), the methods that
+    use it, and its default."""
+    docs = {(task, method): field_docs(cls).get(field.name, "") for task, method, cls in field.users}
+    common = Counter(d for d in docs.values() if d).most_common(1)
+    doc = docs.get(("classify", primary_method)) or (common[0][0] if common else "")
     by_task: dict[str, list[str]] = {}
-    for task, method in field.users:
+    for task, method, _ in field.users:
         by_task.setdefault(task, []).append(method)
-    users = "; ".join(names if task == "classify" else f"{task}: {names}"
-                      for task, names in ((t, ", ".join(dict.fromkeys(m))) for t, m in by_task.items()))
-    distinct = {repr(d) for d in field.defaults}
-    default = field.defaults[0] if len(distinct) == 1 else "by method"
+    users = "; ".join(", ".join(names) if task == "classify" else f"{task}: {', '.join(names)}"
+                      for task, names in by_task.items())
+    default = field.defaults[0] if len({repr(d) for d in field.defaults}) == 1 else "by method"
     if default is None:
         default = "auto"
     elif isinstance(default, list):
@@ -114,6 +121,7 @@ def known_tasks() -> tuple[str, ...]:
     return tuple(t if isinstance(t, str) else t.name for t in list_tasks())
 
 
+@functools.lru_cache(maxsize=None)  # one class's source is parsed once, however many fields ask
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings (the string literal under each field) of a dataclass and its bases."""
     docs: dict[str, str] = {}
