@@ -222,7 +222,8 @@ def test_prediction_reads_features_the_fit_cached(tiny_text_csv, tmp_path, monke
 
     calls = []
     real = features.encode
-    monkeypatch.setattr(features, "encode", lambda b, items, *a, **k: calls.append(len(items)) or real(b, items, *a, **k))
+    monkeypatch.setattr(features, "encode",
+                        lambda b, items, *a, **k: calls.append(len(items)) or real(b, items, *a, **k))
     spec.predict(train_texts)
     assert calls == [0], "every row was in the cache: nothing is encoded"
 
@@ -266,7 +267,8 @@ def test_export_after_an_unsaved_fit(sft_files, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, spec.model(**batch).logits, atol=1e-4, rtol=0)
     adapter = commands.export(spec, tmp_path / "adapter", merged=False)
-    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(p.name for p in adapter.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 # ---- the model card -----------------------------------------------------------------------------
@@ -284,7 +286,8 @@ def test_card_front_matter(which, relation, library, pipeline, request):
     assert (meta["base_model_relation"], meta["library_name"], meta["pipeline_tag"]) == (relation, library, pipeline)
     results = meta["model-index"][0]["results"][0]
     assert results["task"]["type"] == pipeline
-    assert {m["type"] for m in results["metrics"]} >= ({"loss", "perplexity"} if which == "sft_bundle" else {"accuracy", "f1"})
+    expected = {"loss", "perplexity"} if which == "sft_bundle" else {"accuracy", "f1"}
+    assert {m["type"] for m in results["metrics"]} >= expected
     assert all(isinstance(m["value"], float) for m in results["metrics"])
 
 

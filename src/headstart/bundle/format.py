@@ -99,7 +99,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
-        raise BundleError(f"{path}: unreadable manifest ({_one_line(e)})") from None
+        raise BundleError(f"{path}: unreadable manifest ({one_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: not a headstart bundle manifest")
     version = manifest.get("format_version")
@@ -118,57 +118,19 @@ def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tenso
 
     if not path.is_file():
         raise BundleError(f"{path.parent}: incomplete bundle (no {path.name})")
-    _refuse_pickle(path, what)
+    refuse_pickle(path, what)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise BundleError(f"{path}: damaged {what} ({_one_line(e)})") from None
+        raise BundleError(f"{path}: damaged {what} ({one_line(e)})") from None
 
 
 def read_trained(folder: str | Path, name: str = TRAINED) -> dict[str, torch.Tensor]:
     return read_safetensors(Path(folder) / name, "trained weights")
 
 
-def check_adapter_folder(folder: Path) -> Path:
-    """Vet a PEFT adapter folder before PEFT reads it: a JSON LoRA config and safetensors weights only.
-
-    PEFT would fall back to `adapter_model.bin` (torch.load, a pickle) or to the hub when the
-    safetensors file is missing; refusing here means neither ever happens.
-    """
-    if not folder.is_dir():
-        raise BundleError(f"{folder.parent}: incomplete bundle (no adapter folder {folder.name}/)")
-    others = sorted(p.name for p in folder.iterdir()
-                    if p.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"))
-    if others:
-        raise BundleError(f"{folder}: unexpected file(s) in the adapter folder ({', '.join(others[:4])}); "
-                          f"adapters load only from {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_bytes())
-    except FileNotFoundError:
-        raise BundleError(f"{folder}: incomplete adapter (no {ADAPTER_CONFIG})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as e:
-        raise BundleError(f"{folder / ADAPTER_CONFIG}: unreadable adapter config ({_one_line(e)})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise BundleError(f"{folder / ADAPTER_CONFIG}: not a LoRA adapter config")
-    _check_safetensors_header(folder / ADAPTER_WEIGHTS, "adapter weights")
-    return folder
-
-
-def _check_safetensors_header(path: Path, what: str) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise BundleError(f"{path.parent}: incomplete adapter (no {path.name})")
-    _refuse_pickle(path, what)
-    try:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # reads every tensor: a truncated file fails here, not inside PEFT
-                f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise BundleError(f"{path}: damaged {what} ({_one_line(e)})") from None
-
-
-def _refuse_pickle(path: Path, what: str) -> None:
+def refuse_pickle(path: Path, what: str) -> None:
+    """A BundleError when `path` starts like a pickle or a torch.save zip: such files are never opened."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(_PICKLE_LIKE):
@@ -185,7 +147,8 @@ def check_base(manifest: dict[str, Any], actual_sha256: str) -> None:
                           "install the matching base weights")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line, at most 200 characters (for a BundleError's detail)."""
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
 

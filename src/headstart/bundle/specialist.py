@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..core.errors import BundleError, HeadstartError
-from .format import ADAPTER_DIR, check_adapter_folder, find_adapters, read_manifest, write_bundle
+from .adapters import check_adapter_folder
+from .format import ADAPTER_DIR, find_adapters, read_manifest, write_bundle
 from .manifest import DEFAULT
 
 
