@@ -1,4 +1,4 @@
-"""Per-epoch training checkpoints as safetensors + JSON (no pickle), written atomically.
+"""Training checkpoints (each epoch end, or every N steps) as safetensors + JSON (no pickle), written atomically.
 
 Layout of a checkpoint folder:
     weights.safetensors    the trainable part of the model (same names as model.state_dict())
@@ -9,8 +9,6 @@ Layout of a checkpoint folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import TrainingError
+from ..core.storage import atomic_dir, discard_dir, recover_interrupted_swap
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-    """Write a checkpoint; `extra` adds more safetensors files (e.g. the best weights so far)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_own_copies(weights), tmp / "weights.safetensors")
+    """Write a checkpoint atomically (a kill -9 at any point leaves the old or the new one whole);
+    `extra` adds more safetensors files (e.g. the best weights so far)."""
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, pstate in opt["state"].items():
@@ -36,20 +31,15 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
                 tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}.{key}"] = value
-    save_file(tensors, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    for name, tensors_ in (extra or {}).items():
-        save_file(_own_copies(tensors_), tmp / f"{name}.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     full_state = {**state, "scheduler": sched, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
-    (tmp / "state.json").write_text(json.dumps(full_state, default=float))
-    # Swap in the new checkpoint: a kill -9 at any point leaves either the old or the new one whole.
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(folder) as tmp:
+        save_file(_own_copies(weights), tmp / "weights.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        for name, tensors_ in (extra or {}).items():
+            save_file(_own_copies(tensors_), tmp / f"{name}.safetensors")
+        (tmp / "state.json").write_text(json.dumps(full_state, default=float))
 
 
 def _own_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,10 +48,11 @@ def _own_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The complete checkpoint at `folder`, or the previous one if a swap was interrupted."""
-    for candidate in (Path(folder), Path(folder).with_name(Path(folder).name + ".old")):
-        if (candidate / "state.json").exists() and (candidate / "weights.safetensors").exists():
-            return candidate
+    """The complete checkpoint at `folder` (restoring the previous one if a swap was interrupted), or None."""
+    folder = Path(folder)
+    recover_interrupted_swap(folder)
+    if (folder / "state.json").exists() and (folder / "weights.safetensors").exists():
+        return folder
     return None
 
 
@@ -123,8 +114,7 @@ class Checkpointer:
     def discard(self) -> None:
         """The run finished: its checkpoints are spent."""
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            shutil.rmtree(self.folder.with_name(self.folder.name + ".old"), ignore_errors=True)
+            discard_dir(self.folder)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """What every method shares: the specialist model, the common training config, the method protocol."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import Config
 from ..data import Dataset, Split, load_image
 from ..engine.checkpoint import copy_state_into, trainable_state
 
@@ -93,7 +93,7 @@ class FitResult:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Options shared by every method that trains through the engine. `None` = a default for the base kind."""
 
     epochs: int | None = None
@@ -134,23 +134,6 @@ class TrainConfig:
             raise ValueError(f"head_init must be 'probe' or 'random', got {self.head_init!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-
-    def resolved(self, kind: str) -> "TrainConfig":
-        """A copy with every `None` replaced by the default for this base kind."""
-        defaults = self.kind_defaults().get(kind, self.kind_defaults()["text"])
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k, v in defaults.items():
-            if values.get(k) is None:
-                values[k] = v
-        return type(self)(**values)
-
-    @classmethod
-    def kind_defaults(cls) -> dict[str, dict[str, Any]]:
-        """Per base kind, the values a `None` option takes (subclasses override)."""
-        return {"image": {}, "text": {}, "causal_lm": {}}
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class Method:
