@@ -133,3 +133,9 @@ def test_api_module_imports_nothing_heavy():
     names = {alias.name for node in top if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module or "" for node in top if isinstance(node, ast.ImportFrom)}
     assert names <= {"__future__", "hashlib", "json", "shutil", "time", "pathlib", "typing"}, names
+
+
+def test_cli_unknown_task_is_one_line(tiny_text_csv):
+    from conftest import assert_clean_error, headstart_cli
+
+    assert_clean_error(headstart_cli("fit", tiny_text_csv, "--base", "tiny-text", "--task", "nope"), "unknown task")

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..api import fit
-from ..data import load_dataset
 from ..data.target import load_target
 from ..core.errors import ConfigError
 from ..methods.adaptation import AdaptationMethod, fresh_copy
 from ..methods.registry import get_method_spec
 from ..bundle.classifier import Specialist
-from ..tasks.classify import prepare_base
+from ..tasks import FitSettings
+from ..tasks.classify import load_classification_data, prepare_base
 
 if TYPE_CHECKING:
     from ..bases.backbone import Backbone
@@ -72,7 +72,7 @@ def adapt(source: str | Path, target: str | Path, base: "str | Backbone | None" 
     if not issubclass(method_cls, AdaptationMethod) or method == "target-oracle":
         raise ConfigError(f"{method!r} is not an adaptation method; use one of {', '.join(ADAPTIVE)}")
     cols = {"text_column": text_column, "label_column": label_column}
-    data = load_dataset(source, seed=seed, skip_placeholders=skip_placeholders, **cols)
+    data = load_classification_data(source, FitSettings(seed=seed, skip_placeholders=skip_placeholders, **cols))
     tgt = load_target(target, classes=data.classes, kind=data.kind, test=target_test, unlabelled=target_unlabelled,
                       seed=seed, skip_placeholders=skip_placeholders, **cols)
     loaded = prepare_base(base, data, image_size=image_size)

@@ -23,10 +23,11 @@ from typing import Any, Callable, Sequence
 from .. import api
 from ..bases.backbone import Backbone
 from ..core.storage import atomic_write_text
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..core.errors import ConfigError, HeadstartError
 from ..methods.registry import get_method_spec, list_methods
-from ..tasks.classify import prepare_base
+from ..tasks import FitSettings
+from ..tasks.classify import load_classification_data, prepare_base
 
 DEFAULT_METHODS = ("zeroshot", "prototype", "probe", "setfit", "lora")
 DEFAULT_SHOTS = (0, 2, 4, 8, 16, 32, 64)
@@ -56,8 +57,8 @@ def run_shots(data: str | Path | Dataset, base: "str | Backbone | None" = None,
     method_options = method_options or {}
     if save_bundles and out is None:
         raise ConfigError("save_bundles needs an output folder (--out)")
-    dataset = data if isinstance(data, Dataset) else load_dataset(
-        data, text_column=text_column, label_column=label_column, seed=0)  # seed 0: one fixed test split
+    settings = FitSettings(seed=0, text_column=text_column, label_column=label_column)  # seed 0: one test split
+    dataset = load_classification_data(data, settings)
     pristine, base_name = _load_pristine(base, dataset, image_size)
     plan = _plan(methods, shot_list, seed_list, log)
 
