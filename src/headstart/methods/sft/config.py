@@ -4,12 +4,13 @@ Every field becomes a CLI flag with its docstring as help text.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+
+from ...core.config import Config
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Config):
     """Supervised fine-tuning on instruction/chat data: LoRA on the fp32 base, or QLoRA on a 4-bit NF4 base."""
 
     epochs: int = 1
@@ -62,6 +63,3 @@ class SFTConfig:
 
     def targets(self) -> list[str] | str:
         return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
