@@ -13,7 +13,8 @@ from headstart.core.errors import ConfigError, DataError
 from headstart.methods.auto import choose_method
 from headstart.methods.labels import fill_templates, label_phrases, parse_label_text
 from headstart.methods.prototype.method import class_means
-from headstart.methods.setfit.method import balanced_batches, pair_loss
+from headstart.engine.batches import balanced_batches
+from headstart.methods.setfit.method import pair_loss
 
 from conftest import BIN, run_cmd
 

@@ -10,6 +10,7 @@ import torch
 
 import headstart
 from headstart.core.errors import DataError
+from headstart.engine.batches import length_grouped_batches
 from headstart.llm.data import (
     ChatExample,
     PreferenceExample,
@@ -23,7 +24,6 @@ from headstart.llm.tokenize import (
     encode_chat,
     encode_preference,
     encode_prompt,
-    length_grouped_batches,
     pack_rows,
     pad_batch,
 )

@@ -16,7 +16,6 @@ pieces tokenize on their own (BPE merges across a boundary are handled by the of
 """
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -149,31 +148,6 @@ def pack_rows(rows: list[dict], block_size: int, eos_id: int) -> list[dict[str, 
         if any(label != IGNORE for label in chunk_labels):
             chunks.append({"input_ids": ids[start:start + block_size], "labels": chunk_labels})
     return chunks
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Batches of indices with similar lengths, in random order (HF's `group_by_length`).
-
-    Indices are shuffled (seeded), sorted by length within mega-chunks of `50 * batch_size`, cut
-    into batches, and the batches shuffled (seeded). The batch holding the longest sequence is
-    moved to the front, so an out-of-memory shows in the first step, not hours in.
-    Every index appears exactly once; only the last batch of a mega-chunk may be smaller.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = 50 * batch_size
-    batches: list[list[int]] = []
-    for start in range(0, len(order), mega):
-        group = sorted(order[start:start + mega], key=lambda i: lengths[i], reverse=True)
-        batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
-    rng.shuffle(batches)
-    if batches:
-        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-        batches[0], batches[longest] = batches[longest], batches[0]
-    return batches
 
 
 # ---- internals ---------------------------------------------------------------------------

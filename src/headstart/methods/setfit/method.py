@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import Dataset
-from ...engine.batches import ClassBalanced, balanced_batches  # noqa: F401  (balanced_batches: re-exported)
+from ...engine.batches import ClassBalanced
 from ...engine.checkpoint import Checkpointer, copy_state_into
 from ...engine.features import encode
 from ...engine.schedule import warmup_cosine_schedule
