@@ -84,7 +84,8 @@ class SFT(Method):
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
         from ...bundle.generator import response_loss
-        from ...llm.tokenize import length_grouped_batches, pack_rows, pad_batch
+        from ...engine.batches import length_grouped_batches
+        from ...llm.tokenize import pack_rows, pad_batch
         from ...llm.train import answer_loss, epoch_batches, train_adapter
 
         cfg = self.config
