@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -62,3 +63,12 @@ def load_image(path: str) -> Image.Image:
     """Decode one image as RGB (the first frame of an animation)."""
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def loader_for(kind: str) -> Callable[[Any], Any]:
+    """How one raw example of a base kind is loaded: image paths are decoded, texts pass through."""
+    return load_image if kind == "image" else _as_is
+
+
+def _as_is(x: Any) -> Any:
+    return x

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Config
-from ..data import Dataset, Split, load_image
+from ..data import Dataset, Split, loader_for  # noqa: F401  (loader_for: methods import it from here)
 from ..engine.checkpoint import copy_state_into, trainable_state
 
 
@@ -52,11 +52,6 @@ class SpecialistModel(nn.Module):
 
 def _raw(backbone: nn.Module):
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-
-
-def loader_for(kind: str) -> Callable[[Any], Any]:
-    """How one raw example is loaded: image paths are decoded, texts pass through."""
-    return load_image if kind == "image" else (lambda x: x)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def rank(data: "str | Path | Any", bases: Sequence[str] | str | None = None, lay
     from ..bases import load_base
     from ..data import Dataset, load_dataset
     from ..engine.features import cached_layer_features
-    from ..methods.base import loader_for
+    from ..data import loader_for
 
     if by not in SCORE_NAMES:
         raise ConfigError(f"rank by one of {', '.join(SCORE_NAMES)}, not {by!r}")
