@@ -74,9 +74,9 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
     t0 = time.perf_counter()
     job = get_task(task)
     init, base = _starting_bundle(init, base)
-    settings = FitSettings(seed=seed, out=out, resume=resume, progress=progress, use_cache=use_cache, log=log,
-                           shots=shots, target=target, eval=eval, image_size=image_size, text_column=text_column,
-                           label_column=label_column, skip_placeholders=skip_placeholders)
+    settings = FitSettings(seed=seed, progress=progress, log=log, shots=shots, target=target, eval=eval,
+                           image_size=image_size, text_column=text_column, label_column=label_column,
+                           skip_placeholders=skip_placeholders)
     job.check_inputs(settings)
     trainer = make_method(job.method_name(method, init), job.name, **options)
     dataset = job.load_data(data, trainer, settings)

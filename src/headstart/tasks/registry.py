@@ -13,13 +13,10 @@ OPTIONAL_INPUTS = ("shots", "target", "image_size", "eval")
 
 @dataclass
 class FitSettings:
-    """The run-level arguments of one `fit` call (everything but data, base, method and its options)."""
+    """The run-level arguments of one `fit` call that tasks read (the method gets the rest in its FitContext)."""
 
     seed: int = 0
-    out: Path | None = None
-    resume: bool = False
     progress: bool = True
-    use_cache: bool = True
     log: Callable[[str], None] = print
     shots: int | None = None
     target: Any = None
