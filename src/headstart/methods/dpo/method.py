@@ -12,18 +12,16 @@ from __future__ import annotations
 import torch
 
 from ...core.errors import DataError
-from ..base import FitContext, FitResult, Method
-from ..sft.method import LMStart, TuningData, trainable_adapter, training_result
+from ..base import FitContext, FitResult
+from ..sft.method import AdapterMethod, LMStart, TuningData, trainable_adapter, training_result
 from .config import DPOConfig
 from .maths import dpo_loss, sequence_logps
 
 
-class DPO(Method):
+class DPO(AdapterMethod):
     """DPO on the float32 causal LM: the adapter moves towards the chosen answers, away from the rejected."""
 
     config: DPOConfig
-    quantize: str | None = None
-    """How the task loads the base for this method: None (float32) or "nf4" (4-bit, QLoRA)."""
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
         from ...llm.tokenize import pad_batch

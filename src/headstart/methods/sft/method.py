@@ -75,12 +75,17 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0)) if loss == loss else float("nan")
 
 
-class SFT(Method):
+class AdapterMethod(Method):
+    """A method that trains a LoRA adapter on a causal LM (every sft and dpo method)."""
+
+    quantize: str | None = None
+    """How the task loads the base for this method: None (float32) or "nf4" (4-bit, QLoRA)."""
+
+
+class SFT(AdapterMethod):
     """LoRA on the float32 causal LM: only the adapter trains, on the answers of chat examples."""
 
     config: SFTConfig
-    quantize: str | None = None
-    """How the task loads the base for this method: None (float32) or "nf4" (4-bit, QLoRA)."""
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
         from ...bundle.generator import response_loss
