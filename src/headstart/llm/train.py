@@ -1,41 +1,34 @@
-"""Adapter training for `sft` and `dpo` on the one engine: steps over batches laid out up front, resumable.
+"""Adapter training for `sft` and `dpo` on the one engine, and the answer losses they train and measure.
 
-Batches (lists of example indices, all epochs laid out up front from the seed) make the run
-deterministic and let `resume` skip exactly the steps already done. Every `checkpoint_every` steps
-the trainable weights (the adapter), optimizer, scheduler and RNG go to a checkpoint
-(engine.checkpoint); Ctrl-C or kill -9 loses at most that many steps.
+The batches of every epoch are laid out from the seed (engine/batches.py), so a run is deterministic and
+`resume` skips exactly the steps already done. Every `checkpoint_every` steps the adapter, optimizer,
+scheduler and RNG go to a checkpoint (engine.checkpoint); Ctrl-C or kill -9 loses at most that many steps.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..engine.batches import PerEpoch
+from ..engine.batches import BatchPlan
 from ..engine.checkpoint import Checkpointer
 from ..engine.schedule import warmup_cosine_schedule
-from ..engine.trainer import TrainSettings, autocast, train  # noqa: F401  (autocast: used by sft/dpo evaluation)
+from ..engine.trainer import StepLoss, TrainResult, TrainSettings, autocast, train
+from .tokenize import IGNORE, pad_batch
 
-StepLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float], int]]
-"""batch indices -> (loss, stats for the log, tokens processed)."""
+__all__ = ["answer_loss", "autocast", "response_loss", "train_adapter"]
 
 
-def train_adapter(model: torch.nn.Module, *, batches: list[list[int]], step_loss: StepLoss, lr: float,
-                  weight_decay: float, warmup_ratio: float, bf16: bool, checkpoint_every: int,
-                  checkpoint_dir: Path | None = None, resume: bool = False, fingerprint: dict | None = None,
-                  progress: bool = True, log: Callable[[str], None] = print, log_every: int = 10) -> dict:
-    """Train every parameter with requires_grad; returns {history, train_s, tokens, tokens_per_s, steps, training}."""
+def train_adapter(model: torch.nn.Module, *, plan: BatchPlan, step_loss: StepLoss, lr: float, weight_decay: float,
+                  warmup_ratio: float, bf16: bool, checkpoint_every: int, checkpoint: Checkpointer,
+                  progress: bool = True, log: Callable[[str], None] = print, log_every: int = 10) -> TrainResult:
+    """Train every parameter with requires_grad (the adapter) on `plan`; a history row every `log_every` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    out = train(model, plan=PerEpoch(lambda epoch: batches, epochs=1), step_loss=lambda batch, p: step_loss(batch),
-                param_groups=[{"params": params, "lr": lr, "weight_decay": weight_decay}],
-                settings=TrainSettings(lr_schedule=warmup_cosine_schedule(warmup_ratio), bf16=bf16,
-                                       checkpoint_every=checkpoint_every, log_every=log_every),
-                set_mode=lambda epoch: model.train(),
-                checkpoint=Checkpointer(checkpoint_dir, fingerprint=fingerprint, resume=resume),
-                progress=progress, log=log)
-    return {"history": out.history, "train_s": out.train_s, "tokens": out.total_count, "steps": out.steps,
-            "tokens_per_s": out.per_s, "training": out.training_facts()}
+    return train(model, plan=plan, step_loss=step_loss,
+                 param_groups=[{"params": params, "lr": lr, "weight_decay": weight_decay}],
+                 settings=TrainSettings(lr_schedule=warmup_cosine_schedule(warmup_ratio), bf16=bf16,
+                                        checkpoint_every=checkpoint_every, log_every=log_every),
+                 set_mode=lambda epoch: model.train(), checkpoint=checkpoint, progress=progress, log=log)
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,11 +40,26 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT injects LoRA in place
     hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
-    keep = targets != -100
+    keep = targets != IGNORE
     logits = lm.lm_head(hidden[:, :-1][keep])  # [N_labelled, vocab]
     return F.cross_entropy(logits.float(), targets[keep])
 
 
-def epoch_batches(order: Callable[[int], list[list[int]]], epochs: int) -> list[list[int]]:
-    """All epochs' batches laid out up front: `order(epoch)` gives one epoch's batches."""
-    return [b for e in range(epochs) for b in order(e)]
+@torch.no_grad()
+def response_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8, bf16: bool = False) -> tuple[float, int]:
+    """(mean cross-entropy per labelled token, number of labelled tokens) -- token-weighted over batches."""
+    if not rows:
+        return float("nan"), 0
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # little padding
+    for start in range(0, len(order), batch_size):
+        batch = pad_batch([rows[i] for i in order[start:start + batch_size]], pad_id)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
+        with autocast(bf16):
+            loss = answer_loss(model, batch)
+        total += loss.float().item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1), count

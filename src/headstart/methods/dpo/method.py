@@ -13,7 +13,7 @@ import torch
 
 from ...core.errors import DataError
 from ..base import FitContext, FitResult
-from ..sft.method import AdapterMethod, LMStart, TuningData, trainable_adapter, training_result
+from ..sft.method import AdapterMethod, LMStart, TuningData, adapter_training, trainable_adapter, training_result
 from .config import DPOConfig
 from .maths import dpo_loss, sequence_logps
 
@@ -24,8 +24,8 @@ class DPO(AdapterMethod):
     config: DPOConfig
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
+        from ...engine.batches import EpochShuffle
         from ...llm.tokenize import pad_batch
-        from ...llm.train import epoch_batches, train_adapter
 
         cfg = self.config
         model, bf16 = trainable_adapter(start, cfg, self.name, ctx.log)
@@ -40,7 +40,7 @@ class DPO(AdapterMethod):
         ref_held = answer_logps(model, held_rows, pad_id, cfg.batch_size, bf16)
         before = preference_eval(model, held_rows, ref_held, pad_id, cfg, bf16)
 
-        def step_loss(idx: list[int]):
+        def step_loss(idx: list[int], progress: float):
             batch = pad_batch([train_rows[i]["chosen"] for i in idx] + [train_rows[i]["rejected"] for i in idx], pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps = sequence_logps(logits.float(), batch["labels"])  # [2B]: chosen rows, then rejected rows
@@ -48,14 +48,8 @@ class DPO(AdapterMethod):
             loss, stats = dpo_loss(logps[:len(idx)], logps[len(idx):], ref_train[0][at], ref_train[1][at], cfg.beta)
             return loss, stats, int(batch["attention_mask"].sum())
 
-        def order(epoch: int) -> list[list[int]]:
-            shuffled = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(ctx.seed * 1000 + epoch))
-            return [list(b) for b in shuffled.split(cfg.batch_size)]
-
-        run = train_adapter(model, batches=epoch_batches(order, cfg.epochs), step_loss=step_loss, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio, bf16=bf16,
-                            checkpoint_every=cfg.checkpoint_every, checkpoint_dir=ctx.checkpoint_dir,
-                            resume=ctx.resume, fingerprint=ctx.fingerprint, progress=ctx.progress, log=ctx.log)
+        plan = EpochShuffle(len(train_rows), cfg.batch_size, cfg.epochs, ctx.seed)
+        run = adapter_training(model, plan, step_loss, cfg, bf16, ctx)
         after = preference_eval(model, held_rows, ref_held, pad_id, cfg, bf16)
         ctx.log(f"held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                 f"DPO loss {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f}")

@@ -88,10 +88,9 @@ class SFT(AdapterMethod):
     config: SFTConfig
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
-        from ...bundle.generator import response_loss
-        from ...engine.batches import length_grouped_batches
+        from ...engine.batches import LengthGrouped
         from ...llm.tokenize import pack_rows, pad_batch
-        from ...llm.train import answer_loss, epoch_batches, train_adapter
+        from ...llm.train import answer_loss, response_loss
 
         cfg = self.config
         model, bf16 = trainable_adapter(start, cfg, self.name, ctx.log)
@@ -108,17 +107,13 @@ class SFT(AdapterMethod):
         before, _ = response_loss(model, held_rows, pad_id, cfg.batch_size, bf16)
         ctx.log(f"held-out loss before: {before:.4f}")
 
-        def step_loss(batch_idx: list[int]):
+        def step_loss(batch_idx: list[int], progress: float):
             batch = pad_batch([train_rows[i] for i in batch_idx], pad_id)
             return answer_loss(model, batch), {}, int(batch["attention_mask"].sum())
 
         lengths = [len(r["input_ids"]) for r in train_rows]
-        batches = epoch_batches(lambda e: length_grouped_batches(lengths, cfg.batch_size, ctx.seed * 1000 + e),
-                                cfg.epochs)
-        run = train_adapter(model, batches=batches, step_loss=step_loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            warmup_ratio=cfg.warmup_ratio, bf16=bf16, checkpoint_every=cfg.checkpoint_every,
-                            checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume, fingerprint=ctx.fingerprint,
-                            progress=ctx.progress, log=ctx.log)
+        run = adapter_training(model, LengthGrouped(lengths, cfg.batch_size, cfg.epochs, ctx.seed), step_loss, cfg,
+                               bf16, ctx)
         after, tokens = response_loss(model, held_rows, pad_id, cfg.batch_size, bf16)
         ctx.log(f"held-out loss after: {after:.4f} (before {before:.4f})")
         # The held-out loss is taken here, on the rows trained against: the "before" exists only before training.
@@ -133,11 +128,22 @@ class QloraSFT(SFT):
     quantize = "nf4"
 
 
-def training_result(model, run: dict, held_out: dict[str, Any], bf16: bool, config: SFTConfig) -> FitResult:
+def adapter_training(model, plan, step_loss, cfg: SFTConfig, bf16: bool, ctx: FitContext):
+    """The engine run of an sft/dpo method: the adapter's parameters, the config's rates, the run's checkpoints."""
+    from ...engine.checkpoint import Checkpointer
+    from ...llm.train import train_adapter
+
+    return train_adapter(model, plan=plan, step_loss=step_loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         warmup_ratio=cfg.warmup_ratio, bf16=bf16, checkpoint_every=cfg.checkpoint_every,
+                         checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
+                         progress=ctx.progress, log=ctx.log)
+
+
+def training_result(model, run, held_out: dict[str, Any], bf16: bool, config: SFTConfig) -> FitResult:
     """The FitResult of a generative method: the held-out figures and throughput go to `details`."""
-    return FitResult(model=model.eval(), history=run["history"], train_s=run["train_s"], config=config,
-                     training=run.get("training", {}),
-                     details={**held_out, "tokens": run["tokens"], "tokens_per_s": round(run["tokens_per_s"], 1),
+    return FitResult(model=model.eval(), history=run.history, train_s=run.train_s, config=config,
+                     training=run.training_facts(),
+                     details={**held_out, "tokens": run.total_count, "tokens_per_s": round(run.per_s, 1),
                               "bf16": bf16})
 
 
