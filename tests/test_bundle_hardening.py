@@ -324,6 +324,20 @@ def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(probe_bundle,
     assert not marker.exists()
 
 
+def test_safetensors_starting_like_a_pickle_still_load(probe_bundle, copy_of):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 is a valid one."""
+    folder = copy_of(probe_bundle)
+    path = folder / "trained.safetensors"
+    stored = load_file(path)
+    for pad in range(700):
+        save_file(stored, path, metadata={"format": "headstart-bundle", "pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":  # pickle protocol 2's opening bytes
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    expected = headstart.load(probe_bundle).predict_proba(INPUTS)
+    torch.testing.assert_close(headstart.load(folder).predict_proba(INPUTS), expected)
+
+
 def test_truncated_weights_name_the_file(probe_bundle, copy_of):
     folder = copy_of(probe_bundle)
     data = (folder / "trained.safetensors").read_bytes()

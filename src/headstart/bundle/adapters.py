@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BundleError
-from .format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, one_line, refuse_pickle
+from .format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, not_safetensors, one_line
 
 TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS")
 
@@ -98,13 +98,12 @@ def check_safetensors_file(path: Path, what: str) -> None:
 
     if not path.is_file():
         raise BundleError(f"{path.parent}: incomplete adapter (no {path.name})")
-    refuse_pickle(path, what)
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise BundleError(f"{path}: damaged {what} ({one_line(e)})") from None
+        raise not_safetensors(path, what, e) from None
 
 
 def _lora_defaults() -> dict[str, Any]:

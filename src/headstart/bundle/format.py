@@ -112,30 +112,33 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; anything else (missing, truncated, a pickle) is a BundleError."""
+    """Tensors of a safetensors file; anything else (missing, truncated, a pickle) is a BundleError.
+    Parsing safetensors never runs code, so a pickle is only named, after it failed to parse."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise BundleError(f"{path.parent}: incomplete bundle (no {path.name})")
-    refuse_pickle(path, what)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise BundleError(f"{path}: damaged {what} ({one_line(e)})") from None
+        raise not_safetensors(path, what, e) from None
 
 
 def read_trained(folder: str | Path, name: str = TRAINED) -> dict[str, torch.Tensor]:
     return read_safetensors(Path(folder) / name, "trained weights")
 
 
-def refuse_pickle(path: Path, what: str) -> None:
-    """A BundleError when `path` starts like a pickle or a torch.save zip: such files are never opened."""
+def not_safetensors(path: Path, what: str, e: BaseException) -> BundleError:
+    """The error for a file that failed to parse as safetensors: a pickle is named as one."""
+    # Checked only after parsing failed: a valid safetensors file may start with 0x80 too (its first
+    # byte is the low byte of the header length).
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(_PICKLE_LIKE):
-        raise BundleError(f"{path}: {what} are a pickle / torch.save file, not safetensors; refused "
-                          "(headstart never unpickles)")
+        return BundleError(f"{path}: {what} are a pickle / torch.save file, not safetensors; refused "
+                           "(headstart never unpickles)")
+    return BundleError(f"{path}: damaged {what} ({one_line(e)})")
 
 
 def check_base(manifest: dict[str, Any], actual_sha256: str) -> None:
