@@ -396,3 +396,29 @@ def test_info_on_a_damaged_bundle_is_a_headstart_error(sft_bundle, copy_of):
     with pytest.raises(HeadstartError) as e:
         commands.info(folder)
     assert "adapters" in one_line(e)
+
+
+def test_a_generator_shares_only_a_causal_lm_base(sft_bundle):
+    with pytest.raises(BundleError) as e:
+        headstart.load(sft_bundle, base=headstart.load_base("tiny-text"))
+    assert "causal-LM" in one_line(e)
+
+
+def test_a_classifier_adapter_folder_named_elsewhere_is_refused(lora_bundle, copy_of):
+    folder = copy_of(lora_bundle)
+    (folder / "adapter").rename(folder / "lora-a")
+    edit_manifest(folder, lambda m: m.update(adapters={"default": "lora-a"}))
+    with pytest.raises(BundleError) as e:
+        headstart.load(folder)
+    assert "lora-a" in one_line(e)
+
+
+def test_a_generator_adapter_folder_comes_from_the_manifest(sft_bundle, copy_of):
+    folder = copy_of(sft_bundle)
+    (folder / "adapter").rename(folder / "terse")
+    edit_manifest(folder, lambda m: m.update(adapters={"terse": "terse"}))
+    spec, reference = headstart.load(folder), headstart.load(sft_bundle)
+    batch = reference.tokenizer(["What is the colour of snow?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(spec.model(**batch).logits, reference.model(**batch).logits)
+    assert commands.info(folder)["adapters"] == {"terse": "terse"}

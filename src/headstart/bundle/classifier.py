@@ -20,7 +20,7 @@ from ..core.errors import BundleError, DataError, HeadstartError, LabelError
 from ..core.metrics import classification_metrics
 from ..data import Dataset, load_dataset, load_eval_dataset, load_image
 from ..methods.base import Method, SpecialistModel
-from .format import check_base, read_safetensors, read_trained
+from .format import ADAPTER_DIR, check_base, read_safetensors, read_trained
 from .manifest import DEFAULT
 from .specialist import BundleSpecialist, reraise_as_bundle_error
 
@@ -160,6 +160,10 @@ class Specialist(BundleSpecialist):
         check_base(manifest, backbone.info.sha256)
         _match_input_size(folder, manifest, backbone, shared=base is not None)
         cls.vet_adapter_folders(folder, manifest)
+        if set(manifest.get("adapters", {}).values()) - {ADAPTER_DIR}:
+            # Classifier methods restore their adapter from the fixed folder (methods/lora, methods/setfit).
+            raise BundleError(f"{folder}: classifier adapters are read from {ADAPTER_DIR}/, this bundle names "
+                              f"{', '.join(sorted(manifest['adapters'].values()))}")
         state = _head_state(folder, manifest, head_name, read_trained(folder))
         if base is not None and any(not k.startswith(HEAD_PREFIX) and k != "center" for k in state):
             raise BundleError(f"{folder}: a frozen-base bundle holds base weights ({next(iter(state))}); refused")

@@ -157,6 +157,9 @@ class LMSpecialist(BundleSpecialist):
             raise BundleError(f"{folder}: not a generative (sft/dpo) bundle")
         if base is not None and trainable:
             raise BundleError(f"{folder}: a shared base cannot be trained; load it without base= to train")
+        if base is not None and getattr(getattr(base, "info", None), "kind", None) != "causal_lm":
+            raise BundleError(f"{folder}: a generator bundle shares only a loaded causal-LM base, "
+                              f"not a {type(base).__name__}")
         adapter_dir = cls.adapter_folder(folder, manifest, adapter)
         quantize = "nf4" if manifest["method"]["name"] == "qlora" else None
         try:

@@ -25,7 +25,8 @@ def plot_learning_curves(history: list[dict], path: Path, title: str) -> bool:
     ax.set_ylabel("loss")
     if any("val_accuracy" in h for h in history):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("val_accuracy") for h in history], "s--", color="tab:green", label="validation accuracy")
+        ax2.plot(epochs, [h.get("val_accuracy") for h in history], "s--", color="tab:green",
+                 label="validation accuracy")
         ax2.set_ylabel("accuracy")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
