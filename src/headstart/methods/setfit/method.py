@@ -12,7 +12,7 @@ from ...engine.batches import ClassBalanced
 from ...engine.checkpoint import Checkpointer, copy_state_into
 from ...engine.features import encode
 from ...engine.schedule import warmup_cosine_schedule
-from ...engine.trainer import TrainSettings, train
+from ...engine.trainer import TrainResult, TrainSettings, train
 from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
 from ..heads import set_linear
 from ..probe.method import fit_head_with_l2_search
@@ -35,7 +35,8 @@ class SetFit(Method):
         model = SpecialistModel(body, num_classes, normalize=True)
         load = loader_for(backbone.kind)
         t0 = time.perf_counter()
-        history = train_body(model, train_split.items, train_split.labels, load, cfg, ctx)
+        body = train_body(model, train_split.items, train_split.labels, load, cfg, ctx)
+        history = body.history if body else []
         body_s = time.perf_counter() - t0
         # Phase 2: a logistic-regression head on the tuned body's unit-length embeddings.
         model.eval()
@@ -44,6 +45,7 @@ class SetFit(Method):
         set_linear(model.head, w, b)
         train_s = time.perf_counter() - t0
         return FitResult(model=model, history=history, train_s=train_s, config=cfg,
+                         training=body.training_facts() if body else {},
                          examples_per_s=len(train_split) * max(1, len(history)) / max(body_s, 1e-9) if history else 0.0,
                          details={"body_steps": len(history), "body_s": round(body_s, 3), "l2": l2,
                                   "l2_grid_holdout_accuracy": grid, "lora": cfg.lora})
@@ -99,10 +101,11 @@ def pair_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train_body(model: SpecialistModel, items: list, labels: list[int], load, cfg: SetFitConfig,
-               ctx: FitContext) -> list[dict[str, float]]:
-    """Phase 1: contrastive steps on the backbone over class-balanced batches; one history row per step."""
+               ctx: FitContext) -> TrainResult | None:
+    """Phase 1: contrastive steps on the backbone over class-balanced batches (one history row per step);
+    None when there is nothing to contrast (one class, or no steps asked for)."""
     if len(set(labels)) < 2 or cfg.epochs == 0 or cfg.max_steps == 0:
-        return []
+        return None
     steps = min(cfg.max_steps, max(1, math.ceil(cfg.epochs * len(items) / cfg.batch_size)))
     params = [p for p in model.backbone.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
@@ -121,11 +124,10 @@ def train_body(model: SpecialistModel, items: list, labels: list[int], load, cfg
         return pair_loss(emb, torch.tensor([labels[i] for i in idx], device=device)), {}, len(idx)
 
     # A checkpoint holds the whole body when it trains (not LoRA): a few per run, not one per step.
-    out = train(model.backbone, plan=ClassBalanced(labels, cfg.batch_size, steps, ctx.seed), step_loss=step,
+    return train(model.backbone, plan=ClassBalanced(labels, cfg.batch_size, steps, ctx.seed), step_loss=step,
                 param_groups=[g for g in groups if g["params"]],
                 settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio), log_every=1,
                                        checkpoint_every=max(10, math.ceil(steps / 4))),
                 set_mode=set_mode,
                 checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
                 progress=ctx.progress, log=ctx.log)
-    return out.history
