@@ -31,9 +31,15 @@ class CommandParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
+        # Help text that costs something to read (command summaries from source files, method-option
+        # docstrings) is filled in only now, when it is shown.
         from .options import write_option_help
 
         write_option_help(self)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    choice.help = choice.help or action.choices[choice.dest].command.summary()
         return super().format_help()
 
     def error(self, message: str) -> NoReturn:
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"headstart {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for command in COMMANDS:
-        sub.add_parser(command.name, command=command, help=command.summary(),
+        sub.add_parser(command.name, command=command, help="",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 

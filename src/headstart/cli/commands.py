@@ -74,7 +74,7 @@ class Command:
 
     def build(self, parser: argparse.ArgumentParser) -> None:
         fn = self.resolve()
-        parts = [self.help, description(inspect.getdoc(fn) or ""), self.examples]
+        parts = [self.help, description(fn), self.examples]
         parser.description = "\n\n".join(p for p in parts if p)
         for flag in self.leading:
             parser.add_argument(flag.param, help=flag.help, nargs=flag.nargs)
@@ -100,8 +100,8 @@ class Command:
         if "log" in args._params:
             stream = sys.stderr if quiet else sys.stdout
             kwargs["log"] = lambda s: print(s, file=stream, flush=True)
-        if "progress" in args._params and quiet:
-            kwargs["progress"] = False
+        if "progress" in args._params:
+            kwargs["progress"] = not quiet
         kwargs.update(chosen_options(args, args._options))
         try:
             result = self.call(args, **kwargs) if self.call else self.resolve()(**kwargs)
@@ -117,11 +117,16 @@ class Command:
 
 
 def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any) -> str | None:
-    from .verbs import generate
+    """`generate`'s flags are `llm.generate.generate`'s options; the bundle's specialist runs them."""
+    from ..bundle.commands import load
+    from ..core.errors import BundleError
 
+    spec = load(bundle)
+    if not hasattr(spec, "generate"):
+        raise BundleError(f"{bundle} is a classifier bundle; `generate` needs an sft/dpo bundle")
     if args.json:
-        return generate(bundle, prompt, **options)
-    generate(bundle, prompt, stream=lambda piece: print(piece, end="", flush=True), **options)
+        return spec.generate(prompt, **options)
+    spec.generate(prompt, stream=lambda piece: print(piece, end="", flush=True), **options)
     return None
 
 
@@ -156,21 +161,21 @@ COMMANDS: list[Command] = [
         "out": Flag("out", ("--out",), "folder to write (must not exist or be empty, unless --overwrite)",
                     required=True),
         "skip_placeholders": TEXT_TABLE_FLAGS["skip_placeholders"],
-    }, json="", value_errors=True),
+    }, json="", value_errors=True, help="Make a reproducible \"clean -> blurry, dark, noisy\" copy of an image "
+        "folder (a domain shift to adapt to)."),
     Command("rank", "headstart.transfer.rank:rank", show.rank, json='print {"candidates": [...]} (best first) as '
             "JSON on the last stdout line"),
-    Command("evaluate", "headstart.api:evaluate", show.evaluate, flags={
-        "bundle": BUNDLE, "data": DATA, "split": Flag("split", help="split to evaluate (default: test, else val)")},
-        json="print the metrics as JSON"),
-    Command("predict", "headstart.cli.verbs:predict", show.predict, json='print {"predictions": [...]} as JSON'),
-    Command("info", "headstart.cli.verbs:info", show.info, json="print the manifest as JSON"),
+    Command("evaluate", "headstart.bundle.commands:evaluate", show.evaluate, json="print the metrics as JSON",
+            help="Evaluate a bundle on held-out data: accuracy and F1 (classifiers), loss and perplexity (generators)."),
+    Command("predict", "headstart.bundle.commands:predict", show.predict, json='print {"predictions": [...]} as JSON',
+            help="Predict labels for image files or texts (classifiers), or answer prompts (generators)."),
+    Command("info", "headstart.bundle.commands:info", show.info, json="print what the bundle holds as JSON"),
     Command("generate", "headstart.llm.generate:generate", show.generate, leading=(
         Flag("bundle", help="an sft/dpo bundle"),), flags={
         "prompt": Flag("prompt", help="the instruction (several words are joined)", nargs="+", join=True)},
         hidden=HIDDEN | {"model", "tokenizer"}, call=_generate,
-        help="Answer a prompt with an sft/dpo bundle, streaming tokens as they are produced.", json='print {"answer": ...} instead of streaming'),
-    Command("export", "headstart.cli.verbs:export", show.export, flags={
-        "out": Flag("out", ("--out",), required=True),
-        "merged": Flag("merged", help="merge the adapter into the full-precision base (the only export so far)",
-                       required=True)}, json=""),
+        help="Answer a prompt with an sft/dpo bundle, streaming tokens as they are produced.",
+        json='print {"answer": ...} instead of streaming'),
+    Command("export", "headstart.bundle.commands:export", show.export, flags={
+        "out": Flag("out", ("--out",), required=True)}, json=""),
 ]

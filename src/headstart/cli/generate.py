@@ -7,11 +7,11 @@ types, its docstring the help text (litgpt's way; `Command` in commands.py names
 
 Rules, so a new API parameter needs no CLI edit:
 - a parameter without a default is positional; one with a default is `--its-name`;
-- `bool` = False is a switch; `bool | None` takes auto/true/false; `bool` = True gets `--no-its-name`;
+- `bool` = False is a switch; `bool` = True gets `--its-name/--no-its-name`; `bool | None` takes auto/true/false;
 - `int`/`float` parse as such; `Sequence[int]` and `Sequence[str]` take a comma list, `int | Sequence[int]`
   either; anything that accepts `str` is passed through as text (the API parses it);
 - parameters no command line can spell (callables, dicts, loaded objects) are left out;
-- help: a Google-style `Args:` entry, else a docstring line starting with `` `name` ``.
+- help: a Google-style `Args:` entry, else a docstring line starting with `name:` or `` `name` ``.
 """
 from __future__ import annotations
 
@@ -66,8 +66,7 @@ def add_function_flags(parser: argparse.ArgumentParser, fn: Callable, flags: dic
         if p.default is p.empty and not flag.spelling:
             parser.add_argument(p.name, **kwargs)
         else:
-            off = kwargs.get("action") == "store_false"  # a True default is turned off: --no-use-cache
-            spelling = flag.spelling or ("--no-" + _option(p.name)[2:] if off else _option(p.name),)
+            spelling = flag.spelling or (_option(p.name),)
             parser.add_argument(*spelling, dest=p.name, required=flag.required, **kwargs)
         declared.append(p.name)
     return declared
@@ -77,10 +76,13 @@ def _argument(name: str, hint: str, default: Any, flag: Flag, positional: bool) 
     """argparse keywords for one parameter, from its type hint; None when no command line can spell it."""
     alternatives = _alternatives(hint)
     if positional and (m := re.fullmatch(r"(?:Sequence|list|tuple)\[(\w+)\]", " ".join(alternatives))):
-        return {"nargs": "+", "type": {"int": int, "float": float}.get(m.group(1), str)}  # `predict B x.jpg y.jpg`
+        return {"nargs": "+", "type": {"int": int, "float": float}.get(m.group(1), str),  # `predict B x.jpg y.jpg`
+                "metavar": name.upper()}
     if alternatives == {"bool"} or flag.invert:
-        if flag.invert or default is True:
+        if flag.invert:
             return {"action": "store_false", "default": True}
+        if default is True:  # on by default: --merged keeps it on, --no-merged turns it off
+            return {"action": argparse.BooleanOptionalAction, "default": True}
         return {"action": "store_true", "default": False}
     if alternatives == {"bool", "None"}:
         return {"type": _choice_parser(_option(name), {"auto": None, "true": True, "false": False}),
@@ -196,28 +198,34 @@ def _show_default(value: Any) -> str:
 
 def param_docs(fn: Callable) -> dict[str, str]:
     """Per-parameter help from `fn`'s docstring: Google-style `Args:` entries, else lines that start with
-    `` `name` `` (`` `name`: text `` or `` `name=value` does ... ``); continuation lines are joined."""
-    doc = inspect.getdoc(fn) or ""
+    `name: text`, `` `name`: text `` or `` `name=value` does ... ``; continuation lines are joined."""
     names = set(inspect.signature(fn).parameters)
     docs: dict[str, str] = {}
     current = None
     in_args = False
-    for line in doc.splitlines():
+    for line in (inspect.getdoc(fn) or "").splitlines():
         stripped = line.strip()
         if re.fullmatch(r"(Args|Arguments|Parameters):", stripped):
             in_args, current = True, None
             continue
-        m = (re.match(r"(\w+)(?: \([^)]*\))?: (.*)", stripped) if in_args and line.startswith(" ") else
-             re.match(r"`(\w+)(?:=[^`]*)?`:? (.*)", stripped))
-        if m and m.group(1) in names and (in_args or m.group(1) not in docs):
-            current = m.group(1)
-            docs[current] = m.group(2)
+        entry = _entry(line, in_args)
+        if entry and entry[0] in names and (in_args or entry[0] not in docs):
+            current, docs[entry[0]] = entry
         elif stripped and current and not stripped.startswith(">>>") and (not in_args or line.startswith("    ")):
             docs[current] += " " + stripped
         else:
             current = None
             in_args = in_args and bool(stripped)
     return {k: _first_sentences(v) for k, v in docs.items()}
+
+
+def _entry(line: str, in_args: bool) -> tuple[str, str] | None:
+    """(name, text) when `line` starts a parameter's entry."""
+    if in_args:  # `    name: text` or `    name (type): text`
+        m = re.match(r" +(\w+)(?: \([^)]*\))?: (.*)", line)
+    else:  # `name: text` at the margin, `` `name`: text ``, `` `name=value` does ... ``
+        m = re.match(r"(\w+): (.*)", line) or re.match(r"\s*`(\w+)(?:=[^`]*)?`:? (.*)", line)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def _first_sentences(text: str, limit: int = 320) -> str:
@@ -247,15 +255,19 @@ def summary_without_import(module_file: str, qualname: str) -> str | None:
     return first_sentence(doc) if doc else None
 
 
-def description(doc: str) -> str:
-    """A docstring as a command's description: the prose, without its `Args:` section and doctests
-    (the flags' help shows each parameter)."""
-    kept = []
-    for line in doc.strip().splitlines():
-        if re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises):", line.strip()) or line.startswith(">>>"):
+def description(fn: Callable) -> str:
+    """`fn`'s docstring as a command's description: its prose, without the parameter entries (each flag's
+    help shows its own), the `Args:` section or doctests."""
+    names = set(inspect.signature(fn).parameters)
+    paragraphs = []
+    for paragraph in (inspect.getdoc(fn) or "").split("\n\n"):
+        first = paragraph.strip().splitlines()[0] if paragraph.strip() else ""
+        if re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises):", first) or first.startswith(">>>"):
             break
-        kept.append(line)
-    return "\n".join(kept).strip()
+        entry = _entry(first, in_args=False)
+        if first and not (entry and entry[0] in names):
+            paragraphs.append(paragraph.strip())
+    return "\n\n".join(paragraphs)
 
 
 def first_sentence(doc: str) -> str:

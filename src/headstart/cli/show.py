@@ -92,7 +92,7 @@ def rank(ranking, args: Namespace) -> None:
 
 def evaluate(m: dict, args: Namespace) -> None:
     if args.json:
-        print(json.dumps(m))
+        print(json.dumps(m, default=float))
     elif "perplexity" in m:  # a generator bundle
         print(f"{args.bundle} on {args.data} ({m['examples']} examples, {m['response_tokens']} answer tokens)")
         print(f"loss        {m['loss']:.4f}\nperplexity  {m['perplexity']:.2f}")
@@ -108,34 +108,17 @@ def predict(rows: list[dict], args: Namespace) -> None:
         print(json.dumps({"predictions": rows}))
         return
     for r in rows:
+        if "answer" in r:  # a generator bundle
+            print(f"{r['input']}\n{r['answer']}\n")
+            continue
         alts = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"][1:])
         print(f"{r['label']}\t{r['score']:.3f}\t{r['input']}" + (f"\t({alts})" if alts else ""))
 
 
-def info(m: dict, args: Namespace) -> None:
-    if args.json:
-        print(json.dumps(m))
-        return
-    folder = Path(args.bundle)
-    base = m.get("base", {})
-    print(f"bundle     {folder}")
-    print(f"base       {base.get('name')} ({base.get('kind')}, {base.get('params', 0) / 1e6:.1f}M params, "
-          f"sha256 {str(base.get('sha256'))[:16]}...)")
-    print(f"method     {m['method']['name']} {json.dumps(m['method'].get('config', {}))}")
-    if m.get("task"):
-        print(f"task       {m['task']}")
-    if m.get("classes"):
-        print(f"labels     {', '.join(m['classes'])}")
-    met = m.get("metrics", {})
-    if "accuracy" in met:
-        print(f"metrics    accuracy {met.get('accuracy', 0):.4f}, macro-F1 {met.get('macro_f1', 0):.4f} "
-              f"({met.get('split')}), trainable {met.get('trainable_params', 0):,} params, {met.get('wall_s', 0):.1f} s")
-    elif met:
-        shown = {k: v for k, v in met.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        print("metrics    " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    print(f"files      {', '.join(files)}")
-    print(f"created    {m.get('created')} with headstart {m.get('versions', {}).get('headstart')}")
+def info(i: dict, args: Namespace) -> None:
+    from ..bundle.commands import describe
+
+    print(json.dumps(i, default=str) if args.json else describe(args.folder))
 
 
 def generate(answer: str | None, args: Namespace) -> None:
