@@ -1,11 +1,8 @@
 """The artifact layer: manifest v2 (and v1 still loading), shared bases, several heads, prediction that
-never writes the cache, commands on every bundle kind, the model card's metadata, hardened loading."""
+never writes the cache, commands on every bundle kind, the model card's metadata."""
 from __future__ import annotations
 
 import json
-import pickle
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,95 +12,12 @@ from safetensors.torch import load_file, save_file
 import headstart
 from headstart.bundle import commands
 from headstart.bundle.format import FORMAT_VERSION
-from headstart.core.errors import BundleError, HeadstartError
+from headstart.core.errors import BundleError
 
+from bundle_fixtures import (  # noqa: F401  (fixtures are found by name)
+    INPUTS, LLM_FAST, QUIET, as_v1, copy_of, dpo_bundle, edit_manifest, lora_bundle, one_line, probe_bundle, sft_bundle,
+    sft_files, snapshot)
 from conftest import text_rows, write_table
-
-QUIET = {"progress": False, "log": lambda s: None}
-LLM_FAST = {"epochs": 1, "batch_size": 4, "lr": 5e-3, "max_length": 64, "side_by_side": 0, "max_new_tokens": 4,
-            "bf16": "false"}
-INPUTS = ["goal team match", "pizza soup bread", "laptop code chip", "my very apple today"]
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert msg and "\n" not in msg, msg
-    return msg
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def edit_manifest(folder: Path, change) -> None:
-    path = folder / "manifest.json"
-    m = json.loads(path.read_text())
-    change(m)
-    path.write_text(json.dumps(m))
-
-
-@pytest.fixture(scope="module")
-def probe_bundle(tiny_text_csv, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "spec"
-    headstart.fit(tiny_text_csv, base="tiny-text", method="probe", out=out, **QUIET)
-    return out
-
-
-@pytest.fixture(scope="module")
-def lora_bundle(tiny_text_csv, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lora") / "spec"
-    headstart.fit(tiny_text_csv, base="tiny-text", method="lora", epochs=1, out=out, **QUIET)
-    return out
-
-
-@pytest.fixture(scope="module")
-def sft_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sft-data")
-    rows = [{"instruction": f"What is the colour of {x}?", "output": c}
-            for x, c in [("snow", "white"), ("grass", "green"), ("coal", "black"), ("the sky", "blue")] * 3]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    return {"train": root / "train.jsonl", "test": root / "test.jsonl", "root": root}
-
-
-@pytest.fixture(scope="module")
-def sft_bundle(sft_files) -> Path:
-    out = sft_files["root"] / "sft"
-    headstart.fit(sft_files["train"], base="tiny-llm", method="lora", task="sft", eval=sft_files["test"], out=out,
-                  **QUIET, **LLM_FAST)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dpo_bundle(sft_bundle) -> Path:
-    """A dpo-kind bundle: the sft bundle's adapter under a dpo manifest (what a DPO run writes)."""
-    out = sft_bundle.parent / "dpo"
-    shutil.copytree(sft_bundle, out)
-    edit_manifest(out, lambda m: m.update(task="dpo", parent={"bundle": str(sft_bundle), "task": "sft"},
-                                          metrics={"reward_accuracy": 0.75, "eval_dpo_loss": 0.6}))
-    return out
-
-
-@pytest.fixture
-def copy_of(tmp_path):
-    def make(bundle: Path) -> Path:
-        dst = tmp_path / "copies" / bundle.name
-        shutil.copytree(bundle, dst)
-        return dst
-    return make
-
-
-def as_v1(folder: Path) -> None:
-    """Rewrite a bundle's manifest the way headstart wrote it before manifest v2."""
-    def downgrade(m):
-        for key in ("kind", "heads", "adapters"):
-            m.pop(key, None)
-        m["format_version"] = 1
-        if m.get("task") in ("sft", "dpo"):
-            m["files"] = {"trained": "trained.safetensors"}  # v1 LM bundles carried an empty one
-    edit_manifest(folder, downgrade)
-    if json.loads((folder / "manifest.json").read_text()).get("task") in ("sft", "dpo"):
-        save_file({}, folder / "trained.safetensors")
 
 
 # ---- manifest v2 and v1 ---------------------------------------------------------------------
@@ -300,125 +214,3 @@ def test_card_licence_comes_from_the_base(probe_bundle):
     m["kind"], m["base"]["kind"] = "classifier", "image"
     assert yaml.safe_load(front_matter(m, "finetune"))["base_model_relation"] == "finetune"
     assert yaml.safe_load(front_matter(m))["pipeline_tag"] == "image-classification"
-
-
-# ---- hardened loading ---------------------------------------------------------------------------
-
-class Boom:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_a_pickle_in_place_of_the_weights_is_refused_and_never_run(probe_bundle, copy_of, tmp_path):
-    folder = copy_of(probe_bundle)
-    marker = tmp_path / "ran"
-    (folder / "trained.safetensors").write_bytes(pickle.dumps(Boom(marker), protocol=4))
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert "trained.safetensors" in one_line(e) and "pickle" in one_line(e)
-    assert not marker.exists()
-
-
-def test_safetensors_starting_like_a_pickle_still_load(probe_bundle, copy_of):
-    """The first byte of a safetensors file is the low byte of its header length: 0x80 is a valid one."""
-    folder = copy_of(probe_bundle)
-    path = folder / "trained.safetensors"
-    stored = load_file(path)
-    for pad in range(700):
-        save_file(stored, path, metadata={"format": "headstart-bundle", "pad": "x" * pad})
-        if path.read_bytes()[:2] == b"\x80\x02":  # pickle protocol 2's opening bytes
-            break
-    assert path.read_bytes()[:2] == b"\x80\x02"
-    expected = headstart.load(probe_bundle).predict_proba(INPUTS)
-    torch.testing.assert_close(headstart.load(folder).predict_proba(INPUTS), expected)
-
-
-def test_truncated_weights_name_the_file(probe_bundle, copy_of):
-    folder = copy_of(probe_bundle)
-    data = (folder / "trained.safetensors").read_bytes()
-    (folder / "trained.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert "trained.safetensors" in one_line(e) and "damaged" in one_line(e)
-
-
-@pytest.mark.parametrize("name", ["adapter_model.bin", "adapter_model.pt"])
-def test_adapter_weights_load_only_from_safetensors(lora_bundle, copy_of, tmp_path, monkeypatch, name):
-    folder = copy_of(lora_bundle)
-    (folder / "adapter" / "adapter_model.safetensors").unlink()
-    marker = tmp_path / "ran"
-    (folder / "adapter" / name).write_bytes(pickle.dumps(Boom(marker)))
-    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert name in one_line(e) and not marker.exists()
-
-
-def test_adapter_pickle_under_the_safetensors_name_is_refused(sft_bundle, copy_of, tmp_path):
-    folder = copy_of(sft_bundle)
-    marker = tmp_path / "ran"
-    (folder / "adapter" / "adapter_model.safetensors").write_bytes(pickle.dumps(Boom(marker)))
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert "pickle" in one_line(e) and not marker.exists()
-
-
-@pytest.mark.parametrize("change,needle", [
-    (lambda m: m.pop("base"), "`base`"),
-    (lambda m: m["base"].pop("sha256"), "`base.sha256`"),
-    (lambda m: m.update(method="probe"), "`method`"),
-    (lambda m: m["method"].update(config=[1]), "`method.config`"),
-    (lambda m: m.update(heads={"default": {"classes": "food"}}), "head 'default'"),
-    (lambda m: m.update(kind="toaster"), "kind"),
-    (lambda m: m.update(format_version="2"), "format_version"),
-    (lambda m: m.update(format_version=99), "newer"),
-    (lambda m: m.update(adapters={"default": "../../etc"}), "outside the bundle"),
-    (lambda m: m["heads"]["default"].update(weights="/etc/passwd"), "outside the bundle"),
-    (lambda m: m["method"].update(config={"no_such_option": 1}), "method"),
-    (lambda m: m["heads"]["default"].update(classes=["a", "b"]), "do not fit"),
-])
-def test_bad_manifest_is_one_line_naming_the_problem(probe_bundle, copy_of, change, needle):
-    folder = copy_of(probe_bundle)
-    edit_manifest(folder, change)
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert needle in one_line(e)
-
-
-def test_info_on_a_damaged_bundle_is_a_headstart_error(sft_bundle, copy_of):
-    folder = copy_of(sft_bundle)
-    edit_manifest(folder, lambda m: m.pop("adapters"))
-    with pytest.raises(HeadstartError) as e:
-        commands.info(folder)
-    assert "adapters" in one_line(e)
-
-
-def test_a_generator_shares_only_a_causal_lm_base(sft_bundle):
-    with pytest.raises(BundleError) as e:
-        headstart.load(sft_bundle, base=headstart.load_base("tiny-text"))
-    assert "causal-LM" in one_line(e)
-
-
-def test_a_classifier_adapter_folder_named_elsewhere_is_refused(lora_bundle, copy_of):
-    folder = copy_of(lora_bundle)
-    (folder / "adapter").rename(folder / "lora-a")
-    edit_manifest(folder, lambda m: m.update(adapters={"default": "lora-a"}))
-    with pytest.raises(BundleError) as e:
-        headstart.load(folder)
-    assert "lora-a" in one_line(e)
-
-
-def test_a_generator_adapter_folder_comes_from_the_manifest(sft_bundle, copy_of):
-    folder = copy_of(sft_bundle)
-    (folder / "adapter").rename(folder / "terse")
-    edit_manifest(folder, lambda m: m.update(adapters={"terse": "terse"}))
-    spec, reference = headstart.load(folder), headstart.load(sft_bundle)
-    batch = reference.tokenizer(["What is the colour of snow?"], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(spec.model(**batch).logits, reference.model(**batch).logits)
-    assert commands.info(folder)["adapters"] == {"terse": "terse"}
