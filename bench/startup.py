@@ -46,7 +46,8 @@ def main() -> None:
     _run(commands["warm_refit"], env)
 
     report = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                          "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
               "runs": args.runs, "data": args.data, "targets_s": TARGETS, "results": {}}
     for name, cmd in commands.items():
         walls = [_run(cmd, env) for _ in range(args.runs)]
@@ -54,6 +55,7 @@ def main() -> None:
         report["results"][name] = {"command": " ".join(cmd[2:]), "median_s": round(statistics.median(walls), 3),
                                    "runs_s": [round(w, 3) for w in walls], "target_s": TARGETS[name],
                                    "met": statistics.median(walls) <= TARGETS[name], "imports": imports}
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print_report(report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
@@ -76,8 +78,9 @@ def import_breakdown(cmd: list[str], env: dict[str, str], top: int) -> dict:
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, self_us, cumulative_us, name = (part.strip() for part in line.replace("import time:", "|").split("|"))
-        depth = (len(name) - len(name.lstrip())) // 2  # importtime indents nested imports by two spaces
+        _, self_us, cumulative_us, name = line.replace("import time:", "|").split("|")
+        name = name[1:]  # one space after the bar, then two more per level of nesting
+        depth = (len(name) - len(name.lstrip())) // 2
         rows.append({"module": name.strip(), "depth": depth, "self_s": int(self_us) / 1e6,
                      "cumulative_s": int(cumulative_us) / 1e6})
     total = sum(r["cumulative_s"] for r in rows if r["depth"] == 0)
@@ -88,6 +91,9 @@ def import_breakdown(cmd: list[str], env: dict[str, str], top: int) -> dict:
 
 
 def print_report(report: dict) -> None:
+    load = report["machine"]
+    print(f"\nload average (1, 5, 15 min) at start {load['load_average_at_start']}, at end {load['load_average_at_end']} "
+          f"on {load['cpus']} CPUs: other work on the machine slows every figure")
     print(f"\n{'measurement':<14}{'median (s)':>11}{'target (s)':>12}  {'met':<5}runs (s)")
     for name, r in report["results"].items():
         runs = " ".join(f"{w:.2f}" for w in r["runs_s"])

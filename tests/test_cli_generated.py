@@ -181,3 +181,17 @@ def test_lazy_exports_resolve():
         assert getattr(headstart, name) is not None
     with pytest.raises(AttributeError):
         headstart.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("argv,hint", [(["shots", "data"], "finished runs are in its shots.json"),
+                                       (["rank", "data"], "rerun the same command with --resume to continue")])
+def test_ctrl_c_prints_the_hint(monkeypatch, capsys, argv, hint):
+    from headstart.cli import commands, main
+
+    def interrupted(self, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.Command, "run", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"headstart: interrupted; {hint}"

@@ -54,11 +54,10 @@ def add_method_option_flags(parser: argparse.ArgumentParser, tasks: tuple[str, .
 
 def write_option_help(parser: argparse.ArgumentParser) -> None:
     """Fill in the help of the method-option flags (called just before help is printed)."""
-    primary = _default_method()
-    for action in parser._actions:
-        field = getattr(action, "method_option", None)
-        if field is not None and action.help is None:
-            action.help = _help(field, primary).replace("%", "%%")  # argparse %-formats help text
+    pending = [a for a in parser._actions if getattr(a, "method_option", None) is not None and a.help is None]
+    primary = _default_method() if pending else ""
+    for action in pending:
+        action.help = _help(action.method_option, primary).replace("%", "%%")  # argparse %-formats help text
 
 
 def chosen_options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
