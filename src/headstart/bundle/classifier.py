@@ -165,8 +165,9 @@ class Specialist(BundleSpecialist):
             raise BundleError(f"{folder}: classifier adapters are read from {ADAPTER_DIR}/, this bundle names "
                               f"{', '.join(sorted(manifest['adapters'].values()))}")
         state = _head_state(folder, manifest, head_name, read_trained(folder))
-        if base is not None and any(not k.startswith(HEAD_PREFIX) and k != "center" for k in state):
-            raise BundleError(f"{folder}: a frozen-base bundle holds base weights ({next(iter(state))}); refused")
+        foreign = [k for k in state if not k.startswith(HEAD_PREFIX) and k != "center"]
+        if base is not None and foreign:  # they would be copied into the base every specialist shares
+            raise BundleError(f"{folder}: a frozen-base bundle holds base weights ({foreign[0]!r}); refused")
         try:
             model = method.restore(backbone, len(classes), state, folder)
         except (HeadstartError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -35,6 +35,12 @@ _shared_names = itertools.count(1)
 
 
 class LMSpecialist(BundleSpecialist):
+    """A causal LM with a PEFT adapter (sft / dpo), from `fit(task=...)` or a generator bundle.
+
+    >>> spec = headstart.load("runs/alpaca-lora")
+    >>> spec.generate("Name a colour.", temperature=0.0, max_new_tokens=8)
+    """
+
     bundle_kind = "generator"
 
     def __init__(self, model, tokenizer, manifest: dict[str, Any], bf16: bool = False, side_by_side: str | None = None):
