@@ -21,7 +21,7 @@ HIDDEN = frozenset({"log", "progress"})
 
 RESUME_HINT = "rerun the same command with --resume to continue"
 
-TEXT_TABLE_FLAGS = {
+OFF_SWITCHES = {  # parameters on by default, turned off by the switches users know
     "use_cache": Flag("use_cache", ("--no-cache",), "do not read or write the feature cache", invert=True),
     "skip_placeholders": Flag("skip_placeholders", ("--keep-placeholders",), invert=True,
                               help="keep images with very few colours (line art, icons) instead of skipping them "
@@ -38,8 +38,6 @@ class Command:
     flags: dict[str, Flag] = field(default_factory=dict)
     leading: tuple[Flag, ...] = ()
     """Positionals declared before the function's own (`generate BUNDLE PROMPT`)."""
-    extra: tuple[Flag, ...] = ()
-    """Keyword flags the function takes through `**options` rather than by name (`fit --eval`)."""
     hidden: frozenset[str] = HIDDEN
     option_tasks: tuple[str, ...] | None = None
     """When the function takes `**options`: the tasks whose method-config fields become flags (None: all)."""
@@ -80,10 +78,6 @@ class Command:
             parser.add_argument(flag.param, help=flag.help, nargs=flag.nargs)
         declared = add_function_flags(parser, fn, self.flags, self.hidden)
         params = inspect.signature(fn).parameters
-        for flag in self.extra:
-            if flag.param not in params:  # once the API names it, the generated flag takes over
-                parser.add_argument(*flag.spelling, dest=flag.param, default=None, help=flag.help)
-                declared.append(flag.param)
         options: list[str] = []
         if any(p.kind is p.VAR_KEYWORD for p in params.values()) and self.call is None:
             options = add_method_option_flags(parser, self.option_tasks, set(declared))
@@ -138,9 +132,8 @@ COMMANDS: list[Command] = [
             help="List the known bases: name, kind, parameters, source (from their static facts; builds none)."),
     Command("methods", "headstart.methods.registry:list_methods", show.methods, json="",
             help="List the methods of a task and their options."),
-    Command("fit", "headstart.api:fit", show.fit, flags=TEXT_TABLE_FLAGS, help="Specialise a base on labelled data "
-            "(classify), instructions (sft) or preference pairs (dpo); --out writes the bundle.", extra=(
-        Flag("eval", ("--eval",), "sft/dpo: held-out file for eval loss (default: 10%% of the data)"),),
+    Command("fit", "headstart.api:fit", show.fit, flags=OFF_SWITCHES, help="Specialise a base on labelled data "
+            "(classify), instructions (sft) or preference pairs (dpo); --out writes the bundle.",
         json="print the final metrics as JSON on the last stdout line", examples=(
         "Examples:\n  headstart fit ../shared/data/hymenoptera --base efficientnet-lite0 --method lora --out runs/ants\n"
         "  headstart fit ../shared/data/trec --base minilm-l6 --method probe --shots 8 --seed 1 --out runs/trec-8")),
@@ -149,7 +142,7 @@ COMMANDS: list[Command] = [
                 "Example:\n  headstart shots ../shared/data/trec --base minilm-l6 --methods zeroshot,probe,lora "
                 "--shots 0,2,8,32 --seeds 3")),
     Command("adapt", "headstart.experiments.adapt:adapt", show.adapt, flags={
-        **TEXT_TABLE_FLAGS,
+        **OFF_SWITCHES,
         "source": Flag("source", ("--source",), "labelled source data (image folder or text table), as for `fit`",
                        required=True),
         "target": Flag("target", ("--target",), "target-domain data; its labels, if any, are hidden from the method",
@@ -160,7 +153,7 @@ COMMANDS: list[Command] = [
     Command("corrupt", "headstart.data.corrupt:corrupt_folder", show.nothing, flags={
         "out": Flag("out", ("--out",), "folder to write (must not exist or be empty, unless --overwrite)",
                     required=True),
-        "skip_placeholders": TEXT_TABLE_FLAGS["skip_placeholders"],
+        "skip_placeholders": OFF_SWITCHES["skip_placeholders"],
     }, json="", value_errors=True, help="Make a reproducible \"clean -> blurry, dark, noisy\" copy of an image "
         "folder (a domain shift to adapt to)."),
     Command("rank", "headstart.transfer.rank:rank", show.rank, json='print {"candidates": [...]} (best first) as '
