@@ -226,3 +226,29 @@ def test_card_names_a_registered_base_by_its_hub_id():
     assert base_licence(base) == "apache-2.0"  # from the registry's static facts when the manifest lacks it
     assert base_model_id({"name": "x", "source": "hf-hub:org/model"}) == "org/model"
     assert base_model_id({"name": "my/local/folder"}) == "my/local/folder" and base_licence({"name": "nope"}) is None
+
+
+def test_add_head_composes_probes_on_one_base(probe_bundle, copy_of, tmp_path):
+    from headstart.bundle.heads import add_head
+
+    two = tmp_path / "two"
+    write_table(two / "train.csv", [(t, "sport" if y == "sport" else "other") for t, y in text_rows(60, seed=3)])
+    headstart.fit(two / "train.csv", base="tiny-text", method="probe", out=tmp_path / "sport", **QUIET)
+    folder = copy_of(probe_bundle)
+    add_head(folder, "sport", tmp_path / "sport")
+    assert headstart.load(folder).heads == ["default", "sport"]
+    torch.testing.assert_close(headstart.load(folder, head="sport").predict_proba(INPUTS),
+                               headstart.load(tmp_path / "sport").predict_proba(INPUTS))
+    torch.testing.assert_close(headstart.load(folder).predict_proba(INPUTS),
+                               headstart.load(probe_bundle).predict_proba(INPUTS))
+    with pytest.raises(BundleError) as e:
+        add_head(folder, "sport", tmp_path / "sport")
+    assert "taken" in one_line(e)
+
+
+def test_add_head_refuses_heads_that_do_not_compose(probe_bundle, lora_bundle, copy_of):
+    from headstart.bundle.heads import add_head
+
+    with pytest.raises(BundleError) as e:
+        add_head(copy_of(probe_bundle), "lora", lora_bundle)
+    assert "lora" in one_line(e)

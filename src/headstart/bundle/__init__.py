@@ -1,6 +1,7 @@
 """The bundle: one folder, JSON + safetensors (+ PEFT adapters), written atomically, checked on load.
 
-`format` reads and writes the files, `manifest` holds the schema, `adapters` vets PEFT folders,
+`format` reads and writes the files, `manifest` holds the schema, `adapters` vets PEFT folders, `heads`
+composes several heads over one base,
 `specialist` the base class of `classifier.Specialist` and `generator.LMSpecialist`, `card` the
 model card, `commands` the kind-independent operations (info, predict, evaluate, export) the CLI
 is generated from.
