@@ -252,3 +252,15 @@ def test_add_head_refuses_heads_that_do_not_compose(probe_bundle, lora_bundle, c
     with pytest.raises(BundleError) as e:
         add_head(copy_of(probe_bundle), "lora", lora_bundle)
     assert "lora" in one_line(e)
+
+
+def test_info_imports_no_torch(probe_bundle):
+    """`headstart info` reads JSON only: it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from headstart.bundle import commands; "
+            f"assert commands.info({str(probe_bundle)!r})['kind'] == 'classifier'; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

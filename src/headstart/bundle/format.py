@@ -22,13 +22,14 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import BundleError
 from ..core.storage import atomic_dir, recover_interrupted_swap
 from .manifest import DEFAULT, upgrade_v1, validate
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `headstart info` needs none
+    import torch
 
 FORMAT = "headstart-bundle"
 FORMAT_VERSION = 2
@@ -46,6 +47,7 @@ _PICKLE_LIKE = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zi
 
 def library_versions() -> dict[str, str]:
     import accelerate
+    import torch
     import peft
     import safetensors
     import timm
@@ -157,6 +159,8 @@ def one_line(e: BaseException) -> str:
 
 
 def _json_default(o: Any):
+    import torch
+
     if isinstance(o, Path):
         return str(o)
     if torch.is_tensor(o):

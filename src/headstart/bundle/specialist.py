@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.errors import BundleError, HeadstartError
 from .adapters import check_adapter_folder
 from .format import ADAPTER_DIR, find_adapters, read_manifest, write_bundle
 from .manifest import DEFAULT
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BundleSpecialist:
