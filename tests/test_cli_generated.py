@@ -173,6 +173,13 @@ def test_import_headstart_and_help_load_no_torch():
     assert "torch" not in _modules_after(code)
 
 
+def test_bases_lists_from_static_facts_without_building_any():
+    code = ("import json, io, contextlib\nfrom headstart.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    assert main(['bases', '--json']) == 0\n"
+            "rows = json.loads(out.getvalue())\nassert {r['name'] for r in rows} >= {'efficientnet-lite0', 'minilm-l6'}")
+    assert "torch" not in _modules_after(code)  # building a base imports torch; listing must not
+
+
 def test_lazy_exports_resolve():
     import headstart
 

@@ -131,7 +131,8 @@ COMMANDS: list[Command] = [
     Command("bases", "headstart.bases:list_bases", show.bases, json="print a JSON list",
             help="List the known bases: name, kind, parameters, source (from their static facts; builds none)."),
     Command("methods", "headstart.methods.registry:list_methods", show.methods, json="",
-            help="List the methods of a task and their options."),
+            help="List the methods of a task and their options.", flags={
+                "task": Flag("task", help="the task whose methods to list: classify, sft or dpo (default: classify)")}),
     Command("fit", "headstart.api:fit", show.fit, flags=OFF_SWITCHES, help="Specialise a base on labelled data "
             "(classify), instructions (sft) or preference pairs (dpo); --out writes the bundle.",
         json="print the final metrics as JSON on the last stdout line", examples=(
