@@ -2,6 +2,7 @@
 
     python bench/startup.py                 # median of 5 fresh processes each; writes bench/results/startup.json
     python bench/startup.py --runs 3 --top 25
+    python bench/startup.py --profile       # also cProfile one warm re-fit: where its time goes, by function
 
 Measures, each in fresh processes from the shell (process wall time, as a user waits for it):
   * `headstart --help`                                                   target <= 1.5 s
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15, help="modules listed in each import-time breakdown")
     p.add_argument("--data", default=str(DATA), help="image folder for the probe re-fit")
     p.add_argument("--cache", default=None, help="HEADSTART_CACHE for the re-fit (default: a fresh temp folder)")
+    p.add_argument("--profile", action="store_true", help="cProfile one warm re-fit and print its costliest calls")
     args = p.parse_args()
 
     cache = args.cache or tempfile.mkdtemp(prefix="hs-startup-cache-")
@@ -55,6 +57,8 @@ def main() -> None:
         report["results"][name] = {"command": " ".join(cmd[2:]), "median_s": round(statistics.median(walls), 3),
                                    "runs_s": [round(w, 3) for w in walls], "target_s": TARGETS[name],
                                    "met": statistics.median(walls) <= TARGETS[name], "imports": imports}
+    if args.profile:
+        report["profile"] = profile(commands["warm_refit"], env, args.top)
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print_report(report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +94,22 @@ def import_breakdown(cmd: list[str], env: dict[str, str], top: int) -> dict:
                     for r in heaviest]}
 
 
+def profile(cmd: list[str], env: dict[str, str], top: int) -> list[dict]:
+    """The `top` headstart functions of one run by cumulative time (cProfile), with who they import through."""
+    import pstats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_file = str(Path(tmp) / "refit.prof")
+        subprocess.run([cmd[0], "-m", "cProfile", "-o", stats_file, *cmd[1:]], capture_output=True, env=env,
+                       check=True)
+        stats = pstats.Stats(stats_file).stats  # type: ignore[attr-defined]
+    rows = [{"function": f"{Path(file).relative_to(ROOT / 'src') if str(file).startswith(str(ROOT)) else file}"
+                         f":{line}({name})", "calls": calls, "cumulative_s": round(cumulative, 3)}
+            for (file, line, name), (_, calls, _, cumulative, _) in stats.items()
+            if "/src/headstart/" in str(file)]
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
+
+
 def print_report(report: dict) -> None:
     load = report["machine"]
     print(f"\nload average (1, 5, 15 min) at start {load['load_average_at_start']}, at end {load['load_average_at_end']} "
@@ -105,6 +125,10 @@ def print_report(report: dict) -> None:
         print(f"  {'cumulative (s)':>14}{'self (s)':>10}  depth  module")
         for m in imp["top"]:
             print(f"  {m['cumulative_s']:>14.3f}{m['self_s']:>10.3f}  {m['depth']:>5}  {m['module']}")
+    if "profile" in report:
+        print("\nwarm re-fit, headstart functions by cumulative time (cProfile; imports inside them included):")
+        for r in report["profile"]:
+            print(f"  {r['cumulative_s']:>8.3f} s  {r['calls']:>6} calls  {r['function']}")
 
 
 if __name__ == "__main__":
