@@ -202,3 +202,38 @@ def test_ctrl_c_prints_the_hint(monkeypatch, capsys, argv, hint):
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"headstart: interrupted; {hint}"
+
+
+# ---- what each command prints (renderers, on fake results: no training) -----------------------------
+
+class _FakeSpecialist:
+    def __init__(self, metrics):
+        self.manifest = {"metrics": metrics}
+
+
+@pytest.mark.parametrize("json_flag", [True, False])
+def test_fit_prints_headline_json_for_classifiers_and_all_metrics_for_generators(capsys, json_flag):
+    import json
+
+    from headstart.cli import show
+
+    args = argparse.Namespace(json=json_flag)
+    show.fit(_FakeSpecialist({"accuracy": 0.9, "macro_f1": 0.8, "per_class_f1": {"a": 0.9}, "wall_s": 1.0}), args)
+    out = capsys.readouterr().out.strip()
+    if json_flag:
+        assert json.loads(out.splitlines()[-1]) == {"accuracy": 0.9, "macro_f1": 0.8, "wall_s": 1.0}
+    else:
+        assert out == ""  # fit logged its report table already
+    show.fit(_FakeSpecialist({"eval_loss": 1.5, "eval_loss_before": 2.0, "wall_s": 3.0}), args)
+    out = capsys.readouterr().out.strip()
+    assert json.loads(out if not json_flag else out.splitlines()[-1])["eval_loss"] == 1.5
+
+
+def test_predict_prints_labels_or_answers(capsys):
+    from headstart.cli import show
+
+    rows = [{"input": "x", "label": "a", "score": 0.7, "top": [{"label": "a", "score": 0.7}, {"label": "b", "score": 0.3}]},
+            {"input": "say hi", "answer": "hi"}]
+    show.predict(rows, argparse.Namespace(json=False))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "a\t0.700\tx\t(b 0.300)" and out[1:3] == ["say hi", "hi"]
