@@ -264,3 +264,16 @@ def test_info_imports_no_torch(probe_bundle):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_evaluation_caches_its_split_and_prediction_does_not(probe_bundle, tiny_text_csv, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HEADSTART_CACHE", str(cache))
+    spec = headstart.load(probe_bundle)
+    spec.predict(["something never seen before"])
+    assert not list(cache.rglob("shard-*")), "prediction wrote a feature shard"
+    spec.evaluate(tiny_text_csv, progress=False)  # a dataset's split is bounded and evaluated again and again
+    shards = list(cache.rglob("shard-*"))
+    assert len(shards) == 1
+    spec.evaluate(tiny_text_csv, progress=False)
+    assert list(cache.rglob("shard-*")) == shards, "a second evaluation extracts nothing new"

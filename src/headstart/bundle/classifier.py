@@ -55,12 +55,23 @@ class Specialist(BundleSpecialist):
 
     # ---- inference -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_proba(self, xs: Sequence[Any], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Class probabilities [N, C] for image paths / PIL images (image bases) or strings (text bases)."""
+    def predict_proba(self, xs: Sequence[Any], batch_size: int = 64, progress: bool = False,
+                      store_features: bool = False) -> torch.Tensor:
+        """Class probabilities [N, C] for image paths / PIL images (image bases) or strings (text bases).
+
+        Features of a frozen base are read from the cache when there; `store_features=True` also adds
+        the new ones (`evaluate` does, for a dataset's bounded, repeated splits; serving never should).
+        """
         xs = self._check_inputs(xs)
         if self.method.frozen_base and all(isinstance(x, str) for x in xs):
             # The base is untouched (probe, prototype): features cached at fit time serve here too.
-            feats = features_read_only(self.model.base, xs, batch_size, progress)
+            if store_features:
+                from ..engine.features import cached_features
+
+                load = load_image if self.kind == "image" else (lambda x: x)
+                feats, _ = cached_features(self.model.base, xs, load, batch_size, progress)
+            else:
+                feats = features_read_only(self.model.base, xs, batch_size, progress)
             return self.model.classify(feats).float().softmax(-1)
 
         def load(x: Any) -> Any:  # image paths are decoded; PIL images and texts pass through
@@ -91,7 +102,7 @@ class Specialist(BundleSpecialist):
                              f"(it knows: {', '.join(self.classes)})")
         index = {c: i for i, c in enumerate(self.classes)}
         true = torch.tensor([index[data.classes[y]] for y in part.labels])
-        pred = self.predict_proba(part.items, progress=progress).argmax(-1)
+        pred = self.predict_proba(part.items, progress=progress, store_features=True).argmax(-1)
         metrics = classification_metrics(pred, true, self.classes)
         metrics.update(split=split, skipped=len(data.skipped))
         return metrics
