@@ -216,6 +216,8 @@ def test_card_licence_comes_from_the_base(probe_bundle):
     m["kind"], m["base"]["kind"] = "classifier", "image"
     assert yaml.safe_load(front_matter(m, "finetune"))["base_model_relation"] == "finetune"
     assert yaml.safe_load(front_matter(m))["pipeline_tag"] == "image-classification"
+    m["base"]["kind"] = "causal_lm"  # a probe on an LM's features
+    assert yaml.safe_load(front_matter(m))["pipeline_tag"] == "text-classification"
 
 
 def test_card_names_a_registered_base_by_its_hub_id():

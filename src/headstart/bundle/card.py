@@ -31,12 +31,11 @@ def front_matter(m: dict[str, Any], relation: str | None = None) -> str:
     generator = m.get("kind") == "generator"
     has_adapter = bool(m.get("adapters"))
     relation = relation or ("adapter" if generator or has_adapter else "finetune")
-    pipeline = PIPELINE_TAGS["generator" if generator else m["base"]["kind"]] \
-        if generator or m["base"]["kind"] in PIPELINE_TAGS else None
+    # A classifier on a causal LM (probe on SmolLM2's features) still classifies text.
+    pipeline = PIPELINE_TAGS["generator" if generator else "image" if m["base"]["kind"] == "image" else "text"]
     meta: dict[str, Any] = {"base_model": base_model_id(m["base"]), "base_model_relation": relation,
                             "library_name": "peft" if has_adapter else "headstart"}
-    if pipeline:
-        meta["pipeline_tag"] = pipeline
+    meta["pipeline_tag"] = pipeline
     licence = base_licence(m["base"])
     if licence:
         meta["license"] = licence
@@ -49,7 +48,7 @@ def front_matter(m: dict[str, Any], relation: str | None = None) -> str:
         if m.get("metrics", {}).get("split") and not generator:
             dataset["split"] = str(m["metrics"]["split"])
         meta["model-index"] = [{"name": str(m.get("bundle_name") or f"{m['method']['name']} on {m['base']['name']}"),
-                                "results": [{"task": {"type": pipeline or "other"}, "dataset": dataset,
+                                "results": [{"task": {"type": pipeline}, "dataset": dataset,
                                              "metrics": results}]}]
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
