@@ -279,3 +279,9 @@ def test_evaluation_caches_its_split_and_prediction_does_not(probe_bundle, tiny_
     assert len(shards) == 1
     spec.evaluate(tiny_text_csv, progress=False)
     assert list(cache.rglob("shard-*")) == shards, "a second evaluation extracts nothing new"
+
+
+def test_card_calls_a_finetune_a_finetune(tiny_text_csv, tmp_path):
+    headstart.fit(tiny_text_csv, base="tiny-text", method="finetune", epochs=1, out=tmp_path / "ft", **QUIET)
+    meta = yaml.safe_load((tmp_path / "ft" / "README.md").read_text().split("---\n")[1])
+    assert (meta["base_model_relation"], meta["library_name"]) == ("finetune", "headstart")

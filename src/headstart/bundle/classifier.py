@@ -126,8 +126,11 @@ class Specialist(BundleSpecialist):
         # are not carried over (their weight files stay with the bundle they came from).
         return {**super().bundle_manifest(), "classes": self.classes, "heads": {DEFAULT: {"classes": self.classes}}}
 
-    def base_model_relation(self) -> str | None:
-        return "adapter" if self.method.frozen_base else None
+    def base_model_relation(self) -> str:
+        # "finetune" when the bundle stores changed base weights (finetune, scratch, adabn's statistics);
+        # a head, a PEFT adapter or a prompt on the untouched base is an "adapter" in the hub's terms.
+        changed = any(k.startswith("backbone.") for k in self.method.trained_state(self.model))
+        return "finetune" if changed else "adapter"
 
     def write_extras(self, tmp: Path, full: dict[str, Any]) -> None:
         from .plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
