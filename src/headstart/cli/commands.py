@@ -89,7 +89,6 @@ class Command:
     def run(self, args: argparse.Namespace) -> int:
         kwargs = {name: getattr(args, name) for name in args._declared}
         kwargs = {k: (" ".join(v) if self._joins(k) and isinstance(v, list) else v) for k, v in kwargs.items()}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in args._params}
         quiet = getattr(args, "json", False)
         if "log" in args._params:
             stream = sys.stderr if quiet else sys.stdout
@@ -123,9 +122,6 @@ def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any
     spec.generate(prompt, stream=lambda piece: print(piece, end="", flush=True), **options)
     return None
 
-
-BUNDLE = Flag("bundle", help="a bundle folder (written by `fit --out` or `adapt --out`)")
-DATA = Flag("data", help="image folder (<split>/<class>/* or <class>/*) or text table(s): CSV/TSV/JSONL")
 
 COMMANDS: list[Command] = [
     Command("bases", "headstart.bases:list_bases", show.bases, json="print a JSON list",
