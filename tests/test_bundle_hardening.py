@@ -139,7 +139,7 @@ def test_prediction_reads_features_the_fit_cached(tiny_text_csv, tmp_path, monke
     monkeypatch.setattr(features, "encode",
                         lambda b, items, *a, **k: calls.append(len(items)) or real(b, items, *a, **k))
     spec.predict(train_texts)
-    assert calls == [0], "every row was in the cache: nothing is encoded"
+    assert sum(calls) == 0, "every row was in the cache: nothing is encoded"
 
 
 # ---- commands on every kind ---------------------------------------------------------------------

@@ -234,3 +234,15 @@ with atomic_dir({str(folder)!r}) as tmp:
     assert any(".tmp-" in name for name in _siblings(folder))  # what the killed writer left
     recover_interrupted_swap(folder)
     assert _read(folder) == ("one", "oneone") and _siblings(folder) == []
+
+
+def test_a_folder_written_atomically_gets_ordinary_permissions(tmp_path):
+    from headstart.core.storage import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "bundle") as tmp:
+            (tmp / "x.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755, "not the private 0700 of a temp dir"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import BundleError, DataError, HeadstartError, LabelError
 from ..core.metrics import classification_metrics
-from ..data import Dataset, load_dataset, load_eval_dataset, load_image
+from ..data import Dataset, load_dataset, load_eval_dataset, load_image, loader_for
 from ..methods.base import Method, SpecialistModel
 from .format import ADAPTER_DIR, check_base, read_safetensors, read_trained
 from .manifest import DEFAULT
@@ -65,13 +65,10 @@ class Specialist(BundleSpecialist):
         xs = self._check_inputs(xs)
         if self.method.frozen_base and all(isinstance(x, str) for x in xs):
             # The base is untouched (probe, prototype): features cached at fit time serve here too.
-            if store_features:
-                from ..engine.features import cached_features
+            from ..engine.features import cached_features
 
-                load = load_image if self.kind == "image" else (lambda x: x)
-                feats, _ = cached_features(self.model.base, xs, load, batch_size, progress)
-            else:
-                feats = features_read_only(self.model.base, xs, batch_size, progress)
+            feats, _ = cached_features(self.model.base, xs, loader_for(self.kind), batch_size, progress,
+                                       store=store_features)
             return self.model.classify(feats).float().softmax(-1)
 
         def load(x: Any) -> Any:  # image paths are decoded; PIL images and texts pass through
@@ -189,28 +186,6 @@ class Specialist(BundleSpecialist):
         spec = cls(model, method, classes, manifest)
         spec.folder = folder
         return spec
-
-
-def features_read_only(backbone, items: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Features [N, D] of `items`: rows the feature cache holds are read, the rest are computed and
-    not stored (prediction must not grow the cache without bound)."""
-    from ..engine.features import _item_keys, _load_rows, encode, layer_cache_dir
-
-    load = load_image if backbone.kind == "image" else (lambda x: x)
-    try:
-        keys = _item_keys(backbone, items)
-        known = _load_rows(layer_cache_dir(backbone, "final"), set(keys))
-    except OSError:  # an unreadable cache (read-only home, removed files) only costs the lookup
-        keys, known = [], {}
-    missing = [i for i, k in enumerate(keys) if k not in known] if keys else list(range(len(items)))
-    fresh = encode(backbone, [items[i] for i in missing], load, batch_size, progress, desc="features")
-    out = torch.zeros(len(items), backbone.feature_dim)
-    for row, i in enumerate(missing):
-        out[i] = fresh[row]
-    for i, k in enumerate(keys):
-        if k in known:
-            out[i] = known[k]
-    return out
 
 
 def _pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tuple[str, list[str]]:

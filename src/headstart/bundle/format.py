@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import BundleError
-from ..core.storage import atomic_dir, recover_interrupted_swap
+from ..core.storage import ADAPTER_DIR, atomic_dir, recover_interrupted_swap
 from .manifest import DEFAULT, upgrade_v1, validate
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `headstart info` needs none
@@ -35,9 +35,6 @@ FORMAT = "headstart-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRAINED = "trained.safetensors"
-ADAPTER_DIR = "adapter"
-"""Where a bundle written by `fit` keeps its (default) PEFT adapter; readers take the name from
-the manifest's `adapters`."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 WRITER_KEYS = ("format", "format_version", "files", "versions", "created", "adapters")

@@ -20,11 +20,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from ..core.errors import BundleError
-from ..llm.tokenize import IGNORE, encode_chat, pad_batch
-from ..llm.train import answer_loss, autocast
+from ..llm.tokenize import IGNORE, encode_chat
+from ..llm.train import response_loss
 from .format import ADAPTER_DIR, check_base
 from .manifest import DEFAULT, GENERATIVE_TASKS
 from .specialist import BundleSpecialist, reraise_as_bundle_error
@@ -155,7 +153,7 @@ class LMSpecialist(BundleSpecialist):
         """
         from peft import PeftModel
 
-        from ..llm.model import cpu_supports_bf16, load_lm
+        from ..llm.model import bf16_enabled, load_lm
 
         folder = Path(folder)
         manifest = cls.open_manifest(folder)
@@ -181,33 +179,10 @@ class LMSpecialist(BundleSpecialist):
                                                        is_trainable=trainable)
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             raise reraise_as_bundle_error(folder, f"its adapter {adapter_dir.name}/ does not fit its base", e) from None
-        bf16 = _bf16_setting(manifest["method"]["config"].get("bf16", "auto"), cpu_supports_bf16())
+        bf16 = bf16_enabled(manifest["method"]["config"].get("bf16", "auto"))
         spec = cls(peft_model, tokenizer, manifest, bf16)
         spec.folder = folder
         spec.shared_base = base is not None
         return spec
 
 
-def response_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8, bf16: bool = False) -> tuple[float, int]:
-    """(mean cross-entropy per labelled token, number of labelled tokens) -- token-weighted over batches."""
-    if not rows:
-        return float("nan"), 0
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # little padding
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = pad_batch([rows[i] for i in order[start:start + batch_size]], pad_id)
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the model shifts labels by one
-            with autocast(bf16):
-                loss = answer_loss(model, batch)
-            total += loss.float().item() * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1), count
-
-
-def _bf16_setting(value: str | bool, supported: bool) -> bool:
-    value = str(value).lower()
-    return supported if value == "auto" else value == "true"

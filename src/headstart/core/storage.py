@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 
+ADAPTER_DIR = "adapter"
+"""The folder inside a bundle that holds its default PEFT adapter (methods write it, the bundle layer reads it)."""
+
 def cache_dir(*parts: str) -> Path:
     """`$HEADSTART_CACHE` (default `~/.cache/headstart`) joined with `parts`, created."""
     root = Path(os.environ.get("HEADSTART_CACHE", Path.home() / ".cache" / "headstart")).expanduser()
@@ -99,6 +102,7 @@ def atomic_dir(folder: str | os.PathLike, *, replace: bool = True) -> Iterator[P
     recover_interrupted_swap(folder)
     # Unique per call (pid + random), so two writers, even two threads of one process, never share one.
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
     try:
         yield tmp
@@ -185,3 +189,9 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

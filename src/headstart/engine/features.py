@@ -54,10 +54,11 @@ def encode(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_siz
 
 
 def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_size: int = 64,
-                    progress: bool = True, use_cache: bool = True) -> tuple[torch.Tensor, int]:
+                    progress: bool = True, use_cache: bool = True, store: bool = True) -> tuple[torch.Tensor, int]:
     """Features [N, D] for `items`, extracting only the rows not in the cache.
 
-    Returns (features, number of rows extracted now).
+    `store=False` reads what the cache holds but never writes (prediction: a long-running server must
+    not grow the cache without bound). Returns (features, number of rows extracted now).
     """
     if not use_cache:
         return encode(backbone, items, load, batch_size, progress), len(items)
@@ -67,7 +68,7 @@ def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], 
                                 desc=f"features ({len(missing)} new)")}
 
     keys = _item_keys(backbone, items)
-    known, extracted = _cached_rows({"final": layer_cache_dir(backbone, "final")}, keys, extract)
+    known, extracted = _cached_rows({"final": layer_cache_dir(backbone, "final")}, keys, extract, store)
     if not keys:
         return torch.zeros(0, backbone.feature_dim), extracted
     return torch.stack([known["final"][k] for k in keys]), extracted
@@ -113,28 +114,33 @@ def _item_keys(backbone, items: Sequence[Any]) -> list[str]:
     return [item_key(x, backbone.kind == "image") for x in items]  # image examples are paths, text ones texts
 
 
-def _cached_rows(folders: dict[str, Path], keys: list[str],
-                 extract: Callable[[list[int]], dict[str, torch.Tensor]]) -> tuple[dict[str, dict], int]:
+def _cached_rows(folders: dict[str, Path], keys: list[str], extract: Callable[[list[int]], dict[str, torch.Tensor]],
+                 store: bool = True) -> tuple[dict[str, dict], int]:
     """({name: {row key: features}}, rows extracted now): what `folders` hold for `keys`, plus the
-    rows any folder lacks, extracted by `extract(positions)` in one pass and written as a new shard
-    to every folder (a duplicated example is extracted and stored once)."""
+    rows any folder lacks, extracted by `extract(positions)` in one pass and (`store`) written as a new
+    shard to every folder (a duplicated example is extracted and stored once)."""
     wanted = set(keys)
-    known = {name: _load_rows(folder, wanted) for name, folder in folders.items()}
+    known = {name: _load_rows(folder, wanted, remove_damaged=store) for name, folder in folders.items()}
     missing = [i for i, k in enumerate(keys) if any(k not in known[name] for name in folders)]
     if missing:
         fresh = extract(missing)
         first_row = {keys[i]: r for r, i in reversed(list(enumerate(missing)))}
         new_keys = list(first_row)
         for name, folder in folders.items():
-            _write_shard(folder, new_keys, fresh[name][[first_row[k] for k in new_keys]])
+            if store:
+                _write_shard(folder, new_keys, fresh[name][[first_row[k] for k in new_keys]])
             for k, r in first_row.items():
                 known[name][k] = fresh[name][r]
     return known, len(missing)
 
 
-def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+def _load_rows(folder: Path, wanted: set[str], remove_damaged: bool = True) -> dict[str, torch.Tensor]:
     rows: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("shard-*.safetensors")):
+    try:
+        shards = sorted(folder.glob("shard-*.safetensors"))
+    except OSError:  # an unreadable cache only costs the lookup
+        return rows
+    for shard in shards:
         try:
             with safe_open(shard, "pt") as f:
                 keys = json.loads(f.metadata()["keys"])
@@ -142,7 +148,8 @@ def _load_rows(folder: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
                     continue
                 table = f.get_tensor("features")
         except Exception:  # a damaged file (writes are atomic, so not a half-written one): drop it for good
-            shard.unlink(missing_ok=True)  # its rows are re-extracted and written anew
+            if remove_damaged:  # (a reader that never writes leaves the cache as it found it)
+                shard.unlink(missing_ok=True)  # its rows are re-extracted and written anew
             continue
         for r, k in enumerate(keys):
             if k in wanted:

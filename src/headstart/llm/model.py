@@ -54,6 +54,17 @@ def _peft() -> Any:
     return peft
 
 
+def bf16_enabled(value: str | bool, strict: bool = False) -> bool:
+    """The `bf16` option (auto / true / false) on this machine: `auto` follows what the CPU supports;
+    `strict` (training) refuses `true` where the CPU has no bfloat16 arithmetic."""
+    value, supported = str(value).lower(), cpu_supports_bf16()
+    if strict and value == "true" and not supported:
+        from ..core.errors import ConfigError
+
+        raise ConfigError("bf16=true, but this CPU has no bfloat16 support (AVX512-BF16 / AMX); use bf16=auto")
+    return supported if value == "auto" else value == "true"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 arithmetic (avx512_bf16 or amx_bf16; Linux only)."""

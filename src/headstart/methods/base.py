@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Config
+from ..core.storage import ADAPTER_DIR  # noqa: F401  (lora and setfit save their adapter there)
 from ..data import Dataset, Split, loader_for  # noqa: F401  (loader_for: methods import it from here)
 from ..engine.checkpoint import copy_state_into, trainable_state
 

@@ -3,14 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
 from ...engine.checkpoint import copy_state_into
-from ..base import SpecialistModel
+from ..base import ADAPTER_DIR, SpecialistModel
 from ..training import TrainedMethod
 from .config import LoraMethodConfig
-
-ADAPTER_DIR = "adapter"
 
 
 class Lora(TrainedMethod):
@@ -18,13 +15,17 @@ class Lora(TrainedMethod):
 
     config: LoraMethodConfig
 
-    def peft_config(self, backbone) -> LoraConfig:
+    def peft_config(self, backbone):
+        from peft import LoraConfig  # imported when used: peft costs seconds to import
+
         cfg = self.config
         targets = cfg.target_modules.split(",") if cfg.target_modules else backbone.lora_target_modules()
         return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           bias="none", base_model_name_or_path=backbone.info.name)
 
     def prepare(self, backbone, num_classes: int, cfg: LoraMethodConfig) -> SpecialistModel:
+        from peft import get_peft_model
+
         backbone.name_or_path = backbone.info.name  # PEFT records this as the adapter's base model
         peft_backbone = get_peft_model(backbone, self.peft_config(backbone))
         _match_memory_format(peft_backbone)
@@ -52,6 +53,8 @@ class Lora(TrainedMethod):
         model.backbone.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
 
     def restore(self, backbone, num_classes: int, state: dict[str, torch.Tensor], folder: Path) -> SpecialistModel:
+        from peft import PeftModel
+
         backbone.name_or_path = backbone.info.name
         peft_backbone = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
         _match_memory_format(peft_backbone)

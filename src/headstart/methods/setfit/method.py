@@ -13,13 +13,10 @@ from ...engine.checkpoint import Checkpointer, copy_state_into
 from ...engine.features import encode
 from ...engine.schedule import warmup_cosine_schedule
 from ...engine.trainer import TrainResult, TrainSettings, train
-from ..base import FitContext, FitResult, Method, SpecialistModel, loader_for
+from ..base import ADAPTER_DIR, FitContext, FitResult, Method, SpecialistModel, loader_for
 from ..heads import set_linear
 from ..probe.method import fit_head_with_l2_search
 from .config import SetFitConfig
-
-ADAPTER_DIR = "adapter"
-
 
 class SetFit(Method):
     """Contrastive body tuning on all in-batch pairs of the few examples, then a linear head (SetFit's two phases)."""

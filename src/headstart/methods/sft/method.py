@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...core.errors import ConfigError, DataError
+from ...core.errors import DataError
 from ..base import FitContext, FitResult, Method
 from .config import SFTConfig
 
@@ -43,19 +43,11 @@ class TuningData:
     """Where the held-out examples come from (an eval file, or a share of the training file)."""
 
 
-def resolve_bf16(value: str, supported: bool) -> bool:
-    """The `bf16` option (auto/true/false) against what this machine supports."""
-    value = str(value).lower()
-    if value == "true" and not supported:
-        raise ConfigError("bf16=true, but this CPU has no bfloat16 support (AVX512-BF16 / AMX); use bf16=auto")
-    return supported if value == "auto" else value == "true"
-
-
 def trainable_adapter(start: LMStart, cfg: SFTConfig, method: str, log: Callable[[str], None]) -> tuple[Any, bool]:
     """(PEFT model whose adapter trains, bf16 flag): a fresh LoRA adapter on the base, or the parent's."""
-    from ...llm.model import add_lora, cpu_supports_bf16
+    from ...llm.model import add_lora, bf16_enabled
 
-    bf16 = resolve_bf16(cfg.bf16, cpu_supports_bf16())
+    bf16 = bf16_enabled(cfg.bf16, strict=True)
     model = start.model
     if not start.continues_adapter:
         if cfg.gradient_checkpointing:
