@@ -56,6 +56,6 @@ class Auto(Method):
         ctx.log(f"auto: {why}")
         chosen = make_method(name)
         result = chosen.fit(backbone, data, ctx)
-        result.method = chosen
+        result.method = result.method or chosen  # a method may hand back the copy it actually used
         result.details = {**result.details, "auto": {"chose": name, "why": why, "examples_per_class": smallest}}
         return result
