@@ -103,6 +103,7 @@ def method_runs(root: Path, tiny_text_csv: Path) -> dict[str, tuple[str, dict]]:
                                                for q, a in ANSWERS.items()] * 3)
     text = str(tiny_text_csv)
     return {
+        "probe": (text, dict(base="tiny-text", method="probe")),  # closed form: no engine, still one writer
         "finetune": (text, dict(base="tiny-text", method="finetune", epochs=2)),
         "lora": (text, dict(base="tiny-text", method="lora", epochs=2)),
         "scratch": (text, dict(base="tiny-text", method="scratch", epochs=2)),
@@ -154,6 +155,14 @@ def test_two_processes_train_like_one(one_and_two, name):
     key, tol = HELD_OUT.get(task, HELD_OUT["classify"])
     m1, m2 = json.loads((one / "manifest.json").read_text())["metrics"][key], manifest["metrics"][key]
     assert abs(m1 - m2) <= tol * (1 if key == "accuracy" else abs(m1)), (key, m1, m2)
+
+
+def test_a_closed_form_method_under_two_processes_writes_one_bundle(one_and_two):
+    root, _ = one_and_two
+    assert sorted(p.name for p in (root / "two").iterdir()) == sorted(p.name for p in (root / "one").iterdir()), \
+        "a second writer left temporary folders or the run lost a bundle"
+    a, b = stored_tensors(root / "one" / "probe"), stored_tensors(root / "two" / "probe")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the same closed-form solve"
 
 
 # ---- kill -9 mid-run, then resume: bit-identical final weights ----------------------------------

@@ -67,6 +67,7 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
     0.6...
     """
     from .engine.perf import peak_memory_mb
+    from .engine.trainer import is_main_process
     from .methods.base import FitContext
     from .methods.registry import make_method
     from .tasks import FitSettings, get_task
@@ -93,7 +94,9 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
     metrics = job.evaluate(specialist, dataset, result, settings)
     metrics.update(wall_s=round(time.perf_counter() - t0, 3), peak_mem_mb=round(peak_memory_mb(), 1))
     specialist.manifest["metrics"] = metrics
-    if result.is_main_process:  # under `accelerate launch` only the main process saves and reports
+    # Under `accelerate launch` only the main process saves and reports (every process fits the same way).
+    specialist.is_main_process = result.is_main_process and is_main_process()
+    if specialist.is_main_process:
         if out is not None:
             saved = job.save(specialist, dataset, Path(out), settings)
             specialist.manifest["metrics"]["bundle"] = str(saved)  # the manifest as written (save re-reads it)

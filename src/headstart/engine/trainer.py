@@ -120,6 +120,14 @@ class TrainResult:
         return {"processes": self.num_processes, "device": self.device, "precision": self.precision}
 
 
+def is_main_process() -> bool:
+    """False on every process but the first of an `accelerate launch` / torchrun run (its RANK is set);
+    true for a plain run. Closed-form methods never start the engine, so `fit` asks here too."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def autocast(enabled: bool, device: str | None = None):
     """bfloat16 autocast on `device` (default: the GPU if there is one, else the CPU) when enabled; else a no-op."""
     if not enabled:

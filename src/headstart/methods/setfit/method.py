@@ -43,6 +43,7 @@ class SetFit(Method):
         train_s = time.perf_counter() - t0
         return FitResult(model=model, history=history, train_s=train_s, config=cfg,
                          training=body.training_facts() if body else {},
+                         is_main_process=body.is_main_process if body else True,
                          examples_per_s=len(train_split) * max(1, len(history)) / max(body_s, 1e-9) if history else 0.0,
                          details={"body_steps": len(history), "body_s": round(body_s, 3), "l2": l2,
                                   "l2_grid_holdout_accuracy": grid, "lora": cfg.lora})

@@ -134,7 +134,7 @@ def adapter_training(model, plan, step_loss, cfg: SFTConfig, bf16: bool, ctx: Fi
 def training_result(model, run, held_out: dict[str, Any], bf16: bool, config: SFTConfig) -> FitResult:
     """The FitResult of a generative method: the held-out figures and throughput go to `details`."""
     return FitResult(model=model.eval(), history=run.history, train_s=run.train_s, config=config,
-                     training=run.training_facts(),
+                     training=run.training_facts(), is_main_process=run.is_main_process,
                      details={**held_out, "tokens": run.total_count, "tokens_per_s": round(run.per_s, 1),
                               "bf16": bf16})
 
