@@ -285,3 +285,21 @@ def test_with_shots_is_per_class_sample(tiny_text_csv):
     train = data.split("train")
     chosen = per_class_sample(train.labels, len(data.classes), 3, seed=4)
     assert data.with_shots(3, seed=4).split("train").items == [train.items[i] for i in sorted(chosen)]
+
+
+def test_image_verdicts_are_remembered_until_a_file_changes(image_folder_copy, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    import headstart.data.images as images
+
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    first = images.scan_class_folders(image_folder_copy / "train")
+    calls = []
+    real = images.check_image
+    monkeypatch.setattr(images, "check_image", lambda f, skip=True: calls.append(f) or real(f, skip))
+    assert images.scan_class_folders(image_folder_copy / "train") == first and not calls, "nothing re-checked"
+    changed = image_folder_copy / "train" / "red" / "red_0.png"
+    PILImage.new("RGB", (48, 48), "white").save(changed)  # now a blank frame: a placeholder
+    paths, _, skipped = images.scan_class_folders(image_folder_copy / "train")
+    assert calls == [changed], "only the changed file is checked again"
+    assert str(changed) not in paths and any(p == str(changed) for p, _ in skipped)
