@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone, BaseInfo
-from .image import _eval_transform, _rgb, _train_transform
+from .image import _eval_transform, _rgb, _train_transform, image_preprocessing
 from .structure import leftover_modules, suffix_targets
 from .weights import quiet_weight_loading, weights_sha256
 
@@ -82,12 +82,7 @@ class ClipBackbone(Backbone):
     def _set_data_config(self, cfg: dict[str, Any]) -> None:
         self.data_config = cfg
         self.info.preprocessing = {
-            "mean": [float(v) for v in cfg["mean"]],
-            "std": [float(v) for v in cfg["std"]],
-            "input_size": list(cfg["input_size"]),
-            "crop_pct": float(cfg["crop_pct"]),
-            "crop_mode": cfg["crop_mode"],
-            "interpolation": cfg["interpolation"],
+            **image_preprocessing(cfg),
             "text_tokenizer": type(self.tokenizer).__name__,
             "text_max_length": self.text_max_length,
             "text_padding": "max_length" if self.pad_to_max else "longest",

@@ -64,14 +64,7 @@ class TimmImageBackbone(Backbone):
 
     def _set_data_config(self, cfg: dict[str, Any]) -> None:
         self.data_config = cfg
-        self.info.preprocessing = {
-            "mean": [float(v) for v in cfg["mean"]],
-            "std": [float(v) for v in cfg["std"]],
-            "input_size": list(cfg["input_size"]),
-            "crop_pct": float(cfg["crop_pct"]),
-            "crop_mode": cfg.get("crop_mode", "center"),
-            "interpolation": cfg["interpolation"],
-        }
+        self.info.preprocessing = image_preprocessing(cfg)
         self._eval_tf = _eval_transform(cfg)
         self._train_tf = _train_transform(cfg)
 
@@ -172,6 +165,13 @@ class TimmImageBackbone(Backbone):
 
 def _rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def image_preprocessing(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's record of a timm data config: what turns a decoded image into the input tensor."""
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+            "input_size": list(cfg["input_size"]), "crop_pct": float(cfg["crop_pct"]),
+            "crop_mode": cfg.get("crop_mode", "center"), "interpolation": cfg["interpolation"]}
 
 
 def _eval_transform(cfg: dict[str, Any]) -> Callable:

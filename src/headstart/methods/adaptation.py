@@ -85,6 +85,13 @@ class AdaptationMethod(Method):
     def frozen_base(self) -> bool:  # type: ignore[override]
         return self.config.backbone == "frozen"
 
+    def resolved(self, kind: str, **changes: Any) -> "AdaptationMethod":
+        """A copy of this method with its config's defaults for the base kind filled in (and `changes`
+        applied): a fit works on the copy, so the method object it was called on never changes."""
+        other = copy.copy(self)
+        other.config, other._trainer = replace(self.config.resolved(kind), **changes), None
+        return other
+
     # ---- the trainer of the backbone mode -------------------------------------------------------
     def trainer(self) -> Method:
         """The ordinary method that trains (or leaves frozen) the base in this mode; built once."""

@@ -2,7 +2,6 @@
 as a step loss over paired source/target batches on the one engine."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -33,8 +32,7 @@ def fit_with_alignment(method: AdaptationMethod, backbone, data: Dataset, ctx: F
     There is no early stopping: without target labels nothing measures the target accuracy, and source
     accuracy selects for *less* adaptation -- the last epoch is kept.
     """
-    method = copy.copy(method)  # the caller's method object is never changed by a fit
-    method.config, method._trainer = method.config.resolved(backbone.kind), None
+    method = method.resolved(backbone.kind)  # the caller's method object is never changed by a fit
     cfg = method.config
     torch.manual_seed(ctx.seed)
     source = data.split("train")

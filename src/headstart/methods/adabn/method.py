@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 import sys
 import time
 
@@ -68,8 +67,7 @@ class Adabn(AdaptationMethod):
         if not bn_layers(backbone):
             raise ConfigError(f"adabn re-estimates BatchNorm statistics and {backbone.info.name!r} has no BatchNorm "
                               "layers (transformers use LayerNorm); use coral, dann or selftrain")
-        method = copy.copy(self)  # a copy: this method object and its config are never changed by a fit
-        method.config, method._trainer = self.config.resolved(backbone.kind), None
+        method = self.resolved(backbone.kind)  # a copy: this method object is never changed by a fit
         result = method._fit_resolved(backbone, data, ctx)
         result.config = method.config  # what the manifest records
         return result

@@ -11,8 +11,10 @@ class SourceOnly(AdaptationMethod):
     needs_target = False
 
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
-        self.config, self._trainer = self.config.resolved(backbone.kind), None
-        return self.trainer().fit(backbone, data, ctx)
+        method = self.resolved(backbone.kind)  # a copy: this method object is never changed by a fit
+        result = method.trainer().fit(backbone, data, ctx)
+        result.config = method.config  # the manifest records this method's config, not its trainer's
+        return result
 
 
 class TargetOracle(AdaptationMethod):
@@ -21,7 +23,8 @@ class TargetOracle(AdaptationMethod):
     uses_target_labels = True
 
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
-        self.config, self._trainer = self.config.resolved(backbone.kind), None
-        result = self.trainer().fit(backbone, labelled_target(data, ctx.target), ctx)
+        method = self.resolved(backbone.kind)  # a copy: this method object is never changed by a fit
+        result = method.trainer().fit(backbone, labelled_target(data, ctx.target), ctx)
         result.details["trained_on"] = "target"
+        result.config = method.config
         return result

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import replace
 
@@ -41,8 +40,7 @@ class Selftrain(AdaptationMethod):
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
         cfg = self.config.resolved(backbone.kind)
         rounds = cfg.rounds or (3 if cfg.backbone == "frozen" else 1)
-        method = copy.copy(self)  # a copy: this method object and its config are never changed by a fit
-        method.config, method._trainer = replace(cfg, rounds=rounds), None
+        method = self.resolved(backbone.kind, rounds=rounds)  # a copy: this method object is never changed
         source, target_items = data.split("train"), self.target_items(ctx)
         prior = torch.bincount(torch.tensor(source.labels), minlength=len(data.classes)).float()
         prior /= prior.sum()
