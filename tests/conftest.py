@@ -194,3 +194,23 @@ def assert_clean_error(result, *needles: str) -> str:
     for n in needles:
         assert n.lower() in errors[0].lower(), (n, errors[0])
     return errors[0]
+
+
+def kill_after_first_checkpoint(cmd: list[str], checkpoint: Path, timeout: float = 180) -> None:
+    """Start `cmd`, wait until `checkpoint/state.json` exists, then kill -9 it (asserting it died that way)."""
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (checkpoint / "state.json").exists():
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import headstart
+from conftest import kill_after_first_checkpoint
 from headstart.data import load_image
 from headstart.engine.features import cached_features, encode
 from headstart.engine.schedule import layerwise_param_groups, warmup_cosine
@@ -173,22 +172,8 @@ headstart.fit(sys.argv[1], base="tiny-text", method="finetune", epochs=int(sys.a
 @pytest.mark.slow
 def test_resume_after_kill_9(tiny_text_csv, tmp_path):
     out, epochs = tmp_path / "killed", 40
-    ckpt_state = tmp_path / ".killed.checkpoint" / "state.json"
     cmd = [sys.executable, "-c", FIT_SCRIPT, str(tiny_text_csv), str(out), str(epochs)]
-    proc = subprocess.Popen(cmd + ["0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not ckpt_state.exists():
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1][-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_checkpoint(cmd + ["0"], tmp_path / ".killed.checkpoint", timeout=120)
     assert not out.exists(), "the run finished before the kill: make it longer"
 
     done = subprocess.run(cmd + ["1"], capture_output=True, text=True, timeout=240)

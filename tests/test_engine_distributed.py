@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, run_cmd
+from conftest import BIN, kill_after_first_checkpoint, run_cmd
 from safetensors.torch import load_file
 from test_adapt import shifted_text_rows
 from test_accelerate import free_port
@@ -172,23 +169,6 @@ import json, sys, headstart
 data, out, resume, kwargs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", json.loads(sys.argv[4])
 headstart.fit(data, out=out, resume=resume, progress=False, log=lambda s: print(s, flush=True), **kwargs)
 """
-
-
-def kill_after_first_checkpoint(cmd: list[str], checkpoint: Path) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (checkpoint / "state.json").exists():
-            assert proc.poll() is None, f"ended before its first checkpoint: {proc.communicate()[1][-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
 
 
 KILL_CASES = {
