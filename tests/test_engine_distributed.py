@@ -107,7 +107,9 @@ def method_runs(root: Path, tiny_text_csv: Path) -> dict[str, tuple[str, dict]]:
         "setfit": (text, dict(base="tiny-text", method="setfit", max_steps=6)),
         "dann": (text, dict(base="tiny-text", method="dann", epochs=2, target=str(target))),
         "coral": (text, dict(base="tiny-text", method="coral", backbone="lora", epochs=2, target=str(target))),
+        "selftrain": (text, dict(base="tiny-text", method="selftrain", backbone="lora", epochs=2, target=str(target))),
         "sft": (str(sft), dict(base="tiny-llm", method="lora", task="sft", side_by_side=0, **LLM)),
+        "qlora": (str(sft), dict(base="tiny-llm", method="qlora", task="sft", side_by_side=0, **LLM)),
         "dpo": (str(prefs), dict(base="tiny-llm", method="lora", task="dpo", **LLM)),
     }
 
@@ -137,7 +139,8 @@ def stored_tensors(bundle: Path) -> dict[str, torch.Tensor]:
 HELD_OUT = {"classify": ("accuracy", 0.1), "sft": ("eval_loss", 0.01), "dpo": ("eval_dpo_loss", 0.01)}
 
 
-@pytest.mark.parametrize("name", ["finetune", "lora", "scratch", "setfit", "dann", "coral", "sft", "dpo"])
+@pytest.mark.parametrize("name", ["finetune", "lora", "scratch", "setfit", "dann", "coral", "selftrain", "sft",
+                                  "qlora", "dpo"])
 def test_two_processes_train_like_one(one_and_two, name):
     root, _ = one_and_two
     one, two = root / "one" / name, root / "two" / name
@@ -158,6 +161,9 @@ def test_a_closed_form_method_under_two_processes_writes_one_bundle(one_and_two)
     root, _ = one_and_two
     assert sorted(p.name for p in (root / "two").iterdir()) == sorted(p.name for p in (root / "one").iterdir()), \
         "a second writer left temporary folders or the run lost a bundle"
+    for runs in (root / "one", root / "two"):
+        leftovers = [p.name for p in runs.iterdir() if p.name.startswith(".")]
+        assert not leftovers, f"checkpoints or temporary folders left beside the bundles: {leftovers}"
     a, b = stored_tensors(root / "one" / "probe"), stored_tensors(root / "two" / "probe")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the same closed-form solve"
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 import torch
 
 from ...data import Dataset, Split
+from ...engine.checkpoint import Checkpointer
 from ...engine.features import cached_features
 from ..adaptation import AdaptationMethod
 from ..base import FitContext, FitResult, SpecialistModel, loader_for
@@ -88,6 +89,7 @@ class Selftrain(AdaptationMethod):
         history: list[dict] = [{"round": 0, **row} for row in first.history]
         train_s = first.train_s
         load = loader_for(backbone.kind)
+        rounds_done: list = []
         for r in range(1, rounds + 1):
             probs = _predict(model, target_items, load, tcfg.batch_size * 2)
             idx, pseudo = self._select(probs, prior, r, rounds, history, ctx)
@@ -101,8 +103,13 @@ class Selftrain(AdaptationMethod):
                                       ctx=replace(ctx, checkpoint_dir=ckpt))
             history += [{"round": r, **row} for row in out.history]
             train_s += out.train_s
+            rounds_done.append(ckpt)
+        if first.is_main_process:  # the run is done: the rounds' resume checkpoints are spent
+            for ckpt in rounds_done:
+                Checkpointer(ckpt).discard()
         model.eval()
         return FitResult(model=model, history=history, train_s=train_s, examples_per_s=first.examples_per_s,
+                         training=first.training, is_main_process=first.is_main_process,
                          details={"rounds": rounds, "target_examples": len(target_items),
                                   "pseudo_labels": len(idx), "backbone": self.config.backbone})
 
