@@ -31,8 +31,13 @@ class LoopConfig:
     eval_batch_size: int = 64
 
 
-def cross_entropy_step(model: SpecialistModel, split: Split, load: Callable, label_smoothing: float = 0.0):
-    """The step loss of classification: logits of this share of the batch against its labels."""
+def cross_entropy_step(model: SpecialistModel, split: Split, load: Callable, label_smoothing: float = 0.0,
+                       outputs: dict | None = None):
+    """The step loss of classification: logits of this share of the batch against its labels.
+
+    `outputs`: a dict the step fills with this share's `logits` and `idx` (indices into `split`) for hooks
+    that need them (distillation reads the student's logits there instead of running the model twice).
+    """
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def step(idx: list[int], progress: float):
@@ -40,6 +45,8 @@ def cross_entropy_step(model: SpecialistModel, split: Split, load: Callable, lab
         batch = model.collate([load(split.items[i]) for i in idx], True)
         labels = torch.tensor([split.labels[i] for i in idx], device=device)
         logits = model(**{k: v.to(device) for k, v in batch.items()})
+        if outputs is not None:
+            outputs.update(logits=logits, idx=list(idx))
         return loss_fn(logits.float(), labels), {}, len(idx)
 
     return step
