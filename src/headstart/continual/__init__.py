@@ -1,0 +1,1 @@
+"""Continual updates: a specialist keeps learning from its owner's data, night after night, without forgetting."""
