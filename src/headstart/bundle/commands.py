@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ..core.errors import BundleError, ConfigError
 from .format import read_manifest
+from .lineage import is_lineage, read_lineage, resolve_bundle
 from .specialist import BundleSpecialist
 
 
@@ -24,10 +25,11 @@ def load(folder: str | Path, base: Any = None, **options: Any) -> BundleSpeciali
     """Load a bundle as the specialist its manifest's kind names: a classifier `Specialist` or a
     generator `LMSpecialist`.
 
-    folder: the bundle folder written by `fit(..., out=folder)`.
+    folder: the bundle folder written by `fit(..., out=folder)` (a lineage folder loads its current version).
     base: an already loaded base (a Backbone) to share with other specialists instead of loading one.
     options: `head=` (classifiers) or `adapter=` / `trainable=` (generators).
     """
+    folder = resolve_bundle(folder)  # a lineage folder: its current version; a plain bundle: itself
     kind = read_manifest(folder)["kind"]
     if kind == "generator":
         from .generator import LMSpecialist
@@ -42,11 +44,13 @@ def info(folder: str | Path) -> dict[str, Any]:
     """What a bundle holds, without loading its base: kind, task, base, method, labels, heads,
     adapters, metrics, files, when and with what it was made.
 
-    folder: the bundle folder.
+    folder: the bundle folder (a lineage folder: its current version, and `lineage` says which).
     """
-    folder = Path(folder)
+    given = Path(folder)
+    folder = resolve_bundle(given)
     m = read_manifest(folder)
     base = m["base"]
+    lineage = read_lineage(given) if is_lineage(given) else None
     return {
         "bundle": str(folder), "kind": m["kind"], "task": m.get("task", "classify"),
         "format_version": m["format_version"],
@@ -57,6 +61,8 @@ def info(folder: str | Path) -> dict[str, Any]:
         "parent": m.get("parent"),
         "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
         "created": m.get("created"), "headstart_version": m.get("versions", {}).get("headstart"),
+        **({"lineage": {"folder": str(given), "current": lineage["current"],
+                        "versions": [v["version"] for v in lineage["versions"]]}} if lineage else {}),
     }
 
 
@@ -82,6 +88,10 @@ def describe(folder: str | Path) -> str:
                                               for k, v in i["metrics"].items()))
     lines += [f"files      {', '.join(i['files'])}",
               f"created    {i['created']} with headstart {i['headstart_version']}"]
+    if "lineage" in i:
+        lineage = i["lineage"]
+        lines.append(f"version    {lineage['current']} of {', '.join(map(str, lineage['versions']))} "
+                     f"(lineage {lineage['folder']})")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import BundleError
-from ..core.storage import ADAPTER_DIR, atomic_dir, recover_interrupted_swap
+from ..core.storage import ADAPTER_DIR, atomic_dir
 from .manifest import DEFAULT, upgrade_v1, validate
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: `headstart info` needs none
@@ -89,9 +89,11 @@ def find_adapters(folder: Path) -> dict[str, str]:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The bundle's manifest, schema-checked and in the version-2 shape (v1 bundles upgraded in memory)."""
-    folder = Path(folder)
-    recover_interrupted_swap(folder)
+    """The bundle's manifest, schema-checked and in the version-2 shape (v1 bundles upgraded in memory).
+    A lineage folder (bundle/lineage.py) reads its current version's manifest."""
+    from .lineage import resolve_bundle  # lineage reads manifests through this module: imported here
+
+    folder = resolve_bundle(folder)  # also undoes an interrupted swap, as before
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: not a headstart bundle (no {MANIFEST})")

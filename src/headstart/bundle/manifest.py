@@ -31,7 +31,7 @@ _TOP: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "classes": (list, False), "heads": (dict, False), "adapters": (dict, False), "files": (dict, False),
     "preprocessing": (dict, False), "metrics": (dict, False), "data": (dict, False), "details": (dict, False),
     "history": (list, False), "training": (dict, False), "seed": (int, False), "bundle_name": (str, False),
-    "parent": (dict, False),
+    "parent": (dict, False), "continual": (dict, False),
     "versions": (dict, False), "created": (str, False), "plots": (dict, False),
 }
 _BASE = {"name": (str, True), "sha256": (str, True), "kind": (str, True), "params": ((int, float), False),
