@@ -118,14 +118,15 @@ class BestEpoch(Hook):
 
 def train_classifier(model: SpecialistModel, *, train_split: Split, val: Split | None, load: Callable,
                      param_groups: list[dict], cfg: LoopConfig, set_mode: Callable[[int], None], ctx: FitContext,
-                     hooks: Sequence[Hook] = ()) -> tuple[TrainResult, int]:
-    """Cross-entropy training with validation-based best-epoch selection; returns (result, best epoch)."""
+                     hooks: Sequence[Hook] = (), outputs: dict | None = None) -> tuple[TrainResult, int]:
+    """Cross-entropy training with validation-based best-epoch selection; returns (result, best epoch).
+    `outputs`: see `cross_entropy_step` (hooks that read the step's logits share it)."""
     evaluate = None
     if val is not None and len(val):
         evaluate = lambda: evaluate_split(model, val, load, cfg.eval_batch_size, cfg.label_smoothing)  # noqa: E731
     best = BestEpoch(evaluate, cfg.patience, cfg.epochs, ctx.log)
     result = train(model, plan=EpochShuffle(len(train_split), cfg.batch_size, cfg.epochs, cfg.seed),
-                   step_loss=cross_entropy_step(model, train_split, load, cfg.label_smoothing),
+                   step_loss=cross_entropy_step(model, train_split, load, cfg.label_smoothing, outputs),
                    param_groups=param_groups,
                    settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio),
                                           grad_clip=cfg.grad_clip, loss_key="train_loss"),
