@@ -175,38 +175,38 @@ def scaled(configs: dict[str, Config], strength: float) -> dict[str, Config]:
             else dataclasses.replace(cfg) for name, cfg in configs.items()}
 
 
-_AUTO = {
-    # scenario: (with a store, without one, why)
-    "class": ("replay+lwf", "lwf+ewc",
-              "new labels appear: {keep} and LwF keeps the old outputs on the new data"),
-    "domain": ("replay+l2sp", "ewc",
-               "the labels are known and the inputs drift: {keep} and {pull} keeps the weights near the last version"),
-    "unlabelled": ("l2sp", "l2sp",
-                   "the labels are the previous version's own guesses: L2-SP keeps the model near the version "
-                   "that made them, so it cannot drift on its own mistakes"),
-    "generative": ("replay+l2sp", "l2sp",
-                   "a generator forgets its old answers quickly: {keep} and L2-SP keeps the weights near the "
-                   "last version"),
+_REPLAY = "replay keeps examples of earlier nights in every batch"
+_NO_STORE = "nothing of earlier nights may be kept (store none)"
+_AUTO = {  # (scenario, a store to replay from?) -> (spec, why)
+    ("class", True): ("replay+lwf", f"new labels appear: {_REPLAY} and LwF keeps the old outputs on the new data"),
+    ("class", False): ("lwf+ewc", f"new labels appear and {_NO_STORE}: LwF keeps the old outputs on the new data "
+                                  "and EWC protects the weights the old classes relied on"),
+    ("domain", True): ("replay+l2sp", f"the labels are known and the inputs drift: {_REPLAY} and L2-SP keeps the "
+                                      "weights near the last version"),
+    ("domain", False): ("ewc", f"the labels are known, the inputs drift and {_NO_STORE}: EWC holds the weights that "
+                               "mattered for earlier nights and frees the others"),
+    ("unlabelled", True): ("l2sp", "the labels are the last version's own guesses: L2-SP keeps the model near the "
+                                   "version that made them, so it cannot drift on its own mistakes"),
+    ("generative", True): ("replay+l2sp", f"a generator forgets its old answers quickly: {_REPLAY} and L2-SP keeps "
+                                          "the weights near the last version"),
+    ("generative", False): ("l2sp", f"a generator forgets its old answers quickly and {_NO_STORE}: L2-SP keeps the "
+                                    "weights near the last version"),
 }
+_AUTO[("unlabelled", False)] = _AUTO[("unlabelled", True)]
 
 
 def auto_strategy(scenario: str, store: str) -> tuple[str, str]:
     """(spec, one-sentence why) for a scenario (`domain`, `class`, `unlabelled`, `generative`) and what the
     memory may keep (`features`, `refs`, `raw`, `none`: replay needs a store).
 
-    >>> auto_strategy("domain", "none")
-    ('ewc', 'the labels are known and the inputs drift: ...')
+    >>> auto_strategy("domain", "none")[0]
+    'ewc'
     """
-    if scenario not in _AUTO:
+    if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario {scenario!r}: choose from {', '.join(SCENARIOS)}")
     if store not in STORES:
         raise ConfigError(f"unknown replay store {store!r}: choose from {', '.join(STORES)}")
-    with_store, without, why = _AUTO[scenario]
-    spec = with_store if store != "none" else without
-    keep = ("replay keeps examples of earlier nights in each batch" if "replay" in spec
-            else "nothing of earlier nights may be kept (store none), so EWC protects the weights that mattered")
-    pull = "L2-SP" if "l2sp" in spec else "EWC"
-    return spec, why.format(keep=keep, pull=pull)
+    return _AUTO[(scenario, store != "none")]
 
 
 def without_weight_decay(param_groups: list[dict], params) -> list[dict]:
