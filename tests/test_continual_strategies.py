@@ -231,6 +231,8 @@ def test_head_fisher_expected_is_the_enumerated_true_fisher(linear_head):
     closed = head_fisher(x[:40], model.weight, model.bias)
     assert torch.allclose(closed["weight"], exact["weight"], atol=1e-6)
     assert torch.allclose(closed["bias"], exact["bias"], atol=1e-6)
+    named = head_fisher(x[:40], model.weight, model.bias, prefix="head")
+    assert set(named) == {"head.weight", "head.bias"} and torch.equal(named["head.weight"], closed["weight"])
 
 
 def test_fisher_diagonal_with_sampled_labels_converges_to_the_true_fisher(linear_head):

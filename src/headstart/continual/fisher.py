@@ -121,14 +121,16 @@ def lm_sampled_nll(model: nn.Module, rows: Sequence[dict]) -> SampledNll:
 
 @torch.no_grad()
 def head_fisher(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                max_examples: int | None = None, seed: int = 0, expected: bool = True) -> dict[str, torch.Tensor]:
+                max_examples: int | None = None, seed: int = 0, expected: bool = True,
+                prefix: str = "") -> dict[str, torch.Tensor]:
     """The diagonal Fisher of a linear head `logits = features @ weight.T + bias` in closed form.
 
     Example i's gradient of CE with label y is (p_i - e_y) x_i^T for the weight and (p_i - e_y) for the bias.
     `expected=True` takes the expectation over y ~ p_i exactly: E[(p_c - [y=c])^2] = p_c (1 - p_c), so
     F_W = mean_i p_i(1-p_i) x_i^2 -- the true Fisher with no sampling noise. `expected=False` samples one
     label per example exactly as `fisher_diagonal` does (same seed: the same examples and labels).
-    Returns {"weight": [C, D], "bias": [C]} (no "bias" without one).
+    Returns {"weight": [C, D], "bias": [C]} (no "bias" without one), keys as `{prefix}.weight` with a prefix
+    (`prefix="head"` matches `model.head.named_parameters(prefix="head")`).
     """
     x = features.detach().float().to(weight.device)
     order, generator = _sample_order(x.shape[0], max_examples, seed)
@@ -142,9 +144,10 @@ def head_fisher(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:  # one draw per example, in fisher_diagonal's order, so both consume the generator alike
         labels = torch.cat([_sample_labels(probs[j:j + 1], generator) for j in range(len(order))])
         coef = (probs - F.one_hot(labels.to(probs.device), probs.shape[1]).float()).square()
-    out = {"weight": coef.T @ x.square() / len(order)}
+    key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)  # noqa: E731
+    out = {key("weight"): coef.T @ x.square() / len(order)}
     if bias is not None:
-        out["bias"] = coef.mean(0)
+        out[key("bias")] = coef.mean(0)
     return out
 
 
