@@ -274,7 +274,7 @@ class AnchorPenalty(Hook):
 
     def penalty(self) -> torch.Tensor:
         """The penalty term (a scalar with a graph to the params); 0 without anchored params."""
-        if not self._placed:
+        if not self._placed or (self.terms and self.terms[0][1].device != self.terms[0][0].device):
             self._place()
         total = None
         for param, old, imp in self.terms:
@@ -315,7 +315,9 @@ class Distillation(Hook):
         if student_logits.shape[1] < old:
             raise ValueError(f"the student has {student_logits.shape[1]} classes, fewer than the teacher's {old}")
         t = self.temperature
-        teacher = self.teacher[torch.as_tensor(list(idx), dtype=torch.long)].to(student_logits.device)
+        if self.teacher.device != student_logits.device:  # moved once, not every step
+            self.teacher = self.teacher.to(student_logits.device)
+        teacher = self.teacher[torch.as_tensor(list(idx), dtype=torch.long, device=self.teacher.device)]
         log_student = F.log_softmax(student_logits[:, :old].float() / t, dim=-1)
         log_teacher = F.log_softmax(teacher / t, dim=-1)
         kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
