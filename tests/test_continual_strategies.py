@@ -17,6 +17,20 @@ from headstart.engine.batches import EpochShuffle
 from headstart.engine.trainer import RunState, TrainSettings, train
 
 
+class Tiny(nn.Module):
+    """A SpecialistModel in miniature: `collate(examples, train)` then `forward(**batch)` -> logits."""
+
+    def __init__(self, dim: int = 2, classes: int = 3):
+        super().__init__()
+        self.head = nn.Linear(dim, classes)
+
+    def collate(self, examples, train):
+        return {"x": torch.stack(examples)}
+
+    def forward(self, x):
+        return self.head(x)
+
+
 # ---- configs, parsing, auto --------------------------------------------------------------------
 
 def test_defaults():
@@ -179,6 +193,34 @@ def test_distillation_equals_manual_kl_on_the_old_columns():
     assert (student.grad[:, 3:] == 0).all() and student.grad[:, :3].abs().sum() > 0
 
 
+def test_engine_run_with_lwf_keeps_the_old_outputs_of_a_grown_head():
+    from headstart.data import Split
+    from headstart.methods.training import cross_entropy_step
+
+    torch.manual_seed(0)
+    teacher = Tiny(4, 2)
+    items = list(torch.randn(48, 4))
+    with torch.no_grad():
+        teacher_logits = teacher.head(torch.stack(items))
+    split = Split(items, [2] * 48)  # the night brings only the new class 2
+
+    def run(weight):
+        student = Tiny(4, 3)
+        with torch.no_grad():  # the grown head: the old rows, a fresh row for class 2
+            student.head.weight[:2], student.head.bias[:2] = teacher.head.weight, teacher.head.bias
+        outputs = {}
+        hooks = [Distillation(outputs, teacher_logits, weight=weight, temperature=2.0)] if weight else []
+        train(student, plan=EpochShuffle(48, 8, epochs=10, seed=0),
+              step_loss=cross_entropy_step(student, split, lambda x: x, outputs=outputs),
+              param_groups=[{"params": list(student.parameters()), "lr": 0.05, "weight_decay": 0.0}],
+              settings=TrainSettings(lr_schedule=lambda s, t: 1.0), hooks=hooks, progress=False, log=lambda m: None)
+        with torch.no_grad():
+            old = F.log_softmax(student.head(torch.stack(items))[:, :2], -1)
+        return F.kl_div(old, F.log_softmax(teacher_logits, -1), reduction="batchmean", log_target=True).item()
+
+    assert run(10.0) < run(0.0) / 5
+
+
 def test_distillation_is_zero_when_the_student_is_the_teacher():
     teacher = torch.randn(6, 4)
     hook = Distillation({"logits": teacher[[1, 3]].clone(), "idx": [1, 3]}, teacher)
@@ -287,19 +329,8 @@ def test_fisher_diagonal_restores_mode_and_flags_and_leaves_no_grad():
 
 
 def test_classifier_sampled_nll_on_a_collating_model():
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(2, 3)
-
-        def collate(self, examples, train):
-            return {"x": torch.stack(examples)}
-
-        def forward(self, x):
-            return self.head(x)
-
     torch.manual_seed(0)
-    model, items = Tiny(), list(torch.randn(30, 2))
+    model, items = Tiny(2, 3), list(torch.randn(30, 2))
     nll = classifier_sampled_nll(model, items, load=lambda item: item)
     loop = fisher_diagonal(dict(model.head.named_parameters()), nll, n=30, max_examples=30, seed=1, model=model)
     closed = head_fisher(torch.stack(items), model.head.weight, model.head.bias, seed=1, expected=False)
@@ -342,3 +373,20 @@ def test_lm_sampled_nll_on_the_tiny_llm():
     assert fisher["embed"].sum() > 0
     assert {k: p.requires_grad for k, p in lm.named_parameters()} == flags
     assert all(p.grad is None for p in lm.parameters())
+
+
+def test_fisher_of_lora_adapters_only():
+    import headstart
+    from headstart.llm.tokenize import encode_chat
+    from peft import LoraConfig, get_peft_model
+
+    base = headstart.load_base("tiny-llm")
+    peft_model = get_peft_model(base.lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    rows = [encode_chat(base.tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])]
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    fisher = fisher_diagonal(lora, lm_sampled_nll(peft_model, rows), n=1, max_examples=1, seed=0, model=peft_model)
+    assert set(fisher) == set(lora)
+    # B starts at zero, so the loss depends on A only through B: A's Fisher is 0, B's is not
+    assert all(fisher[n].sum() > 0 for n in fisher if "lora_B" in n)
+    assert all(fisher[n].sum() == 0 for n in fisher if "lora_A" in n)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
