@@ -4,6 +4,7 @@ version current (and the next writer cleans up), rollback and diff, and the jour
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,7 @@ def test_commit_to_another_folder_copies_the_lineage(probe_bundle, copy_of, tmp_
     assert add_version(folder, out=out) == 2
     assert snapshot(folder) == before  # the source stays a plain bundle
     assert headstart.load(out).folder == out / "v2" and snapshot(out / "v1") == before
+    assert (out / "v1" / "manifest.json").stat().st_ino == (folder / "manifest.json").stat().st_ino  # linked
     assert add_version(out, out=tmp_path / "again") == 3
     assert sorted(p.name for p in (tmp_path / "again").glob("v*")) == ["v1", "v2", "v3"]
     stranger = tmp_path / "stranger"
@@ -206,3 +208,19 @@ def test_a_tampered_lineage_record_is_one_bundle_error(probe_bundle, copy_of):
     with pytest.raises(BundleError) as e:
         headstart.load(folder)
     assert "folder" in one_line(e)
+
+
+def test_a_version_folder_is_not_a_lineage_of_its_own(probe_bundle, copy_of):
+    folder = copy_of(probe_bundle)
+    add_version(folder)
+    with pytest.raises(BundleError) as e:
+        Lineage.open(folder / "v1")
+    assert "rollback to 1" in one_line(e)
+
+
+def test_an_orphan_version_without_journal_rows_is_numbered_past_then_removed(probe_bundle, copy_of):
+    folder = copy_of(probe_bundle)
+    add_version(folder)
+    shutil.copytree(folder / "v2", folder / "v3")  # a kill right after the rename, before journal and pointer
+    assert headstart.load(folder).folder == folder / "v2"
+    assert add_version(folder) == 4 and not (folder / "v3").exists()

@@ -128,6 +128,10 @@ class Lineage:
         recover_interrupted_swap(folder)
         if is_lineage(folder):
             return cls(folder, read_lineage(folder), _read_journal(folder), plain=False)
+        if _VERSION_FOLDER.fullmatch(folder.name) and is_lineage(folder.parent):
+            # Seen as a plain bundle it would grow a lineage of its own inside the real one.
+            raise BundleError(f"{folder} is {folder.name} of the lineage {folder.parent}: open that folder "
+                              f"(rollback to {folder.name[1:]} first to continue from this version)")
         manifest = read_manifest(folder)  # raises the usual BundleError for a folder that is no bundle
         first = {"version": 1, "folder": "v1", "parent": None, "created": manifest.get("created"),
                  "bundle_sha256": manifest_sha256(folder), "strategy": None, "scenario": None,
@@ -186,7 +190,7 @@ class Lineage:
         `memory/`). Inside the lineage folder when it already is one, else beside the folder (a plain
         bundle is swapped whole on its first commit, so its staging cannot live inside it)."""
         target = self._target(out)
-        self._sweep(target)
+        self._sweep(target, orphans=False)  # orphan versions stay until a commit has numbered past them
         if is_lineage(target):
             where, prefix = target, f".stage-{os.getpid()}-"
         else:
@@ -228,7 +232,7 @@ class Lineage:
                 atomic_write_text(tmp / JOURNAL, _dump(journal))
                 atomic_write_text(tmp / LINEAGE, _dump(record))
         self.folder, self.record, self.journal, self.plain = target, record, journal, False
-        self._sweep(target)  # after the switch: an orphan's number stayed visible until n was listed
+        self._sweep(target, orphans=True)  # after the switch: an orphan's number stayed visible until n was listed
         return n
 
     def reject(self, entry: dict[str, Any], why: str = "") -> None:
@@ -290,12 +294,13 @@ class Lineage:
         for v in self.entries:
             _link_tree(self.folder / v["folder"], tmp / v["folder"])
 
-    def _sweep(self, target: Path) -> None:
-        """Remove what dead writers left: `v{n}` folders LINEAGE.json does not list, staging folders."""
+    def _sweep(self, target: Path, orphans: bool) -> None:
+        """Remove what dead writers left: staging folders, and (`orphans`) `v{n}` folders LINEAGE.json does
+        not list. One writer at a time: a second writer's not-yet-listed version would look orphaned."""
         if is_lineage(target) and target == self.folder and not self.plain:
             listed = {v["folder"] for v in read_lineage(target)["versions"]}
             for p in target.iterdir():
-                if _VERSION_FOLDER.fullmatch(p.name) and p.name not in listed:
+                if orphans and _VERSION_FOLDER.fullmatch(p.name) and p.name not in listed:
                     _remove(p)
                 elif p.name.startswith(".") and _dead_writer(p.name):
                     _remove(p)
