@@ -18,7 +18,8 @@ MAY_IMPORT = {
     "methods": {"core", "data", "bases", "engine", "llm"},
     "bundle": {"core", "data", "bases", "engine", "llm", "methods"},
     "tasks": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle"},
-    "api": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks"},
+    "continual": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks"},
+    "api": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "continual"},
     "experiments": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "api"},
 }
 TOP_LEVEL_OK = {"__init__", "__main__", "cli"}  # the package face and the CLI may use every layer

@@ -21,6 +21,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "fit": ".api", "load": ".api", "evaluate": ".api",
+    "update": ".api", "history": ".api", "rollback": ".api", "diff": ".api",
     "adapt": ".experiments.adapt", "run_shots": ".experiments.shots", "rank": ".transfer.rank",
     "corrupt_folder": ".data.corrupt", "load_dataset": ".data",
     "list_bases": ".bases", "load_base": ".bases", "list_methods": ".methods.registry",
@@ -31,7 +32,7 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .api import evaluate, fit, load  # noqa: F401
+    from .api import diff, evaluate, fit, history, load, rollback, update  # noqa: F401
     from .bases import list_bases, load_base  # noqa: F401
     from .bundle.classifier import Specialist  # noqa: F401
     from .core.errors import HeadstartError  # noqa: F401

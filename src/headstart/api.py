@@ -129,6 +129,85 @@ def evaluate(bundle: "str | Path | Specialist", data: str | Path, split: str | N
     return evaluate_bundle(bundle, data, split, progress=progress)
 
 
+def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = None, *, strategy: str = "auto",
+           unlabelled: bool = False, out: str | Path | None = None, replay_store: str = "auto",
+           max_forgetting: float | None = 2.0, watch: str | Path | None = None, time_budget_s: float | None = None,
+           seed: int = 0, text_column: str = "text", label_column: str = "label", progress: bool = False,
+           log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    """Teach a specialist tonight's new data as a new version, without forgetting what it knew.
+
+    The night's examples that were learned before are skipped (a journal of content hashes); a share is
+    held back as tonight's guard set; the specialist learns the rest with `strategy`; then every earlier
+    night's guard set is measured before and after. If one drops more than `max_forgetting` points, the
+    update is retried once with 10x the penalties, then rejected (the current version stays). Accepted:
+    the new version is written completely, then becomes current (`history`, `rollback`, `diff`).
+
+    Args:
+        bundle: The specialist: a bundle folder from `fit`, or a folder of its versions.
+        data: Tonight's files: a table (`text,label`), an image folder (`<class>/*`), or several; new
+            labels grow the head. Unlabelled (with `unlabelled`): texts alone or loose images.
+        strategy: `auto` (chosen by scenario; the report says why), `naive`, `l2sp`, `ewc`, `replay`,
+            `lwf`, `joint`, or several joined by `+` (`replay+lwf`).
+        unlabelled: The night has no labels: the specialist labels its confident examples itself,
+            class-balanced (as `selftrain` does).
+        out: Write the new version into this folder instead (the versions so far are copied there).
+        replay_store: What the memory keeps of each night: `auto` (frozen-base features for a probe,
+            file references + hashes for a specialist whose body changes), `features`, `refs`, `raw`
+            (the examples themselves: opt in), `none`.
+        max_forgetting: Most accuracy points an earlier night's guard set may drop (None: measure, never reject).
+        watch: A folder that fills up: learn the examples in it not learned before, then exit.
+        time_budget_s: Stop training at the first epoch end past this many seconds.
+        seed: Seed of the guard split, the reservoir and training.
+        text_column: The text column of the night's tables.
+        label_column: The label column of the night's tables.
+        progress: Show progress bars (off by default: nightly jobs log quietly).
+        log: Where progress lines go.
+        **options: Strategy settings: l2sp_weight, ewc_weight, ewc_decay, ewc_max_examples, lwf_weight,
+            lwf_temperature, replay_size.
+
+    >>> report = update("runs/intents", "tonight.csv")
+    >>> report["accepted"], report["version"], report["strategy"]
+    (True, 2, 'replay+lwf')
+    """
+    from .continual.update import UpdateOptions, update_specialist
+    from .core.errors import ConfigError
+
+    paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else list(data or []))]
+    if watch is not None:
+        paths.append(Path(watch))
+    if not paths:
+        raise ConfigError("nothing to learn: give the night's data (a file or folder) or --watch DIR")
+    if max_forgetting is not None and not max_forgetting >= 0:
+        raise ConfigError(f"max_forgetting must be >= 0 points, got {max_forgetting}")
+    opts = UpdateOptions(strategy=strategy, unlabelled=unlabelled, replay_store=replay_store,
+                         max_forgetting=max_forgetting, time_budget_s=time_budget_s, seed=seed,
+                         text_column=text_column, label_column=label_column, progress=progress, log=log,
+                         strategy_options=options)
+    return update_specialist(Path(bundle), paths, Path(out) if out is not None else None, opts)
+
+
+def history(bundle: str | Path) -> list[dict[str, Any]]:
+    """The versions of a specialist: when, from what parent, by which strategy, on how many examples, and
+    their figures on every guard set; the current one is marked."""
+    from .bundle.lineage_views import history as lineage_history
+
+    return lineage_history(bundle)
+
+
+def rollback(bundle: str | Path, to: int) -> int:
+    """Make version `to` of a specialist current again (no version is deleted); returns it."""
+    from .bundle.lineage_views import rollback as lineage_rollback
+
+    return lineage_rollback(bundle, to)
+
+
+def diff(bundle: str | Path, a: int, b: int) -> dict[str, Any]:
+    """What changed from version `a` to version `b`: labels added or removed, metrics, guard figures."""
+    from .bundle.lineage_views import diff as lineage_diff
+
+    return lineage_diff(bundle, a, b)
+
+
 def _starting_bundle(init: str | Path | None, base: Any) -> tuple[Path | None, Any]:
     """(init bundle, base): a bundle folder passed as `base` (the older spelling) is the `init`."""
     if init is None and isinstance(base, (str, Path)) and (Path(base) / "manifest.json").is_file():

@@ -1,0 +1,228 @@
+"""`update`: one night of learning for a classifier specialist, accepted only if it forgets nothing that
+matters.
+
+    open the lineage -> read the night (minus what the journal says was learned) -> load the current
+    version and its memory -> hold back a guard share of the night -> learn with the strategies ->
+    measure every earlier night's guard set, before and after -> accept (write version n, switch the
+    pointer, journal the examples) or retry once with 10x the penalties, then reject.
+
+Nothing is written where the current version lives until the new one is complete: a kill at any
+moment leaves the current version as it was, and the rerun resumes the training from its checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.errors import ConfigError
+from .memory import STORES, ExampleSet, Memory, NightRecord
+
+GUARD_SHARE = 0.2
+"""Share of each labelled night held back as its guard set (at most memory.GUARD_CAP examples)."""
+
+
+@dataclass
+class UpdateOptions:
+    strategy: str = "auto"
+    unlabelled: bool = False
+    replay_store: str = "auto"
+    max_forgetting: float | None = 2.0
+    time_budget_s: float | None = None
+    seed: int = 0
+    text_column: str = "text"
+    label_column: str = "label"
+    progress: bool = False
+    log: Callable[[str], None] = print
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+
+def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: UpdateOptions) -> dict[str, Any]:
+    """Learn the new examples in `paths`; returns the report (see the module docstring)."""
+    from ..bundle.commands import load
+    from ..bundle.lineage import Lineage
+    from .night import read_night
+
+    t0 = time.perf_counter()
+    lineage = Lineage.open(bundle)
+    current = load(lineage.current_folder)
+    if current.bundle_kind != "classifier":
+        from .generator import update_generator
+
+        return update_generator(lineage, current, paths, out, opts)
+    night = read_night(paths, kind=current.kind, unlabelled=opts.unlabelled, learned=lineage.learned,
+                       text_column=opts.text_column, label_column=opts.label_column)
+    base_report = {"bundle": str(out or bundle), "previous": lineage.current, "examples": len(night),
+                   "already_learned": night.already_learned, "skipped": night.skipped}
+    if not len(night):
+        return {**base_report, "accepted": False, "version": lineage.current, "nothing_new": True,
+                "why": "nothing new: every example was learned before" if night.already_learned else "no examples"}
+    store = _store(opts.replay_store, current)
+    scenario = "unlabelled" if opts.unlabelled else (
+        "class" if set(night.labels) - set(current.classes) else "domain")
+    spec, why = _strategy(opts.strategy, scenario, store)
+    job = _Job(lineage, night, store, scenario, opts, fingerprint=_fingerprint(lineage, night, spec, opts))
+    outcome = job.attempt(current, spec, strength=1.0)
+    retried = None
+    if not outcome.passes(opts.max_forgetting):
+        retried = _retry_spec(spec)
+        opts.log(f"update: {outcome.worst_text()} > {opts.max_forgetting} points; retrying once with "
+                 f"{retried} at 10x strength")
+        outcome = job.attempt(load(lineage.current_folder), retried, strength=10.0)
+    report = {**base_report, "scenario": scenario, "strategy": retried or spec, "why": why, "store": store,
+              "retried": retried is not None, **outcome.summary()}
+    entry = {"strategy": report["strategy"], "scenario": scenario, "nights": [night.fingerprint()],
+             "metrics": {"night_accuracy": outcome.night_accuracy}, "guards": outcome.guards,
+             "note": why}
+    if not outcome.passes(opts.max_forgetting):
+        report.update(accepted=False, version=lineage.current, why_rejected=outcome.worst_text())
+        lineage.reject(entry, why=outcome.worst_text())
+        job.discard_checkpoints()
+        report["wall_s"] = round(time.perf_counter() - t0, 3)
+        return report
+    version = job.commit(outcome, entry, out)
+    report.update(accepted=True, version=version, wall_s=round(time.perf_counter() - t0, 3))
+    return report
+
+
+@dataclass
+class Outcome:
+    learner: Any
+    memory: Memory
+    guards: dict[str, dict[str, float | None]]
+    """night -> {before, after, drop} in accuracy points."""
+    night_accuracy: float | None
+    history: list[dict]
+    train_s: float
+    trained_on: int
+    held_back: int
+    replayed: int
+    dropped: int
+    new_labels: list[str]
+
+    def worst(self) -> tuple[str | None, float]:
+        drops = [(k, g["drop"]) for k, g in self.guards.items() if g.get("drop") is not None]
+        return max(drops, key=lambda kv: kv[1]) if drops else (None, 0.0)
+
+    def worst_text(self) -> str:
+        name, drop = self.worst()
+        return f"guard set of night {name} dropped {drop:.1f} points" if name else "no guard set"
+
+    def passes(self, max_forgetting: float | None) -> bool:
+        return max_forgetting is None or self.worst()[1] <= max_forgetting
+
+    def summary(self) -> dict[str, Any]:
+        return {"guards": self.guards, "night_accuracy": self.night_accuracy, "trained_on": self.trained_on,
+                "held_back": self.held_back, "replayed": self.replayed, "memory_dropped": self.dropped,
+                "new_labels": self.new_labels, "train_s": round(self.train_s, 3)}
+
+
+class _Job:
+    """One update's state across its attempts: the night, the memory it starts from, checkpoints."""
+
+    def __init__(self, lineage, night, store: str, scenario: str, opts: UpdateOptions, fingerprint: dict):
+        self.lineage, self.night, self.store, self.scenario, self.opts = lineage, night, store, scenario, opts
+        self.fingerprint = fingerprint
+        self.train_idx, self.guard_idx = night.split_guard(GUARD_SHARE, opts.seed)
+        self.checkpoints: list[Path] = []
+
+    def ctx(self, strength: float):
+        from ..methods.base import FitContext
+
+        fp = {**self.fingerprint, "strength": strength}
+        key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        folder = self.lineage.folder
+        ckpt = folder.with_name(f".{folder.name}.update-{key}.checkpoint")
+        self.checkpoints.append(ckpt)
+        return FitContext(seed=self.opts.seed, checkpoint_dir=ckpt, resume=True, progress=self.opts.progress,
+                          log=self.opts.log, fingerprint=fp)
+
+    def attempt(self, spec_obj, strategy: str, strength: float) -> Outcome:
+        from .learn import learn_night
+
+        memory = Memory.read(self.lineage.current_folder)
+        if memory is None:
+            from .seed import seed_memory
+
+            from .classifier import ClassifierLearner
+
+            features = ClassifierLearner(spec_obj, self.ctx(0.0)).features
+            memory = seed_memory(spec_obj, self.store, self.opts, self.lineage.current, features)
+        return learn_night(spec_obj, memory, self, strategy, strength, self.ctx(strength))
+
+    def commit(self, outcome: Outcome, entry: dict, out: Path | None) -> int:
+        spec = outcome.learner.spec
+        staged = self.lineage.stage(out)
+        version = self.lineage._next_version(self.lineage._target(out))
+        spec.manifest = {**spec.manifest, "history": outcome.history,
+                         "metrics": {"accuracy": (outcome.night_accuracy or 0.0) / 100.0, "guards": outcome.guards,
+                                     "night_examples": len(self.night)},
+                         "continual": {"version": version, "parent": self.lineage.current, "scenario": self.scenario,
+                                       "strategy": entry["strategy"], "store": self.store,
+                                       "nights": [n.fingerprint for n in outcome.memory.nights]}}
+        spec.save(staged)
+        outcome.memory.write(staged, source_folder=self.lineage.current_folder)
+        learned = [{"sha256": k, "path": s, "examples": 1}
+                   for k, s in zip(self.night.keys, self.night.sources)]
+        n = self.lineage.commit(staged, entry, learned, out=out)
+        self.discard_checkpoints()
+        return n
+
+    def discard_checkpoints(self) -> None:
+        from ..core.storage import discard_dir
+
+        for ckpt in self.checkpoints:
+            discard_dir(ckpt)
+
+
+def _store(asked: str, spec) -> str:
+    head_only = bool(spec.method.frozen_base) or spec.method.name == "setfit"
+    if asked == "auto":
+        return "features" if head_only else "refs"
+    if asked not in STORES:
+        raise ConfigError(f"unknown replay store {asked!r}: choose from auto, {', '.join(STORES)}")
+    if asked == "features" and not head_only:
+        raise ConfigError(f"replay store 'features' keeps what a frozen body reads; a {spec.method.name} "
+                          "specialist changes its body, so it needs refs, raw or none")
+    return asked
+
+
+def _strategy(asked: str, scenario: str, store: str) -> tuple[str, str]:
+    from .strategies import auto_strategy, parse_strategies
+
+    if asked == "auto":
+        return auto_strategy(scenario, store)
+    parse_strategies(asked)  # a clear error for a bad name, before any work
+    if store == "none" and any(n in asked.split("+") for n in ("replay", "joint")):
+        raise ConfigError(f"strategy {asked!r} needs a memory of earlier nights; the replay store is 'none'")
+    return asked, "chosen by the user"
+
+
+def _retry_spec(spec: str) -> str:
+    """The retry's strategies: the same at 10x strength, plus L2-SP when nothing in them penalises change."""
+    names = spec.split("+")
+    if spec in ("naive", "joint"):
+        return "l2sp"
+    return spec if {"l2sp", "ewc", "lwf"} & set(names) else spec + "+l2sp"
+
+
+def _fingerprint(lineage, night, spec: str, opts: UpdateOptions) -> dict[str, Any]:
+    keys = hashlib.sha256("".join(night.keys).encode()).hexdigest()
+    return {"version": lineage.current, "bundle": lineage.entry(lineage.current).get("bundle_sha256"),
+            "night": keys, "strategy": spec, "seed": opts.seed, "options": opts.strategy_options,
+            "unlabelled": opts.unlabelled, "store": opts.replay_store}
+
+
+def new_night_record(memory: Memory, version: int, night, guard: ExampleSet) -> NightRecord:
+    return NightRecord(night=len(memory.nights) + 1, version=version, fingerprint=night.fingerprint(), guard=guard)
+
+
+def seeded_rng(seed: int, salt: str) -> random.Random:
+    return random.Random(f"{seed}:{salt}")
+
+
+__all__ = ["UpdateOptions", "update_specialist", "Outcome", "replace"]
