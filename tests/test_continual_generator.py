@@ -1,0 +1,118 @@
+"""`update` of a generator (sft) bundle, end to end on the tiny random Llama: a second night becomes
+version 2, the journal skips rows learned before, L2-SP stays nearer the previous adapter than naive,
+the loss guard rejects an update that forgets night 1, and the default store keeps no row text."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import headstart
+from headstart.core.errors import ConfigError
+
+QUIET = {"progress": False, "log": lambda s: None}
+FAST = {"epochs": 3, "batch_size": 4, "lr": 5e-3, "max_length": 96, "side_by_side": 0, "bf16": "false"}
+NIGHT1 = {"colour of the sky": "blue", "colour of grass": "green", "colour of snow": "white",
+          "colour of coal": "black", "colour of blood": "red", "colour of a lemon": "yellow"}
+NIGHT2 = {"sound a cat makes": "meow", "sound a dog makes": "woof", "sound a cow makes": "moo",
+          "sound a duck makes": "quack", "sound a sheep makes": "baa"}
+
+
+def rows(answers: dict[str, str], n: int, tag: str = "") -> list[dict]:
+    items = list(answers.items())
+    return [{"instruction": f"What is the {q}?{tag}", "input": f"Case {j}.", "output": a}
+            for j, (q, a) in enumerate(items[j % len(items)] for j in range(n))]
+
+
+def write_jsonl(path: Path, data: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def night_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen-nights")
+    return {"root": root, "night1": write_jsonl(root / "night1.jsonl", rows(NIGHT1, 24)),
+            "night2": write_jsonl(root / "night2.jsonl", rows(NIGHT2, 20)),
+            "general": write_jsonl(root / "general.jsonl", rows(NIGHT1, 6, " Briefly."))}
+
+
+@pytest.fixture(scope="module")
+def sft_bundle(night_files):
+    out = night_files["root"] / "bundle"
+    headstart.fit(night_files["night1"], base="tiny-llm", method="lora", task="sft", out=out, **QUIET, **FAST)
+    return out
+
+
+def fresh_copy(bundle: Path, tmp_path: Path, name: str = "spec") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_second_night_becomes_version_2_and_a_rerun_has_nothing_new(sft_bundle, night_files, tmp_path):
+    folder = fresh_copy(sft_bundle, tmp_path)
+    report = headstart.update(folder, night_files["night2"], strategy="replay+l2sp", max_forgetting=None,
+                              general_set=night_files["general"], **QUIET)
+    assert report["accepted"] and report["version"] == 2 and report["scenario"] == "generative"
+    assert report["store"] == "refs" and report["night_accuracy"] is None
+    assert report["night_loss"] < report["night_loss_before"], report  # it learned the new answers
+    assert set(report["guards"]) == {"1", "general"}  # night 1 seeded from the data the fit recorded
+    assert report["held_back"] == 4 and report["replayed"] > 0 and report["trained_on"] == 16 + report["replayed"]
+    spec = headstart.load(folder)
+    assert spec.manifest["continual"]["version"] == 2 and len(spec.manifest["continual"]["nights"]) == 2
+    assert isinstance(spec.generate("What is the sound a cat makes?", temperature=0.0, max_new_tokens=4), str)
+    again = headstart.update(folder, night_files["night2"], **QUIET)
+    assert again["nothing_new"] and again["version"] == 2 and again["already_learned"] == 20
+
+
+def test_l2sp_stays_nearer_the_previous_adapter_than_naive(sft_bundle, night_files, tmp_path):
+    before = adapter(sft_bundle)
+    distance = {}
+    for strategy, options in (("naive", {}), ("l2sp", {"l2sp_weight": 50.0})):
+        folder = fresh_copy(sft_bundle, tmp_path, strategy)
+        report = headstart.update(folder, night_files["night2"], strategy=strategy, max_forgetting=None,
+                                  **options, **QUIET)
+        assert report["accepted"] and report["strategy"] == strategy
+        after = adapter(folder / "v2")
+        distance[strategy] = sum(float((after[k] - before[k]).square().sum()) for k in before) ** 0.5
+    assert 0 < distance["l2sp"] < 0.8 * distance["naive"], distance
+
+
+def test_the_loss_guard_rejects_an_update_that_forgets_night_1(sft_bundle, night_files, tmp_path):
+    folder = fresh_copy(sft_bundle, tmp_path)
+    report = headstart.update(folder, night_files["night2"], strategy="naive", max_forgetting=0.0, **QUIET)
+    assert not report["accepted"] and report["retried"] and report["strategy"] == "l2sp"
+    assert "night 1" in report["why_rejected"] and report["guards"]["1"]["drop"] > 0
+    assert report["version"] == 1 and headstart.load(folder).manifest.get("continual") is None
+
+
+def test_the_default_store_keeps_no_row_text(sft_bundle, night_files, tmp_path):
+    folder = fresh_copy(sft_bundle, tmp_path)
+    report = headstart.update(folder, night_files["night2"], strategy="replay", max_forgetting=None, **QUIET)
+    assert report["accepted"] and report["store"] == "refs"
+    texts = [r["instruction"] for r in rows(NIGHT1, 24) + rows(NIGHT2, 20)] + list(NIGHT2.values())
+    needles = {t.encode() for t in texts if set(t) - set("0123456789abcdef")}  # never a piece of a hex hash
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    assert any(f.name == "journal.json" for f in files) and any("memory" in f.parts for f in files)
+    for f in files:
+        data = f.read_bytes()
+        assert not [n for n in needles if n in data], f
+    memory = json.loads((folder / "v2" / "memory" / "memory.json").read_text())
+    assert memory["store"] == "refs" and memory["replay"]["refs"] and "raw" not in memory["replay"]
+
+
+def test_generator_options_are_checked(sft_bundle, night_files, tmp_path):
+    folder = fresh_copy(sft_bundle, tmp_path)
+    with pytest.raises(ConfigError, match="generator"):
+        headstart.update(folder, night_files["night2"], strategy="lwf", **QUIET)
+    with pytest.raises(ConfigError, match="features"):
+        headstart.update(folder, night_files["night2"], replay_store="features", **QUIET)
