@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import headstart
@@ -74,17 +75,19 @@ def test_second_night_becomes_version_2_and_a_rerun_has_nothing_new(sft_bundle, 
     assert again["nothing_new"] and again["version"] == 2 and again["already_learned"] == 20
 
 
-def test_l2sp_stays_nearer_the_previous_adapter_than_naive(sft_bundle, night_files, tmp_path):
+def test_l2sp_stays_nearer_the_previous_adapter_and_lwf_forgets_less_than_naive(sft_bundle, night_files, tmp_path):
     before = adapter(sft_bundle)
-    distance = {}
-    for strategy, options in (("naive", {}), ("l2sp", {"l2sp_weight": 50.0})):
+    distance, drop = {}, {}
+    for strategy, options in (("naive", {}), ("l2sp", {"l2sp_weight": 50.0}), ("lwf", {"lwf_weight": 5.0})):
         folder = fresh_copy(sft_bundle, tmp_path, strategy)
         report = headstart.update(folder, night_files["night2"], strategy=strategy, max_forgetting=None,
                                   **options, **QUIET)
         assert report["accepted"] and report["strategy"] == strategy
         after = adapter(folder / "v2")
         distance[strategy] = sum(float((after[k] - before[k]).square().sum()) for k in before) ** 0.5
+        drop[strategy] = report["guards"]["1"]["drop"]
     assert 0 < distance["l2sp"] < 0.8 * distance["naive"], distance
+    assert drop["naive"] > 0 and drop["lwf"] < drop["naive"], drop  # the old answers' distribution is kept
 
 
 def test_the_loss_guard_rejects_an_update_that_forgets_night_1(sft_bundle, night_files, tmp_path):
@@ -110,9 +113,26 @@ def test_the_default_store_keeps_no_row_text(sft_bundle, night_files, tmp_path):
     assert memory["store"] == "refs" and memory["replay"]["refs"] and "raw" not in memory["replay"]
 
 
+def test_ewc_lwf_joint_and_the_raw_store(sft_bundle, night_files, tmp_path):
+    before = adapter(sft_bundle)
+    folder = fresh_copy(sft_bundle, tmp_path, "ewc")
+    report = headstart.update(folder, night_files["night2"], strategy="ewc+lwf", max_forgetting=None, **QUIET)
+    assert report["accepted"] and report["night_loss"] < report["night_loss_before"]
+    with safe_open(str(folder / "v2" / "memory" / "memory.safetensors"), "pt") as f:  # online EWC carried
+        fisher = [k for k in f.keys() if k.startswith("fisher.")]
+    assert len(fisher) == len(before) and all("lora_" in k for k in fisher)
+    folder = fresh_copy(sft_bundle, tmp_path, "raw")
+    report = headstart.update(folder, night_files["night2"], strategy="joint", replay_store="raw",
+                              max_forgetting=None, **QUIET)
+    assert report["accepted"] and report["replayed"] == 22  # night 1's training rows, read back from raw
+    memory = json.loads((folder / "v2" / "memory" / "memory.json").read_text())
+    assert memory["store"] == "raw" and len(memory["replay"]["raw"]) == 22 + 16  # joint keeps everything
+    assert json.loads(memory["replay"]["raw"][0]) in rows(NIGHT1, 24)
+
+
 def test_generator_options_are_checked(sft_bundle, night_files, tmp_path):
     folder = fresh_copy(sft_bundle, tmp_path)
-    with pytest.raises(ConfigError, match="generator"):
-        headstart.update(folder, night_files["night2"], strategy="lwf", **QUIET)
     with pytest.raises(ConfigError, match="features"):
         headstart.update(folder, night_files["night2"], replay_store="features", **QUIET)
+    with pytest.raises(ConfigError, match="store is 'none'"):
+        headstart.update(folder, night_files["night2"], strategy="replay", replay_store="none", **QUIET)

@@ -22,7 +22,7 @@ from ..core.errors import ConfigError
 from .generator_data import InstructionNight, ROW_LABEL, read_instruction_night, read_rows, resolve_rows
 from .memory import Memory, NightRecord
 
-GENERATOR_STRATEGIES = ("naive", "l2sp", "ewc", "replay")
+GENERATOR_STRATEGIES = ("naive", "l2sp", "ewc", "lwf", "replay", "joint")
 GUARD_SHARE = 0.2
 GENERAL = "general"
 """The guard name of the general-ability set (`general_set`)."""
@@ -87,7 +87,7 @@ def generator_strategy(asked: str, store: str) -> tuple[str, str]:
     if unsupported:
         raise ConfigError(f"strategy {unsupported[0]!r} is not available for generator bundles: use "
                           f"{', '.join(GENERATOR_STRATEGIES)} (joined by '+')")
-    if store == "none" and "replay" in names:
+    if store == "none" and {"replay", "joint"} & set(names):
         raise ConfigError(f"strategy {asked!r} needs a memory of earlier nights; the replay store is 'none'")
     return asked, "chosen by the user"
 
@@ -181,10 +181,14 @@ class _GeneratorJob:
         configs = scaled(parse_strategies(strategy, **_options_for(strategy, opts.strategy_options)), strength)
         t0 = time.perf_counter()
         train_rows = [night.rows[i] for i in self.train_idx]
-        replay_rows, dropped = resolve_rows(self.memory.replay) if "replay" in configs else ([], 0)
+        kept, dropped = resolve_rows(self.memory.replay) if {"replay", "joint", "ewc"} & set(configs) else ([], 0)
+        replay_rows = kept if {"replay", "joint"} & set(configs) else []
         fisher = None
-        if "ewc" in configs:  # the version being updated: carried (online EWC), else estimated now
-            fisher = self.memory.fisher or learner.fisher(train_rows, configs["ewc"].max_examples, seed=0)
+        if "ewc" in configs:  # the version being updated: carried (online EWC), else estimated now on what it
+            # learned from (the reservoir of earlier nights), or on tonight's rows when nothing was kept
+            fisher = self.memory.fisher or learner.fisher(kept or train_rows, configs["ewc"].max_examples, seed=0)
+        if "joint" in configs:  # the upper bound: a fresh adapter on everything kept
+            learner.fresh_adapter(opts.seed)
         history = learner.train(train_rows + replay_rows, configs, fisher, self.ctx(strength), opts)
         guards = {}
         for name, rows in self.guard_rows.items():
@@ -200,7 +204,7 @@ class _GeneratorJob:
                                 night_loss_before=self.night_before, history=history,
                                 train_s=time.perf_counter() - t0, trained_on=len(train_rows) + len(replay_rows),
                                 held_back=len(self.guard_idx), replayed=len(replay_rows),
-                                dropped=self.dropped + dropped)
+                                dropped=self.dropped + (dropped if replay_rows else 0))
 
     def _next_memory(self, configs: dict, train_rows: list[dict]) -> Memory:
         """Earlier nights + tonight's guard set; the reservoir offered tonight's training rows."""
@@ -215,7 +219,8 @@ class _GeneratorJob:
         night = self.night
         memory.nights.append(NightRecord(len(memory.nights) + 1, self.lineage.current + 1, night.fingerprint(),
                                          night.as_examples(self.guard_idx, self.store)))
-        size = configs["replay"].size if "replay" in configs else (memory.replay_size or 1000)
+        size = None if "joint" in configs else (
+            configs["replay"].size if "replay" in configs else (memory.replay_size or 1000))
         memory.offer(night.as_examples(self.train_idx, self.store), size,
                      seeded_rng(self.opts.seed, f"reservoir-{self.lineage.current}"))
         return memory

@@ -1,14 +1,21 @@
 """How a generator (sft bundle) learns one more night on the engine: its current adapter made trainable
 again, trained on the night's rows (+ replayed rows) with the strategies' hooks; and the held-out answer
 loss the forgetting guard compares.
+
+LwF here distils the previous adapter's next-token distributions at the answer positions: the teacher is
+the same model run with the previous adapter's weights swapped in by `torch.func.functional_call` (no
+second model in memory, no in-place change the student's backward would trip on), once per step.
+`joint` starts a fresh adapter (PEFT's own initialisation) and trains it on everything the memory holds.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core.errors import BundleError, DataError
+from ..engine.trainer import Hook, RunState
 from .generator_data import chat_messages
 
 
@@ -32,6 +39,14 @@ class GeneratorLearner:
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         for k, p in self.params.items():
             p.copy_(state[k])
+
+    @torch.no_grad()
+    def fresh_adapter(self, seed: int) -> None:
+        """Re-initialise the adapter as PEFT makes a new one (B = 0: the model is the base again)."""
+        torch.manual_seed(seed)
+        for module in self.spec.model.modules():
+            if hasattr(module, "reset_lora_parameters") and self.spec.adapter_name in getattr(module, "lora_A", {}):
+                module.reset_lora_parameters(self.spec.adapter_name, True)
 
     def encode(self, rows: list[dict]) -> list[dict]:
         """Token rows that keep at least one answer token within max_length."""
@@ -70,7 +85,6 @@ class GeneratorLearner:
         from ..engine.schedule import warmup_cosine_schedule
         from ..engine.trainer import TrainSettings, train
         from ..llm.tokenize import pad_batch
-        from ..llm.train import answer_loss
         from .classifier import TimeBudget
         from .strategies import AnchorPenalty, without_weight_decay
 
@@ -86,6 +100,10 @@ class GeneratorLearner:
         if "ewc" in configs and fisher:
             hooks.append(AnchorPenalty(self.params, self.start, fisher, configs["ewc"].weight, name="ewc"))
             anchored |= set(fisher)
+        outputs: dict = {}
+        if "lwf" in configs:
+            hooks.append(AnswerDistillation(model, outputs, self.start, configs["lwf"].weight,
+                                            configs["lwf"].temperature))
         if opts.time_budget_s:
             hooks.append(TimeBudget(opts.time_budget_s, opts.log))
         groups = without_weight_decay([{"params": list(self.params.values()), "lr": cfg.lr,
@@ -94,7 +112,9 @@ class GeneratorLearner:
 
         def step_loss(batch_idx: list[int], progress: float):
             batch = pad_batch([encoded[i] for i in batch_idx], pad_id)
-            return answer_loss(model, batch), {}, int(batch["attention_mask"].sum())
+            logits, targets = answer_logits(model, batch)
+            outputs.update(logits=logits, batch=batch)  # what the LwF hook distils
+            return F.cross_entropy(logits.float(), targets), {}, int(batch["attention_mask"].sum())
 
         plan = LengthGrouped([len(r["input_ids"]) for r in encoded], cfg.batch_size, cfg.epochs, opts.seed)
         run = train(model, plan=plan, step_loss=step_loss, param_groups=groups,
@@ -105,6 +125,56 @@ class GeneratorLearner:
                     progress=ctx.progress, log=ctx.log)
         model.eval()
         return run.history
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor], trunk_params: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N_answer, vocab] logits, [N_answer] targets) at the answer positions (`llm.train.answer_loss`'s
+    computation, logits kept); `trunk_params` (names relative to the decoder trunk) replace the model's."""
+    from ..llm.tokenize import IGNORE
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if trunk_params is None:
+        hidden = lm.model(**kwargs).last_hidden_state
+    else:
+        hidden = torch.func.functional_call(lm.model, trunk_params, args=(), kwargs=kwargs).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    return lm.lm_head(hidden[:, :-1][keep]), targets[keep]
+
+
+TRUNK_PREFIX = "base_model.model.model."
+"""How a PeftModel names the decoder trunk's parameters (the LoRA layers all-linear adds live there)."""
+
+
+class AnswerDistillation(Hook):
+    """LwF for a generator: weight * T^2 * KL(previous adapter's softened next-token distribution || the
+    student's), averaged over the batch's answer tokens. The step loss puts the student's answer logits
+    and the padded batch into `outputs`."""
+
+    name = "lwf"
+
+    def __init__(self, model, outputs: dict, anchor: dict[str, torch.Tensor], weight: float, temperature: float):
+        self.model, self.outputs = model, outputs
+        self.weight, self.temperature = float(weight), float(temperature)
+        self.teacher = {k[len(TRUNK_PREFIX):]: v for k, v in anchor.items() if k.startswith(TRUNK_PREFIX)}
+
+    def extra_loss(self, run: RunState, batch) -> torch.Tensor | None:
+        if self.weight == 0 or not self.teacher:
+            return None
+        student = self.outputs["logits"]
+        if next(iter(self.teacher.values())).device != student.device:  # the engine moved the model
+            self.teacher = {k: v.to(student.device) for k, v in self.teacher.items()}
+        was_training = self.model.training
+        self.model.eval()  # the teacher without dropout
+        with torch.no_grad():
+            teacher, _ = answer_logits(self.model, self.outputs["batch"], self.teacher)
+        self.model.train(was_training)
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(student.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
+                      reduction="batchmean", log_target=True)
+        return self.weight * t * t * kl
 
 
 def _make_trainable(model) -> dict[str, torch.nn.Parameter]:
