@@ -136,3 +136,32 @@ def test_generator_options_are_checked(sft_bundle, night_files, tmp_path):
         headstart.update(folder, night_files["night2"], replay_store="features", **QUIET)
     with pytest.raises(ConfigError, match="store is 'none'"):
         headstart.update(folder, night_files["night2"], strategy="replay", replay_store="none", **QUIET)
+
+
+def test_an_interrupted_update_leaves_version_1_and_resumes_to_the_same_adapter(sft_bundle, night_files, tmp_path,
+                                                                                 monkeypatch):
+    from headstart.engine import trainer
+
+    whole = fresh_copy(sft_bundle, tmp_path, "whole")
+    headstart.update(whole, night_files["night2"], strategy="l2sp", max_forgetting=None, **QUIET)
+    folder = fresh_copy(sft_bundle, tmp_path, "killed")
+    real_step, calls = trainer._Loop.step, []
+
+    def dies_in_epoch_2(self, run, batch):  # 16 rows / 4 a batch: epoch 1 is 4 steps, then a checkpoint
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(self, run, batch)
+
+    monkeypatch.setattr(trainer._Loop, "step", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        headstart.update(folder, night_files["night2"], strategy="l2sp", max_forgetting=None, **QUIET)
+    monkeypatch.setattr(trainer._Loop, "step", real_step)
+    assert headstart.load(folder).manifest.get("continual") is None  # still the fit's version
+    lines: list[str] = []
+    report = headstart.update(folder, night_files["night2"], strategy="l2sp", max_forgetting=None,
+                              progress=False, log=lines.append)
+    assert report["accepted"] and any("resumed from" in line for line in lines), lines
+    a, b = adapter(whole / "v2"), adapter(folder / "v2")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not list(tmp_path.glob(".*checkpoint"))  # the finished update removed its checkpoints

@@ -116,6 +116,7 @@ class GeneratorLearner:
             outputs.update(logits=logits, batch=batch)  # what the LwF hook distils
             return F.cross_entropy(logits.float(), targets), {}, int(batch["attention_mask"].sum())
 
+        torch.manual_seed(opts.seed)  # the adapter's dropout draws: a rerun (or a resumed run) repeats them
         plan = LengthGrouped([len(r["input_ids"]) for r in encoded], cfg.batch_size, cfg.epochs, opts.seed)
         run = train(model, plan=plan, step_loss=step_loss, param_groups=groups,
                     settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio), bf16=self.spec.bf16,
