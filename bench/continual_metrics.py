@@ -149,3 +149,17 @@ def aggregate(summaries: Sequence[dict]) -> dict:
         elif isinstance(first, list) and all(isinstance(v, (int, float)) for v in first):
             out[key] = [round(statistics.fmean(s[key][k] for s in summaries), 4) for k in range(len(first))]
     return out
+
+
+def loss_summary(L: Matrix) -> dict:
+    """The generative stream's metrics on a held-out LOSS matrix L[i][j] (lower is better), as PEFT measures
+    forgetting: final mean loss, the rise of each earlier night's loss from its best (lowest) value before
+    the last night, its max, and the mean change from the diagonal (BWT in loss units: > 0 = forgetting).
+
+    >>> s = loss_summary([[1.5, 2.0], [1.7, 1.2]])
+    >>> round(s["final_loss"], 3), round(s["max_loss_rise"], 3), round(s["bwt_loss"], 3)
+    (1.45, 0.2, 0.2)
+    """
+    negated = [[None if v is None else -v for v in row] for row in L]
+    return {"final_loss": -acc(negated), "bwt_loss": -bwt(negated), "max_loss_rise": max_forgetting(negated),
+            "loss_rise_per_night": forgetting_per_night(negated), "diagonal": [L[i][i] for i in range(len(L))]}

@@ -106,3 +106,15 @@ def test_mean_std_and_mean_matrix():
     assert mean == [[0.75, None], [0.5, 0.5]]
     with pytest.raises(ValueError, match="shapes"):
         cm.mean_matrix([[[1.0]], [[1.0, None], [0.5, 1.0]]])
+
+
+def test_loss_summary_counts_a_loss_rise_as_forgetting():
+    L = [[1.50, 2.00, 2.10],
+         [1.40, 1.20, 2.00],   # night 0's loss improved to 1.40 after night 1: its best
+         [1.70, 1.25, 1.10]]
+    s = cm.loss_summary(L)
+    assert s["final_loss"] == pytest.approx((1.70 + 1.25 + 1.10) / 3)
+    assert s["loss_rise_per_night"] == pytest.approx([0.30, 0.05])
+    assert s["max_loss_rise"] == pytest.approx(0.30)
+    assert s["bwt_loss"] == pytest.approx(((1.70 - 1.50) + (1.25 - 1.20)) / 2)
+    assert s["diagonal"] == [1.50, 1.20, 1.10]
