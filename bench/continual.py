@@ -114,8 +114,21 @@ def summarise(stream, R: list) -> dict:
     return cm.summarise(R, [n.test_size for n in stream.nights] if stream.scenario == "class" else None)
 
 
+def warm_feature_cache(stream) -> float:
+    """Extract every night's frozen-base features once, before any timed update: otherwise the first
+    strategy of a probe run pays for the extraction and the others read the cache (not comparable)."""
+    from continual_avalanche import stream_features
+
+    t0 = time.perf_counter()
+    stream_features(stream, log=lambda s: None)
+    return time.perf_counter() - t0
+
+
 def run_seed(stream, method: str, strategies: list[str], work: Path, seed: int, headstart_log) -> dict:
     """Every strategy on one seed's stream; {name: run} including `frozen`."""
+    if method == "probe":
+        log(f"seed {seed}: frozen-base features of every night extracted in {warm_feature_cache(stream):.1f} s "
+            "(cached before the timed updates)")
     night1, fit_s = fit_night1(stream, method, work / "night1", seed, headstart_log)
     row0 = score(night1, tests_after(stream, 0), stream.kind == "sft")
     log(f"seed {seed}: night 1 fitted in {fit_s:.1f} s; row {_fmt_row(row0)}")

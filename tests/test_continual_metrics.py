@@ -118,3 +118,24 @@ def test_loss_summary_counts_a_loss_rise_as_forgetting():
     assert s["max_loss_rise"] == pytest.approx(0.30)
     assert s["bwt_loss"] == pytest.approx(((1.70 - 1.50) + (1.25 - 1.20)) / 2)
     assert s["diagonal"] == [1.50, 1.20, 1.10]
+
+
+# ---- the stream builders' pure pieces (bench/continual_streams.py) ------------------------------
+
+streams = _load_bench_module("continual_streams")
+
+
+def test_class_groups_cover_every_class_once_in_near_equal_seeded_groups():
+    classes = [f"intent{i:02d}" for i in range(77)]
+    groups = streams.class_groups(classes, 5, seed=0)
+    assert [len(g) for g in groups] == [16, 16, 15, 15, 15]
+    assert sorted(c for g in groups for c in g) == sorted(classes)
+    assert groups == streams.class_groups(list(reversed(classes)), 5, seed=0)  # input order does not matter
+    assert groups != streams.class_groups(classes, 5, seed=1)
+
+
+def test_trec_rows_become_alpaca_instructions():
+    rows = streams.trec_instructions([("How far is it from Denver to Aspen ?", "NUM")])
+    assert rows[0]["input"] == "How far is it from Denver to Aspen ?"
+    assert rows[0]["output"] == "number"
+    assert "number" in rows[0]["instruction"]
