@@ -165,3 +165,30 @@ def test_an_interrupted_update_leaves_version_1_and_resumes_to_the_same_adapter(
     a, b = adapter(whole / "v2"), adapter(folder / "v2")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not list(tmp_path.glob(".*checkpoint"))  # the finished update removed its checkpoints
+
+
+def test_night_1_seeding_and_refs_that_are_gone(tmp_path):
+    from types import SimpleNamespace
+
+    from headstart.continual.generator_data import resolve_rows, row_key, seed_generator_memory
+    from headstart.llm.data import split_holdout
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(NIGHT1, 24))
+    held = write_jsonl(tmp_path / "held.jsonl", rows(NIGHT2, 5))
+    opts = SimpleNamespace(seed=0, log=lambda s: None)
+
+    def fitted(eval_: str) -> SimpleNamespace:
+        return SimpleNamespace(manifest={"data": {"source": str(train), "eval": eval_}, "seed": 3,
+                                         "method": {"config": {"eval_fraction": 0.25}}})
+
+    memory = seed_generator_memory(fitted("25% of the training file"), "refs", opts, version=1)
+    fit_train, fit_held = split_holdout(rows(NIGHT1, 24), 0.25, 3)  # the split the fit held out
+    assert memory.nights[0].guard.keys == [row_key(r) for r in fit_held]
+    assert sorted(memory.replay.keys) == sorted(row_key(r) for r in fit_train)
+    assert resolve_rows(memory.nights[0].guard) == (fit_held, 0)
+    memory = seed_generator_memory(fitted(str(held)), "refs", opts, version=1)  # fit(eval=FILE)
+    assert len(memory.nights[0].guard) == 5 and len(memory.replay) == 24
+    write_jsonl(train, rows(NIGHT1, 24)[:10])  # the user trimmed the file: 14 kept rows are gone
+    assert len(resolve_rows(memory.replay)[0]) == 10 and resolve_rows(memory.replay)[1] == 14
+    train.unlink()
+    assert seed_generator_memory(fitted("x"), "refs", opts, version=1).nights == []
