@@ -128,6 +128,11 @@ def test_ewc_lwf_joint_and_the_raw_store(sft_bundle, night_files, tmp_path):
     memory = json.loads((folder / "v2" / "memory" / "memory.json").read_text())
     assert memory["store"] == "raw" and len(memory["replay"]["raw"]) == 22 + 16  # joint keeps everything
     assert json.loads(memory["replay"]["raw"][0]) in rows(NIGHT1, 24)
+    night3 = write_jsonl(tmp_path / "night3.jsonl", rows(NIGHT2, 12, " Again."))
+    report = headstart.update(folder, night3, strategy="naive", max_forgetting=None, **QUIET)  # back to refs
+    assert report["accepted"] and report["store"] == "refs" and report["version"] == 3
+    v3 = (folder / "v3" / "memory" / "memory.json").read_text()
+    assert '"raw"' not in v3 and "What is the" not in v3  # the opted-in copies are gone with the option
 
 
 def test_generator_options_are_checked(sft_bundle, night_files, tmp_path):

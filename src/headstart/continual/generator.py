@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from .generator_data import InstructionNight, ROW_LABEL, read_instruction_night, read_rows, resolve_rows
+from .generator_data import (InstructionNight, ROW_LABEL, convert_store, read_instruction_night, read_rows,
+                             resolve_rows)
 from .memory import Memory, NightRecord
 
 GENERATOR_STRATEGIES = ("naive", "l2sp", "ewc", "lwf", "replay", "joint")
@@ -213,6 +214,10 @@ class _GeneratorJob:
         from .update import seeded_rng
 
         memory = copy.deepcopy(self.memory)
+        if memory.store != self.store:  # the user changed the store: what is kept follows it from tonight
+            memory.replay = convert_store(memory.replay, self.store)
+            for rec in memory.nights:
+                rec.guard = convert_store(rec.guard, self.store)
         memory.store, memory.kind = self.store, "instruction"
         if self.store == "none":
             return memory

@@ -147,6 +147,17 @@ def resolve_rows(examples: ExampleSet) -> tuple[list[dict], int]:
     return rows, dropped
 
 
+def convert_store(examples: ExampleSet, store: str) -> ExampleSet:
+    """Examples kept under another store: `raw` reads the rows back and keeps them; `refs` from raw cannot
+    say where a row lives, and `none` keeps nothing: both drop what raw held (the user asked for less)."""
+    if store == "raw" and examples.raw is None:
+        rows, _ = resolve_rows(examples)
+        return ExampleSet([ROW_LABEL] * len(rows), [row_key(r) for r in rows], raw=[canonical(r) for r in rows])
+    if store == "refs" and examples.refs is not None:
+        return ExampleSet(list(examples.labels), list(examples.keys), refs=list(examples.refs))
+    return ExampleSet() if store != "raw" else examples
+
+
 def stored(rows: list[dict], source: Path, store: str) -> ExampleSet:
     night = InstructionNight(rows, [row_key(r) for r in rows], [str(source.resolve())] * len(rows))
     return night.as_examples(list(range(len(rows))), store)
