@@ -183,7 +183,7 @@ def test_night_1_seeding_and_refs_that_are_gone(tmp_path):
     opts = SimpleNamespace(seed=0, log=lambda s: None)
 
     def fitted(eval_: str) -> SimpleNamespace:
-        return SimpleNamespace(manifest={"data": {"source": str(train), "eval": eval_}, "seed": 3,
+        return SimpleNamespace(manifest={"task": "sft", "data": {"source": str(train), "eval": eval_}, "seed": 3,
                                          "method": {"config": {"eval_fraction": 0.25}}})
 
     memory = seed_generator_memory(fitted("25% of the training file"), "refs", opts, version=1)

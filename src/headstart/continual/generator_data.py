@@ -51,7 +51,8 @@ def read_rows(path: Path) -> tuple[list[dict], int]:
         except _Skip:
             skipped += 1
     if not rows:
-        raise DataError(f"{path}: no usable instruction row. Accepted row shapes: {SFT_SHAPES}")
+        raise DataError(f"{path}: no usable instruction row (a generator's nights are instruction rows; preference "
+                        f"pairs are not learned by update). Accepted row shapes: {SFT_SHAPES}")
     return rows, skipped
 
 
@@ -172,6 +173,10 @@ def seed_generator_memory(spec, store: str, opts, version: int) -> Memory:
     memory = Memory(store, kind="instruction", replay_size=REPLAY_SIZE)
     facts = spec.manifest.get("data", {})
     source = facts.get("source")
+    if spec.manifest.get("task") != "sft":
+        opts.log(f"update: a {spec.manifest.get('task')} bundle's data is not instruction rows: night 1 has no "
+                 "guard set and nothing to replay")
+        return memory
     if store == "none" or not source or not Path(source).is_file():
         opts.log(f"update: the data version {version} was fitted on ({source or 'unknown'}) is not here: "
                  "its night has no guard set and nothing to replay")
