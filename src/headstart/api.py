@@ -132,8 +132,11 @@ def evaluate(bundle: "str | Path | Specialist", data: str | Path, split: str | N
 def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = None, *, strategy: str = "auto",
            unlabelled: bool = False, out: str | Path | None = None, replay_store: str = "auto",
            max_forgetting: float | None = 2.0, watch: str | Path | None = None, time_budget_s: float | None = None,
-           seed: int = 0, text_column: str = "text", label_column: str = "label", progress: bool = False,
-           log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+           general_set: str | Path | None = None, seed: int = 0, text_column: str = "text",
+           label_column: str = "label", l2sp_weight: float | None = None, ewc_weight: float | None = None,
+           ewc_decay: float | None = None, ewc_max_examples: int | None = None, lwf_weight: float | None = None,
+           lwf_temperature: float | None = None, replay_size: int | None = None, progress: bool = False,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Teach a specialist tonight's new data as a new version, without forgetting what it knew.
 
     The night's examples that were learned before are skipped (a journal of content hashes); a share is
@@ -157,13 +160,20 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
         max_forgetting: Most accuracy points an earlier night's guard set may drop (None: measure, never reject).
         watch: A folder that fills up: learn the examples in it not learned before, then exit.
         time_budget_s: Stop training at the first epoch end past this many seconds.
+        general_set: sft bundles: a held-out instruction file whose loss must not rise either (general
+            ability, as PEFT measures forgetting).
         seed: Seed of the guard split, the reservoir and training.
         text_column: The text column of the night's tables.
         label_column: The label column of the night's tables.
+        l2sp_weight: L2-SP's pull towards the previous weights (default 0.01).
+        ewc_weight: EWC's lambda (default 100).
+        ewc_decay: Online EWC: how much of the earlier nights' Fisher carries over (default 0.9).
+        ewc_max_examples: Examples the Fisher is estimated on (default 200).
+        lwf_weight: Weight of the distillation of the previous version's outputs (default 1.0).
+        lwf_temperature: Its softmax temperature (default 2.0).
+        replay_size: Examples the replay memory keeps, shared by the classes (default 1000).
         progress: Show progress bars (off by default: nightly jobs log quietly).
         log: Where progress lines go.
-        **options: Strategy settings: l2sp_weight, ewc_weight, ewc_decay, ewc_max_examples, lwf_weight,
-            lwf_temperature, replay_size.
 
     >>> report = update("runs/intents", "tonight.csv")
     >>> report["accepted"], report["version"], report["strategy"]
@@ -179,10 +189,14 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
         raise ConfigError("nothing to learn: give the night's data (a file or folder) or --watch DIR")
     if max_forgetting is not None and not max_forgetting >= 0:
         raise ConfigError(f"max_forgetting must be >= 0 points, got {max_forgetting}")
+    options = {"l2sp_weight": l2sp_weight, "ewc_weight": ewc_weight, "ewc_decay": ewc_decay,
+               "ewc_max_examples": ewc_max_examples, "lwf_weight": lwf_weight, "lwf_temperature": lwf_temperature,
+               "replay_size": replay_size}
     opts = UpdateOptions(strategy=strategy, unlabelled=unlabelled, replay_store=replay_store,
                          max_forgetting=max_forgetting, time_budget_s=time_budget_s, seed=seed,
                          text_column=text_column, label_column=label_column, progress=progress, log=log,
-                         strategy_options=options)
+                         general_set=Path(general_set) if general_set is not None else None,
+                         strategy_options={k: v for k, v in options.items() if v is not None})
     return update_specialist(Path(bundle), paths, Path(out) if out is not None else None, opts)
 
 
@@ -209,10 +223,14 @@ def diff(bundle: str | Path, a: int, b: int) -> dict[str, Any]:
 
 
 def _starting_bundle(init: str | Path | None, base: Any) -> tuple[Path | None, Any]:
-    """(init bundle, base): a bundle folder passed as `base` (the older spelling) is the `init`."""
-    if init is None and isinstance(base, (str, Path)) and (Path(base) / "manifest.json").is_file():
-        return Path(base), None
-    return (Path(init) if init is not None else None), base
+    """(init bundle, base): a bundle folder passed as `base` (the older spelling) is the `init`; a folder of
+    versions (`update`) starts from its current version."""
+    from .bundle.lineage import is_lineage, resolve_bundle
+
+    if init is None and isinstance(base, (str, Path)) and (
+            (Path(base) / "manifest.json").is_file() or is_lineage(base)):
+        init, base = base, None
+    return (resolve_bundle(init) if init is not None else None), base
 
 
 def _seed_torch(seed: int) -> None:

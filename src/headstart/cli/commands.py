@@ -166,6 +166,22 @@ COMMANDS: list[Command] = [
         hidden=HIDDEN | {"model", "tokenizer"}, call=_generate,
         help="Answer a prompt with an sft/dpo bundle, streaming tokens as they are produced.",
         json='print {"answer": ...} instead of streaming'),
+    Command("update", "headstart.api:update", show.update, flags={
+        "data": Flag("data", help="tonight's files: tables (text,label), image folders (<class>/*), or both",
+                     positional=True, nargs="*")},
+        json="print the report as JSON on the last stdout line",
+        help="Teach a specialist new data as a new version; rejected if it forgets an earlier night.",
+        interrupted="rerun the same command: it resumes, and the current version is untouched", examples=(
+            "Examples:\n  headstart update runs/intents tonight.csv\n"
+            "  headstart update runs/factory unlabelled_today/ --unlabelled\n"
+            "  headstart update runs/intents --watch inbox/            # cron: learn what arrived, then exit")),
+    Command("history", "headstart.api:history", show.history, json="print the versions as a JSON list",
+            help="List a specialist's versions: parent, strategy, examples, guard figures; * marks the current one."),
+    Command("rollback", "headstart.api:rollback", show.rollback, json="",
+            flags={"to": Flag("to", ("--to",), "the version to make current", required=True)},
+            help="Make an earlier version of a specialist current again (no version is deleted)."),
+    Command("diff", "headstart.api:diff", show.diff, json="print the differences as JSON",
+            help="What changed between two versions of a specialist: labels, metrics, guard figures."),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
         "out": Flag("out", ("--out",), required=True)}, json=""),
 ]

@@ -42,6 +42,8 @@ class Flag:
     nargs: str | None = None
     """`+` for several words; with `join`, they are joined into one string."""
     join: bool = False
+    positional: bool = False
+    """Positional although the parameter has a default (`update BUNDLE [DATA ...]`: nargs `*`)."""
 
 
 def add_function_flags(parser: argparse.ArgumentParser, fn: Callable, flags: dict[str, Flag],
@@ -56,14 +58,15 @@ def add_function_flags(parser: argparse.ArgumentParser, fn: Callable, flags: dic
         hint = _hint_text(p.annotation)
         flag = flags.get(p.name, Flag(p.name))
         default = None if p.default is p.empty else p.default
-        kwargs = _argument(p.name, hint, default, flag, positional=p.default is p.empty and not flag.spelling)
+        positional = (p.default is p.empty or flag.positional) and not flag.spelling
+        kwargs = _argument(p.name, hint, default, flag, positional=positional)
         if kwargs is None:
             continue  # not spellable on a command line (a callable, a dict, a loaded model)
         help_text = flag.help or docs.get(p.name, "")
         if default is not None and not kwargs.get("action") and "default" not in help_text.lower():
             help_text += f" (default: {_show_default(default)})"
         kwargs["help"] = help_text.strip().replace("%", "%%")  # argparse %-formats help text
-        if p.default is p.empty and not flag.spelling:
+        if positional:
             parser.add_argument(p.name, **kwargs)
         else:
             spelling = flag.spelling or (_option(p.name),)
@@ -75,6 +78,8 @@ def add_function_flags(parser: argparse.ArgumentParser, fn: Callable, flags: dic
 def _argument(name: str, hint: str, default: Any, flag: Flag, positional: bool) -> dict | None:
     """argparse keywords for one parameter, from its type hint; None when no command line can spell it."""
     alternatives = _alternatives(hint)
+    if positional and flag.nargs:
+        return {"nargs": flag.nargs, "metavar": name.upper(), "default": default}
     if positional and (m := re.fullmatch(r"(?:Sequence|list|tuple)\[(\w+)\]", " ".join(alternatives))):
         return {"nargs": "+", "type": {"int": int, "float": float}.get(m.group(1), str),  # `predict B x.jpg y.jpg`
                 "metavar": name.upper()}

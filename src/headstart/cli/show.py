@@ -139,3 +139,48 @@ def nothing(result: Any, args: Namespace) -> None:
 def _log(args: Namespace):
     stream = sys.stderr if getattr(args, "json", False) else sys.stdout
     return lambda s: print(s, file=stream, flush=True)
+
+
+def update(report: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(report, default=float))
+        return
+    print(update_line(report))
+
+
+def update_line(r: dict) -> str:
+    """One line for a nightly log: what happened, on how much, and the worst guard figure."""
+    if r.get("nothing_new"):
+        return f"{r['bundle']}: {r['why']} ({r.get('already_learned', 0)} examples already learned); version {r['version']} stays"
+    worst = max((g["drop"] for g in r.get("guards", {}).values() if g.get("drop") is not None), default=None)
+    guard = f", worst guard drop {worst:+.1f}" if worst is not None else ", no guard set yet"
+    head = (f"{r['bundle']}: version {r['version']} accepted" if r["accepted"]
+            else f"{r['bundle']}: REJECTED ({r.get('why_rejected')}); version {r['version']} stays current")
+    labels = f", new labels {', '.join(r['new_labels'])}" if r.get("new_labels") else ""
+    return (f"{head} -- {r['scenario']} night, {r['examples']} new examples ({r.get('held_back', 0)} held back), "
+            f"strategy {r['strategy']}{' (retried at 10x)' if r.get('retried') else ''}{labels}{guard}, "
+            f"{r['wall_s']:.1f} s")
+
+
+def history(rows: list[dict], args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return
+    print(f"{'':2}{'version':<9}{'parent':<8}{'created':<22}{'strategy':<14}{'examples':>9}{'accuracy':>10}  guards")
+    for r in rows:
+        mark = "*" if r.get("current") else ("x" if not r.get("accepted", True) else " ")
+        acc = r.get("accuracy")
+        guards = ", ".join(f"n{k} {g.get('after', 0):.1f}" for k, g in (r.get("guards") or {}).items()
+                           if isinstance(g, dict) and g.get("after") is not None)
+        print(f"{mark:2}{str(r.get('version') or '-'):<9}{str(r.get('parent') or '-'):<8}{str(r.get('created')):<22}"
+              f"{str(r.get('strategy') or '-'):<14}{r.get('examples', 0):>9}"
+              f"{(f'{acc:.4f}' if isinstance(acc, (int, float)) else '-'):>10}  {guards}"
+              + (f"  rejected: {r.get('why')}" if not r.get("accepted", True) else ""))
+
+
+def rollback(version: int, args: Namespace) -> None:
+    print(f"{args.bundle}: version {version} is current")
+
+
+def diff(d: dict, args: Namespace) -> None:
+    print(json.dumps(d, default=str, indent=None if args.json else 2))

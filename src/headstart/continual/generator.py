@@ -44,9 +44,9 @@ def update_generator(lineage, current, paths: list[Path], out: Path | None, opts
     outcome = job.attempt(spec, strength=1.0)
     retried = None
     if not outcome.passes(opts.max_forgetting):
-        from .update import _retry_spec
+        from .update import retry_spec
 
-        retried = _retry_spec(spec)
+        retried = retry_spec(spec)
         opts.log(f"update: {outcome.worst_text()} > {opts.max_forgetting}%; retrying once with {retried} "
                  "at 10x strength")
         outcome = job.attempt(retried, strength=10.0)

@@ -45,7 +45,7 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     guards = {}
     for name, r in guard_sets:
         after = learner.accuracy(r)
-        guards[name] = {"before": before[name], "after": after,
+        guards[name] = {"before": before[name], "after": after, "examples": len(r),
                         "drop": None if after is None or before[name] is None else round(before[name] - after, 2)}
     holdout = _subset(night.items, night_feats, guard_idx)
     holdout.labels = [learner.classes.index(labels[i]) for i in guard_idx]
@@ -171,8 +171,10 @@ def _next_memory(learner: ClassifierLearner, memory: Memory, job, train_idx, gua
     night, store = job.night, job.store
     out = copy.copy(memory)
     out.store, out.kind = store, learner.kind
-    out.nights = list(memory.nights)
-    if store != "none":
+    out.nights = list(memory.nights) if store != "none" else []
+    if store == "none":  # the user asked to keep nothing: what earlier versions kept is not carried on
+        out.replay, out.seen, out.fisher = ExampleSet(), {}, None
+    else:
         guard = _as_stored(night, guard_idx, labels, night_feats, store)
         out.nights.append(NightRecord(len(memory.nights) + 1, job.lineage.current + 1, night.fingerprint(), guard))
         size = None if "joint" in configs else (configs["replay"].size if "replay" in configs else memory.replay_size

@@ -78,9 +78,7 @@ def read_night(paths: list[Path], *, kind: str, unlabelled: bool, learned: Calla
     from ..engine.features import item_key
 
     night = NightData(kind, [], None if unlabelled else [], [], [])
-    for path in paths:
-        if not path.exists():
-            raise DataError(f"no such file or folder: {path}")
+    for path in [p for given in paths for p in _expand(given, kind)]:
         if unlabelled:
             items, skipped = _loose_items(path, kind, text_column, skip_placeholders)
             labels = None
@@ -110,6 +108,22 @@ def read_night(paths: list[Path], *, kind: str, unlabelled: bool, learned: Calla
         night.skipped += skipped
         night.files.append({"name": path.name, "sha256": _content_sha256(path), "examples": len(items), "new": fresh})
     return night
+
+
+def _expand(path: Path, kind: str) -> list[Path]:
+    """The units a path holds: a text folder (an inbox) is each of its tables, whatever they are called;
+    an image folder is one unit (its class folders, or loose images)."""
+    from ..data.tables import TABLE_SUFFIXES
+
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}")
+    if path.is_dir() and kind == "text":
+        tables = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES
+                        and not f.name.startswith("."))
+        if not tables:
+            raise DataError(f"{path}: no tables (.csv, .tsv, .jsonl) in this folder")
+        return tables
+    return [path]
 
 
 def resolve_examples(examples: ExampleSet, kind: str, memory_folder: Path | None,

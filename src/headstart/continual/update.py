@@ -38,6 +38,8 @@ class UpdateOptions:
     label_column: str = "label"
     progress: bool = False
     log: Callable[[str], None] = print
+    general_set: Path | None = None
+    """sft bundles: held-out instructions whose loss the guard also watches (general ability)."""
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,7 +49,10 @@ def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: U
     from ..bundle.lineage import Lineage
     from .night import read_night
 
+    import sys
+
     t0 = time.perf_counter()
+    opts = replace(opts, progress=opts.progress and sys.stderr.isatty())  # cron logs stay quiet
     lineage = Lineage.open(bundle)
     current = load(lineage.current_folder)
     if current.bundle_kind != "classifier":
@@ -61,7 +66,7 @@ def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: U
     if not len(night):
         return {**base_report, "accepted": False, "version": lineage.current, "nothing_new": True,
                 "why": "nothing new: every example was learned before" if night.already_learned else "no examples"}
-    store = _store(opts.replay_store, current)
+    store = _store(opts.replay_store, current, Memory.read(lineage.current_folder))
     scenario = "unlabelled" if opts.unlabelled else (
         "class" if set(night.labels) - set(current.classes) else "domain")
     spec, why = _strategy(opts.strategy, scenario, store)
@@ -69,18 +74,19 @@ def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: U
     outcome = job.attempt(current, spec, strength=1.0)
     retried = None
     if not outcome.passes(opts.max_forgetting):
-        retried = _retry_spec(spec)
-        opts.log(f"update: {outcome.worst_text()} > {opts.max_forgetting} points; retrying once with "
-                 f"{retried} at 10x strength")
+        retried = retry_spec(spec)
+        opts.log(f"update: {outcome.worst_text(opts.max_forgetting)}; retrying once with {retried} at 10x strength")
         outcome = job.attempt(load(lineage.current_folder), retried, strength=10.0)
     report = {**base_report, "scenario": scenario, "strategy": retried or spec, "why": why, "store": store,
               "retried": retried is not None, **outcome.summary()}
     entry = {"strategy": report["strategy"], "scenario": scenario, "nights": [night.fingerprint()],
-             "metrics": {"night_accuracy": outcome.night_accuracy}, "guards": outcome.guards,
+             "metrics": {"accuracy": None if outcome.night_accuracy is None else outcome.night_accuracy / 100,
+                         "night_accuracy": outcome.night_accuracy}, "guards": outcome.guards,
              "note": why}
     if not outcome.passes(opts.max_forgetting):
-        report.update(accepted=False, version=lineage.current, why_rejected=outcome.worst_text())
-        lineage.reject(entry, why=outcome.worst_text())
+        why_rejected = outcome.worst_text(opts.max_forgetting)
+        report.update(accepted=False, version=lineage.current, why_rejected=why_rejected)
+        lineage.reject(entry, why=why_rejected)
         job.discard_checkpoints()
         report["wall_s"] = round(time.perf_counter() - t0, 3)
         return report
@@ -104,16 +110,28 @@ class Outcome:
     dropped: int
     new_labels: list[str]
 
-    def worst(self) -> tuple[str | None, float]:
-        drops = [(k, g["drop"]) for k, g in self.guards.items() if g.get("drop") is not None]
-        return max(drops, key=lambda kv: kv[1]) if drops else (None, 0.0)
+    def worst(self, max_forgetting: float = 0.0) -> tuple[str | None, float]:
+        """The guard set whose drop most exceeds its tolerance, and its drop."""
+        drops = [(k, g["drop"], g["drop"] - tolerance(max_forgetting, g.get("examples", 0)))
+                 for k, g in self.guards.items() if g.get("drop") is not None]
+        if not drops:
+            return None, 0.0
+        name, drop, _ = max(drops, key=lambda d: d[2])
+        return name, drop
 
-    def worst_text(self) -> str:
-        name, drop = self.worst()
-        return f"guard set of night {name} dropped {drop:.1f} points" if name else "no guard set"
+    def worst_text(self, max_forgetting: float = 0.0) -> str:
+        name, drop = self.worst(max_forgetting)
+        if name is None:
+            return "no guard set"
+        n = self.guards[name].get("examples", 0)
+        return (f"guard set of night {name} dropped {drop:.1f} points (tolerance "
+                f"{tolerance(max_forgetting, n):.1f} on its {n} examples)")
 
     def passes(self, max_forgetting: float | None) -> bool:
-        return max_forgetting is None or self.worst()[1] <= max_forgetting
+        if max_forgetting is None:
+            return True
+        return all(g["drop"] <= tolerance(max_forgetting, g.get("examples", 0))
+                   for g in self.guards.values() if g.get("drop") is not None)
 
     def summary(self) -> dict[str, Any]:
         return {"guards": self.guards, "night_accuracy": self.night_accuracy, "trained_on": self.trained_on,
@@ -179,10 +197,21 @@ class _Job:
             discard_dir(ckpt)
 
 
-def _store(asked: str, spec) -> str:
+def tolerance(max_forgetting: float, examples: int) -> float:
+    """The drop a guard set may show: `max_forgetting` points, but never less than one example's worth --
+    on 20 held-back examples one flip is 5 points, and rejecting a night for it would be noise."""
+    return max(max_forgetting, 100.0 / examples if examples else 0.0)
+
+
+def _store(asked: str, spec, memory: Memory | None) -> str:
+    """The store this update keeps: the one asked for, else the memory's own, else the default by method.
+    A memory cannot turn into another kind (features cannot become the examples again), except `none`."""
     head_only = bool(spec.method.frozen_base) or spec.method.name == "setfit"
     if asked == "auto":
-        return "features" if head_only else "refs"
+        return memory.store if memory is not None else ("features" if head_only else "refs")
+    if memory is not None and asked not in (memory.store, "none"):
+        raise ConfigError(f"this specialist's memory keeps {memory.store!r}; it cannot become {asked!r} "
+                          "(pass --replay-store none to drop it, or start from a fresh bundle)")
     if asked not in STORES:
         raise ConfigError(f"unknown replay store {asked!r}: choose from auto, {', '.join(STORES)}")
     if asked == "features" and not head_only:
@@ -202,7 +231,7 @@ def _strategy(asked: str, scenario: str, store: str) -> tuple[str, str]:
     return asked, "chosen by the user"
 
 
-def _retry_spec(spec: str) -> str:
+def retry_spec(spec: str) -> str:
     """The retry's strategies: the same at 10x strength, plus L2-SP when nothing in them penalises change."""
     names = spec.split("+")
     if spec in ("naive", "joint"):
