@@ -84,26 +84,39 @@ def frozen_matrix(stream, row0: list[float | None]) -> list[list[float | None]]:
     return [list(row0) for _ in range(n)]
 
 
-def run_strategy(stream, strategy: str, night1: Path, work: Path, row0: list, seed: int, headstart_log) -> dict:
-    """Copy the night-1 bundle, update it night after night with `strategy`, score R after each night."""
+def _update(folder: Path, data: Path, strategy: str, seed: int, headstart_log, unlabelled: bool = False) -> dict:
     import headstart
 
+    t0 = time.perf_counter()
+    report = headstart.update(folder, data, strategy=strategy, max_forgetting=None, unlabelled=unlabelled,
+                              seed=seed, progress=False, log=headstart_log)
+    return {"accepted": report.get("accepted"), "version": report.get("version"), "strategy": report.get("strategy"),
+            "scenario": report.get("scenario"), "why": report.get("why"), "examples": report.get("examples"),
+            "wall_s": round(time.perf_counter() - t0, 2), "update_wall_s": report.get("wall_s"),
+            "guards": report.get("guards")}
+
+
+def run_strategy(stream, strategy: str, night1: Path, work: Path, row0: list, seed: int, headstart_log,
+                 use_unlabelled: bool = True) -> dict:
+    """Copy the night-1 bundle, update it night after night with `strategy`, score R after each night.
+    A night with unlabelled photos (flowers) gets a second, `unlabelled=True` update after the labelled one."""
     folder = work / strategy.replace("+", "_")
     shutil.copytree(night1, folder, symlinks=True)
     R, updates = [list(row0)], [{"night": stream.nights[0].name, "version": 1, "bundle_bytes": folder_bytes(folder)}]
     for i, night in enumerate(stream.nights[1:], 1):
-        t0 = time.perf_counter()
-        report = headstart.update(folder, night.train, strategy=strategy, max_forgetting=None, seed=seed,
-                                  progress=False, log=headstart_log)
-        wall = time.perf_counter() - t0
-        updates.append({"night": night.name, "accepted": report.get("accepted"), "version": report.get("version"),
-                        "strategy": report.get("strategy"), "scenario": report.get("scenario"),
-                        "why": report.get("why"), "examples": report.get("examples"),
-                        "wall_s": round(wall, 2), "update_wall_s": report.get("wall_s"),
-                        "bundle_bytes": folder_bytes(folder), "guards": report.get("guards")})
+        entry = {"night": night.name, **_update(folder, night.train, strategy, seed, headstart_log)}
+        wall = entry["wall_s"]
+        if use_unlabelled and night.unlabelled is not None:
+            try:
+                entry["unlabelled"] = _update(folder, night.unlabelled, strategy, seed, headstart_log, unlabelled=True)
+            except Exception as e:  # noqa: BLE001 -- kept in the JSON; the labelled figures still count
+                entry["unlabelled"] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  {strategy} night {i + 1} unlabelled update FAILED: {type(e).__name__}: {e}")
+        updates.append({**entry, "bundle_bytes": folder_bytes(folder)})
         R.append(score(folder, tests_after(stream, i), stream.kind == "sft"))
-        log(f"  {strategy} night {i + 1} ({night.name}): {wall:.1f} s, v{report.get('version')}, "
-            f"accepted={report.get('accepted')}, row {_fmt_row(R[-1])}")
+        extra = f" + unlabelled {entry['unlabelled'].get('wall_s')} s" if "unlabelled" in entry else ""
+        log(f"  {strategy} night {i + 1} ({night.name}): {wall:.1f} s{extra}, v{entry['version']}, "
+            f"accepted={entry['accepted']}, row {_fmt_row(R[-1])}")
     shutil.rmtree(folder, ignore_errors=True)  # the figures are kept; the bundles are not
     return {"R": R, "updates": updates}
 
@@ -117,14 +130,23 @@ def summarise(stream, R: list) -> dict:
 def warm_feature_cache(stream) -> float:
     """Extract every night's frozen-base features once, before any timed update: otherwise the first
     strategy of a probe run pays for the extraction and the others read the cache (not comparable)."""
+    import headstart
     from continual_avalanche import stream_features
+    from headstart.engine.features import cached_features
+    from headstart.methods.base import loader_for
 
     t0 = time.perf_counter()
     stream_features(stream, log=lambda s: None)
+    loose = [n.unlabelled for n in stream.nights if n.unlabelled is not None]
+    if loose:  # the unlabelled nights' photos, listed as `update --unlabelled` lists them
+        backbone = headstart.load_base(stream.base)
+        items = [str(f) for folder in loose for f in sorted(folder.rglob("*")) if f.is_file()]
+        cached_features(backbone, items, loader_for(backbone.kind), progress=False)
     return time.perf_counter() - t0
 
 
-def run_seed(stream, method: str, strategies: list[str], work: Path, seed: int, headstart_log) -> dict:
+def run_seed(stream, method: str, strategies: list[str], work: Path, seed: int, headstart_log,
+             use_unlabelled: bool = True) -> dict:
     """Every strategy on one seed's stream; {name: run} including `frozen`."""
     if method == "probe":
         log(f"seed {seed}: frozen-base features of every night extracted in {warm_feature_cache(stream):.1f} s "
@@ -135,7 +157,7 @@ def run_seed(stream, method: str, strategies: list[str], work: Path, seed: int, 
     runs = {"frozen": {"R": frozen_matrix(stream, row0), "updates": [], "fit_s": round(fit_s, 2)}}
     for strategy in strategies:
         try:
-            runs[strategy] = run_strategy(stream, strategy, night1, work, row0, seed, headstart_log)
+            runs[strategy] = run_strategy(stream, strategy, night1, work, row0, seed, headstart_log, use_unlabelled)
         except Exception as e:  # one strategy failing (a HeadstartError, or a bug) must not lose the others
             log(f"  {strategy} FAILED: {type(e).__name__}: {e}")
             runs[strategy] = {"error": f"{type(e).__name__}: {e}"}
@@ -235,6 +257,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="one seed (the first), small test sets: a smoke run")
     p.add_argument("--verbose", action="store_true", help="forward headstart's own log lines to stderr")
+    p.add_argument("--no-unlabelled", action="store_true", help="flowers: skip the nights' unlabelled updates")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/continual_<stream>_<method>.json)")
     args = p.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -249,11 +272,13 @@ def main() -> None:
             stream = build_stream(args.stream, Path(tmp) / "data", seed=seed, quick=args.quick)
             log(f"seed {seed}: {args.stream} stream, nights " + ", ".join(f"{n.name} ({n.train_size} train, "
                                                                           f"{n.test_size} test)" for n in stream.nights))
-            per_seed.append(run_seed(stream, args.method, strategies, Path(tmp) / f"runs-seed{seed}", seed, headstart_log))
+            per_seed.append(run_seed(stream, args.method, strategies, Path(tmp) / f"runs-seed{seed}", seed, headstart_log,
+                                     not args.no_unlabelled))
     results = aggregate(stream, per_seed)
     report = {"stream": stream.name, "scenario": stream.scenario, "kind": stream.kind, "base": stream.base,
               "method": args.method, "seeds": seeds, "quick": args.quick, "stream_settings": stream.settings,
               "nights": [n.name for n in stream.nights], "max_forgetting": None,
+              "unlabelled_updates": not args.no_unlabelled and any(n.unlabelled for n in stream.nights),
               "metric": "held-out loss (lower is better)" if stream.kind == "sft" else "accuracy",
               "results": results, "targets": targets(stream, results)}
     out = Path(args.out) if args.out else RESULTS / f"continual_{stream.name}_{args.method}{'_quick' if args.quick else ''}.json"

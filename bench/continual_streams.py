@@ -48,6 +48,8 @@ class Night:
     labels: list[str]
     train_size: int
     test_size: int
+    unlabelled: Path | None = None  # loose images without labels (flowers: the rest of the night's photos)
+    unlabelled_size: int = 0
 
 
 @dataclass
@@ -160,38 +162,45 @@ def _images(folder: Path) -> dict[str, list[Path]]:
             for c in sorted(folder.iterdir()) if c.is_dir()}
 
 
-def _link_split(target: Path, files: dict[str, list[Path]]) -> int:
-    """target/<class>/<file> symlinks (the data is read-only and never copied)."""
+def _link_split(target: Path, files: dict[str, list[Path]], flat: bool = False) -> int:
+    """target/<class>/<file> symlinks (the data is read-only and never copied); `flat`: target/<n>.jpg,
+    loose images whose path does not name their class (an unlabelled night)."""
+    target.mkdir(parents=True, exist_ok=True)
+    n = 0
     for label, paths in files.items():
-        (target / label).mkdir(parents=True, exist_ok=True)
+        if not flat:
+            (target / label).mkdir(parents=True, exist_ok=True)
         for p in paths:
-            (target / label / p.name).symlink_to(p)
-    return sum(len(v) for v in files.values())
+            (target / f"{n:05d}{p.suffix.lower()}" if flat else target / label / p.name).symlink_to(p)
+            n += 1
+    return n
 
 
 def _image_night(root: Path, k: int, name: str, train: dict, test: dict, corruption: dict | None,
-                 seed: int) -> Night:
+                 seed: int, unlabelled: dict | None = None) -> Night:
     folder = root / f"night{k}"
-    if corruption is None:
-        n_train, n_test = _link_split(folder / "train", train), _link_split(folder / "test", test)
-    else:
+    links = folder if corruption is None else root / f".clean{k}"
+    n_train, n_test = _link_split(links / "train", train), _link_split(links / "test", test)
+    n_unlabelled = _link_split(links / "unlabelled", unlabelled, flat=True) if unlabelled else 0
+    if corruption is not None:
         from headstart.data.corrupt import corrupt_folder
 
-        # Corrupt a linked mirror, then keep only its class folders (CORRUPTION.json stays beside them).
-        clean, stage = root / f".clean{k}", root / f".corrupt{k}"
-        n_train, n_test = _link_split(clean / "train", train), _link_split(clean / "test", test)
-        corrupt_folder(clean, stage, seed=seed, progress=False, log=lambda s: None, **corruption)
+        # Corrupt the linked mirror, then keep only its folders (CORRUPTION.json stays beside them).
+        stage = root / f".corrupt{k}"
+        corrupt_folder(links, stage, seed=seed, progress=False, log=lambda s: None, **corruption)
         folder.mkdir(parents=True)
-        for split in ("train", "test"):
-            (stage / split).rename(folder / split)
-        shutil.rmtree(clean)
-    return Night(name, folder, folder / "train", folder / "test", sorted(train), n_train, n_test)
+        for part in ("train", "test", "unlabelled")[: 3 if unlabelled else 2]:
+            (stage / part).rename(folder / part)
+        shutil.rmtree(links)
+    return Night(name, folder, folder / "train", folder / "test", sorted(train), n_train, n_test,
+                 folder / "unlabelled" if unlabelled else None, n_unlabelled)
 
 
 def flowers_stream(root: Path, seed: int, quick: bool, per_class: int = 8) -> Stream:
     """Domain drift: flowers17, 4 nights of `per_class` labelled photos per class (disjoint rows), night 1
     clean and nights 2-4 increasingly blurred/darkened/noised; night k's test = the test split corrupted
-    the same way (quick: 6 test photos per class)."""
+    the same way (quick: 6 test photos per class). Nights 2-4 also carry the rest of the training photos
+    (their share of the 64 - 4 x 8 per class; quick: 2 per class) corrupted alike, without labels."""
     rng = random.Random(seed)
     train_all, test_all = _images(DATA / "flowers17" / "train"), _images(DATA / "flowers17" / "test")
     shuffled = {c: rng.sample(v, len(v)) for c, v in train_all.items()}
@@ -199,8 +208,13 @@ def flowers_stream(root: Path, seed: int, quick: bool, per_class: int = 8) -> St
     nights = []
     for k, corruption in enumerate(FLOWERS_DRIFT, 1):
         train = {c: v[(k - 1) * per_class: k * per_class] for c, v in shuffled.items()}
+        unlabelled = None
+        if k > 1:  # the photos no night labels, shared out between nights 2..4 (disjoint)
+            rest = {c: v[len(FLOWERS_DRIFT) * per_class:] for c, v in shuffled.items()}
+            share = 2 if quick else min(len(v) for v in rest.values()) // (len(FLOWERS_DRIFT) - 1)
+            unlabelled = {c: v[(k - 2) * share: (k - 1) * share] for c, v in rest.items()}
         nights.append(_image_night(root, k, "clean" if corruption is None else f"drift{k - 1}", train, test,
-                                   corruption, seed))
+                                   corruption, seed, unlabelled))
     return Stream("flowers", "image", "domain", "efficientnet-lite0", nights,
                   {"per_class": per_class, "drift": list(FLOWERS_DRIFT), "test_per_class": 6 if quick else "all"})
 
