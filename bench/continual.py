@@ -215,6 +215,8 @@ def format_tables(report: dict) -> str:
         lines = [head, "", "| strategy | ACC % | BWT pts | max forgetting pts | wall s / update | MB last version |",
                  "|---|---|---|---|---|---|"]
         cols = ("acc", "bwt", "max_forgetting")
+        if report["scenario"] == "class":  # accuracy on the union of the seen classes' test rows, last night
+            lines[2], lines[3] = lines[2] + " all seen classes % |", lines[3] + "---|"
         fmt = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
     for name, entry in report["results"].items():
         if "aggregate" not in entry:
@@ -224,8 +226,9 @@ def format_tables(report: dict) -> str:
         wall = entry.get("update_wall_s")
         mb = (entry.get("bundle_mb_per_version") or [None])[-1]
         wall_text = "-" if not wall else f"{wall['mean']:.1f}"
+        seen = f" {100 * agg['seen_accuracy'][-1]:.1f} |" if "seen_accuracy" in agg else ""
         lines.append(f"| {name} | " + " | ".join(fmt(agg[c]) for c in cols)
-                     + f" | {wall_text} | {'-' if mb is None else mb} |")
+                     + f" | {wall_text} | {'-' if mb is None else mb} |{seen}")
     lines += ["", "Mean R (rows: after night i; columns: night j's test set):", ""]
     nights = report["nights"]
     lines += ["| strategy | after | " + " | ".join(nights) + " |", "|---|---|" + "---|" * len(nights)]
@@ -252,7 +255,7 @@ def _fmt_row(row: list) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stream", choices=STREAMS, required=True)
-    p.add_argument("--method", default="probe", help="probe | lora | finetune (llm: lora)")
+    p.add_argument("--method", default=None, help="probe | lora | finetune (default: probe; llm: lora)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="one seed (the first), small test sets: a smoke run")
@@ -265,6 +268,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}: choose from {', '.join(STRATEGIES)}")
     seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]
+    args.method = args.method or ("lora" if args.stream == "llm" else "probe")
     headstart_log = (lambda s: log(f"  | {s}")) if args.verbose else (lambda s: None)
     per_seed, stream = [], None
     with tempfile.TemporaryDirectory(prefix=f"hs-continual-{args.stream}-") as tmp:
