@@ -155,7 +155,8 @@ def main() -> None:
     report = {"stream": args.stream, "library": f"avalanche-lib {_version()}", "settings": SETTINGS,
               "quick": args.quick, "strategies": {s: {"runs": r, "aggregate": cm.aggregate([x["summary"] for x in r])}
                                                   for s, r in runs.items()}}
-    out = Path(args.out) if args.out else RESULTS / f"continual_avalanche_{args.stream}{'_quick' if args.quick else ''}.json"
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out) if args.out else RESULTS / f"continual_avalanche_{args.stream}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(format_table(report))

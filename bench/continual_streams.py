@@ -76,7 +76,9 @@ def build_stream(name: str, root: Path, seed: int = 0, quick: bool = False) -> S
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    return builders[name](root, seed, quick)
+    stream = builders[name](root, seed, quick)
+    stream.settings.update(seed=seed, quick=quick)
+    return stream
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -262,14 +264,15 @@ def trec_instructions(rows: list[tuple[str, str]]) -> list[dict]:
 
 
 def llm_stream(root: Path, seed: int, quick: bool, night2_rows: int = 200) -> Stream:
-    """Generative: night 1 = a seeded half of alpaca_en_demo's train split (quick: 40 rows), tested on its
-    test split (quick: 20); night 2 = TREC questions as instructions (quick: 40), tested on TREC test rows."""
+    """Generative: night 1 = a seeded half of alpaca_en_demo's train split (quick: 16 rows), tested on its
+    test split (quick: 10); night 2 = TREC questions as instructions (quick: 32), tested on 100 TREC test
+    rows (quick: 10)."""
     rng = random.Random(seed)
     alpaca = _read_jsonl(DATA / "alpaca_en_demo" / "train.jsonl")
-    alpaca_train = _sample(alpaca, 40 if quick else len(alpaca) // 2, rng)
-    alpaca_test = _read_jsonl(DATA / "alpaca_en_demo" / "test.jsonl")[: 20 if quick else None]
-    trec_train = trec_instructions(_sample(_read_rows(DATA / "trec" / "train.csv"), 40 if quick else night2_rows, rng))
-    trec_test = trec_instructions(_read_rows(DATA / "trec" / "test.csv")[: 20 if quick else 100])
+    alpaca_train = _sample(alpaca, 16 if quick else len(alpaca) // 2, rng)
+    alpaca_test = _read_jsonl(DATA / "alpaca_en_demo" / "test.jsonl")[: 10 if quick else None]
+    trec_train = trec_instructions(_sample(_read_rows(DATA / "trec" / "train.csv"), 32 if quick else night2_rows, rng))
+    trec_test = trec_instructions(_read_rows(DATA / "trec" / "test.csv")[: 10 if quick else 100])
     nights = []
     for k, (name, train, test) in enumerate((("alpaca", alpaca_train, alpaca_test),
                                              ("trec-instructions", trec_train, trec_test)), 1):
