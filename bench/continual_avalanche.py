@@ -134,6 +134,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="smaller test sets (and caltech: 10 photos a class)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/continual_avalanche_<stream>.json)")
+    p.add_argument("--compare", default=None, help="a bench/continual.py JSON of the same stream: adds the "
+                                                   "issue's target (headstart >= Avalanche's same strategy - 1 std)")
     args = p.parse_args()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     av = import_avalanche()
@@ -159,8 +161,28 @@ def main() -> None:
     out = Path(args.out) if args.out else RESULTS / f"continual_avalanche_{args.stream}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
+    if args.compare:
+        report["versus_headstart"] = compare(report, json.loads(Path(args.compare).read_text()))
+        out.write_text(json.dumps(report, indent=1))
     print(format_table(report))
     log(f"wrote {out}")
+
+
+def compare(avalanche: dict, headstart: dict) -> list[dict]:
+    """Per strategy both libraries ran: final ACC mean/std, and whether headstart's mean is at least
+    Avalanche's minus one (the larger) std -- the issue's "within one std" target."""
+    rows = []
+    for name, entry in avalanche["strategies"].items():
+        ours = headstart["results"].get(name, {}).get("aggregate")
+        if ours is None:
+            continue
+        theirs = entry["aggregate"]["acc"]
+        slack = max(theirs["std"], ours["acc"]["std"])
+        rows.append({"strategy": name, "headstart_acc": ours["acc"], "avalanche_acc": theirs,
+                     "headstart_max_forgetting": ours["max_forgetting"],
+                     "avalanche_max_forgetting": entry["aggregate"]["max_forgetting"],
+                     "met": ours["acc"]["mean"] >= theirs["mean"] - slack})
+    return rows
 
 
 def format_table(report: dict) -> str:
@@ -171,6 +193,11 @@ def format_table(report: dict) -> str:
         wall = sum(sum(r["wall_s"]) / len(r["wall_s"]) for r in entry["runs"]) / len(entry["runs"])
         lines.append(f"| avalanche-{name} | {_pm(agg['acc'])} | {_pm(agg['bwt'])} | {_pm(agg['max_forgetting'])} "
                      f"| {wall:.2f} |")
+    if report.get("versus_headstart"):
+        lines += ["", "| strategy | headstart ACC % | Avalanche ACC % | target (>= Avalanche - 1 std) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['strategy']} | {_pm(r['headstart_acc'])} | {_pm(r['avalanche_acc'])} | "
+                  f"{'met' if r['met'] else 'NOT met'} |" for r in report["versus_headstart"]]
     return "\n".join(lines)
 
 
