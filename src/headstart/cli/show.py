@@ -153,7 +153,8 @@ def update_line(r: dict) -> str:
     if r.get("nothing_new"):
         return f"{r['bundle']}: {r['why']} ({r.get('already_learned', 0)} examples already learned); version {r['version']} stays"
     worst = max((g["drop"] for g in r.get("guards", {}).values() if g.get("drop") is not None), default=None)
-    guard = f", worst guard drop {worst:+.1f}" if worst is not None else ", no guard set yet"
+    unit = "% held-out loss rise" if r.get("scenario") == "generative" else " accuracy points"
+    guard = f", worst guard drop {worst:+.1f}{unit}" if worst is not None else ", no guard set yet"
     head = (f"{r['bundle']}: version {r['version']} accepted" if r["accepted"]
             else f"{r['bundle']}: REJECTED ({r.get('why_rejected')}); version {r['version']} stays current")
     labels = f", new labels {', '.join(r['new_labels'])}" if r.get("new_labels") else ""
