@@ -141,6 +141,22 @@ def test_lora_specialist_updates_with_refs_and_no_text_in_the_bundle(tmp_path):
     assert third["memory_dropped"] > 0
 
 
+def test_fresh_adapter_per_night_keeps_the_old_adapter_and_grows_the_rank(tmp_path):
+    data = tmp_path / "night1.csv"
+    write_table(data, night_rows(("food", "sport"), 40, 24))
+    headstart.fit(data, base="tiny-text", method="lora", out=tmp_path / "spec", epochs=1, r=4, **QUIET)
+    night = write_table(tmp_path / "n2.csv", night_rows(("food", "sport", "tech"), 45, 25))
+    report = headstart.update(tmp_path / "spec", night, fresh_adapter=True, strategy="replay", **QUIET)
+    assert report["accepted"]
+    config = json.loads((tmp_path / "spec" / "v2" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8  # 4 + 4: the old adapter and tonight's, summed exactly
+    spec = headstart.load(tmp_path / "spec")
+    assert spec.classes == ["food", "sport", "tech"] and len(spec.predict(["laptop code server"])) == 1
+    with pytest.raises(ConfigError, match="does not combine with ewc"):
+        headstart.update(tmp_path / "spec", write_table(tmp_path / "n3.csv", night_rows(("food",), 20, 26)),
+                         fresh_adapter=True, strategy="ewc", **QUIET)
+
+
 def test_ewc_carries_an_online_fisher_from_version_to_version(probe_bundle, tmp_path):
     for night, seed in ((2, 14), (3, 15)):
         path = write_table(tmp_path / f"n{night}.csv", night_rows(("food", "sport"), 30, seed))

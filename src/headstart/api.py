@@ -132,6 +132,7 @@ def evaluate(bundle: "str | Path | Specialist", data: str | Path, split: str | N
 def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = None, *, strategy: str = "auto",
            unlabelled: bool = False, out: str | Path | None = None, replay_store: str = "auto",
            max_forgetting: float | None = 2.0, watch: str | Path | None = None, time_budget_s: float | None = None,
+           fresh_adapter: bool = False,
            general_set: str | Path | None = None, seed: int = 0, text_column: str = "text",
            label_column: str = "label", l2sp_weight: float | None = None, ewc_weight: float | None = None,
            ewc_decay: float | None = None, ewc_max_examples: int | None = None, lwf_weight: float | None = None,
@@ -160,6 +161,8 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
         max_forgetting: Most accuracy points an earlier night's guard set may drop (None: measure, never reject).
         watch: A folder that fills up: learn the examples in it not learned before, then exit.
         time_budget_s: Stop training at the first epoch end past this many seconds.
+        fresh_adapter: lora specialists: train a new adapter tonight beside the frozen old one, then fold
+            both into one adapter (exactly their sum; its rank grows by r per night).
         general_set: sft bundles: a held-out instruction file whose loss must not rise either (general
             ability, as PEFT measures forgetting).
         seed: Seed of the guard split, the reservoir and training.
@@ -194,6 +197,7 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
                "replay_size": replay_size}
     opts = UpdateOptions(strategy=strategy, unlabelled=unlabelled, replay_store=replay_store,
                          max_forgetting=max_forgetting, time_budget_s=time_budget_s, seed=seed,
+                         fresh_adapter=fresh_adapter,
                          text_column=text_column, label_column=label_column, progress=progress, log=log,
                          general_set=Path(general_set) if general_set is not None else None,
                          strategy_options={k: v for k, v in options.items() if v is not None})

@@ -213,9 +213,11 @@ class ClassifierLearner:
         if self.head_only:
             head = self.zhead if getattr(self, "zhead", None) is not None else self.model.head
             return dict(head.named_parameters(prefix="head"))
+        from .fresh_adapter import adapter_trains
+
         for name, p in self.model.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(True)  # a restored PEFT adapter comes back frozen (inference mode)
+            if "lora_" in name:  # a restored PEFT adapter comes back frozen (inference mode); with a fresh
+                p.requires_grad_(adapter_trains(self.model.backbone, name))  # adapter only it trains
         groups = self._method_groups()
         ids = {id(p) for g in groups for p in g["params"]}
         return {n: p for n, p in self.model.named_parameters() if id(p) in ids}

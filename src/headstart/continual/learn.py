@@ -22,6 +22,11 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     names = strategy.split("+")
     configs = scaled(parse_strategies(strategy, **_options_for(names, opts.strategy_options)), strength)
     learner = ClassifierLearner(spec, ctx)
+    if opts.fresh_adapter:  # tonight trains a new adapter beside the frozen old one (folded in after)
+        from .fresh_adapter import add_fresh_adapter
+
+        cfg = spec.method.resolved(learner.kind).config
+        add_fresh_adapter(learner.model.backbone, rank=cfg.r, alpha=cfg.alpha)
     t0 = time.perf_counter()
     night_feats = learner.features(night.items) if learner.head_only else None
     train_idx, guard_idx, labels = _night_labels(learner, job, night_feats, memory)
@@ -42,6 +47,10 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     new_labels = learner.grow(train_labels, train_x, train_labels)
     train_x.labels = [learner.classes.index(y) for y in train_labels]
     history = _train(learner, train_x, configs, teacher, anchor, fisher, job, ctx, names)
+    if opts.fresh_adapter:
+        from .fresh_adapter import fold_fresh_adapter
+
+        history = [*history, {"fresh_adapter": fold_fresh_adapter(learner.model.backbone)}]
     guards = {}
     for name, r in guard_sets:
         after = learner.accuracy(r)

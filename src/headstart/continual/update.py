@@ -38,6 +38,8 @@ class UpdateOptions:
     label_column: str = "label"
     progress: bool = False
     log: Callable[[str], None] = print
+    fresh_adapter: bool = False
+    """lora: train a new adapter tonight beside the frozen old one, then fold both into one (rank grows)."""
     general_set: Path | None = None
     """sft bundles: held-out instructions whose loss the guard also watches (general ability)."""
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,7 @@ def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: U
     scenario = "unlabelled" if opts.unlabelled else (
         "class" if set(night.labels) - set(current.classes) else "domain")
     spec, why = _strategy(opts.strategy, scenario, store)
+    _check_fresh_adapter(opts, current, spec)
     job = _Job(lineage, night, store, scenario, opts, fingerprint=_fingerprint(lineage, night, spec, opts))
     outcome = job.attempt(current, spec, strength=1.0)
     retried = None
@@ -218,6 +221,17 @@ def _store(asked: str, spec, memory: Memory | None) -> str:
         raise ConfigError(f"replay store 'features' keeps what a frozen body reads; a {spec.method.name} "
                           "specialist changes its body, so it needs refs, raw or none")
     return asked
+
+
+def _check_fresh_adapter(opts: UpdateOptions, spec, strategy: str) -> None:
+    if not opts.fresh_adapter:
+        return
+    if spec.method.name != "lora":
+        raise ConfigError(f"--fresh-adapter is for lora specialists; this one is {spec.method.name}")
+    clash = {"ewc", "joint"} & set(strategy.split("+"))
+    if clash:  # ewc's Fisher is per adapter column (it would not fit a grown rank); joint starts from the base
+        raise ConfigError(f"--fresh-adapter does not combine with {', '.join(sorted(clash))}: the frozen old adapter "
+                          "already keeps what earlier nights taught")
 
 
 def _strategy(asked: str, scenario: str, store: str) -> tuple[str, str]:
