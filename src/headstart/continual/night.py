@@ -73,7 +73,6 @@ class NightData:
 def read_night(paths: list[Path], *, kind: str, unlabelled: bool, learned: Callable[[str], bool],
                text_column: str = "text", label_column: str = "label", skip_placeholders: bool = True) -> NightData:
     """The new examples in `paths` (files and folders), skipping those whose content was learned before."""
-    from ..data import load_eval_dataset
     from ..data.target import _loose_items
     from ..engine.features import item_key
 
@@ -83,16 +82,7 @@ def read_night(paths: list[Path], *, kind: str, unlabelled: bool, learned: Calla
             items, skipped = _loose_items(path, kind, text_column, skip_placeholders)
             labels = None
         else:
-            try:
-                data = load_eval_dataset(path, text_column=text_column, label_column=label_column,
-                                         skip_placeholders=skip_placeholders)
-            except DataError as e:
-                raise DataError(f"{e} (a night without labels needs --unlabelled)") from None
-            if data.kind != kind:
-                raise DataError(f"{path} holds {data.kind} data but the specialist classifies {kind} data")
-            items = [x for s in data.splits.values() for x in s.items]
-            labels = [data.classes[y] for s in data.splits.values() for y in s.labels]
-            skipped = len(data.skipped)
+            items, labels, skipped = _labelled(path, kind, text_column, label_column, skip_placeholders)
         fresh = 0
         for i, item in enumerate(items):
             key = item_key(item, is_file=kind == "image")
@@ -108,6 +98,35 @@ def read_night(paths: list[Path], *, kind: str, unlabelled: bool, learned: Calla
         night.skipped += skipped
         night.files.append({"name": path.name, "sha256": _content_sha256(path), "examples": len(items), "new": fresh})
     return night
+
+
+def _labelled(path: Path, kind: str, text_column: str, label_column: str,
+              skip_placeholders: bool) -> tuple[list, list[str], int]:
+    """(items, label names, skipped) of a table or an image folder (`<class>/*`, or split folders of them).
+    One class is fine: a night may bring photos of a single label."""
+    from ..data.images import list_class_folders, scan_class_folders
+    from ..data.tables import read_table
+
+    hint = " (a night without labels needs --unlabelled)"
+    if path.is_file():
+        if kind != "text":
+            raise DataError(f"{path}: a table, but the specialist classifies images (give an image folder)")
+        try:
+            texts, labels, skipped = read_table(path, text_column, label_column)
+        except DataError as e:
+            raise DataError(f"{e}{hint}") from None
+        return texts, labels, len(skipped)
+    if kind != "image":
+        raise DataError(f"{path}: a folder of images, but the specialist classifies texts")
+    folders = list_class_folders(path)
+    splits = [d for d in folders if d.name.lower() in ("train", "val", "valid", "validation", "dev", "test")]
+    items, labels, skipped = [], [], 0
+    for root in splits or [path]:
+        found, names, bad = scan_class_folders(root, skip_placeholders)
+        items, labels, skipped = items + list(found), labels + list(names), skipped + len(bad)
+    if not items:
+        raise DataError(f"{path}: no labelled images (expected <class>/* folders){hint}")
+    return items, labels, skipped
 
 
 def _expand(path: Path, kind: str) -> list[Path]:
