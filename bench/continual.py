@@ -69,7 +69,8 @@ def tests_after(stream, i: int) -> list[Path | None]:
 def fit_night1(stream, method: str, out: Path, seed: int, headstart_log, quick: bool = False) -> tuple[Path, float]:
     import headstart
 
-    options = {"task": "sft", "eval": str(stream.nights[0].test)} if stream.kind == "sft" else {}
+    # sft: no base-vs-tuned sample report (generation on a CPU costs minutes and is not measured here)
+    options = {"task": "sft", "eval": str(stream.nights[0].test), "side_by_side": 0} if stream.kind == "sft" else {}
     if quick and stream.kind == "sft":
         options["epochs"] = 1  # a smoke run of the generative path, not a figure
     t0 = time.perf_counter()
