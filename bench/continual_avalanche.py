@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--stream", choices=("banking", "caltech"), required=True)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--quick", action="store_true", help="smaller test sets (and caltech: 10 photos a class)")
+    p.add_argument("--quick", action="store_true", help="one seed (the first), smaller test sets (caltech: 10 "
+                                                        "photos a class): the streams of continual.py --quick")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/continual_avalanche_<stream>.json)")
     p.add_argument("--compare", default=None, help="a bench/continual.py JSON of the same stream: adds the "
                                                    "issue's target (headstart >= Avalanche's same strategy - 1 std)")
@@ -145,7 +146,7 @@ def main() -> None:
         raise SystemExit(f"unknown strategies {sorted(unknown)}: choose from {', '.join(STRATEGIES)}")
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     with tempfile.TemporaryDirectory(prefix="hs-continual-avalanche-") as tmp:
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",")][: 1 if args.quick else None]:
             stream = build_stream(args.stream, Path(tmp), seed=seed, quick=args.quick)
             feats = stream_features(stream, log)
             sizes = [n.test_size for n in stream.nights]
