@@ -86,7 +86,7 @@ def test_scaled_multiplies_every_weight_and_copies():
 
 
 @pytest.mark.parametrize("scenario, store, spec, word", [
-    ("class", "features", "replay+lwf", "new labels"),
+    ("class", "features", "replay", "new labels"),
     ("class", "none", "lwf+ewc", "store none"),
     ("domain", "refs", "replay+l2sp", "drift"),
     ("domain", "none", "ewc", "store none"),

@@ -132,7 +132,7 @@ def evaluate(bundle: "str | Path | Specialist", data: str | Path, split: str | N
 def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = None, *, strategy: str = "auto",
            unlabelled: bool = False, out: str | Path | None = None, replay_store: str = "auto",
            max_forgetting: float | None = 2.0, watch: str | Path | None = None, time_budget_s: float | None = None,
-           fresh_adapter: bool = False,
+           fresh_adapter: bool = False, epochs: int | None = None,
            general_set: str | Path | None = None, seed: int = 0, text_column: str = "text",
            label_column: str = "label", l2sp_weight: float | None = None, ewc_weight: float | None = None,
            ewc_decay: float | None = None, ewc_max_examples: int | None = None, lwf_weight: float | None = None,
@@ -161,6 +161,7 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
         max_forgetting: Most accuracy points an earlier night's guard set may drop (None: measure, never reject).
         watch: A folder that fills up: learn the examples in it not learned before, then exit.
         time_budget_s: Stop training at the first epoch end past this many seconds.
+        epochs: Passes over tonight's data (default: the method's own; 30 for a head on features).
         fresh_adapter: lora specialists: train a new adapter tonight beside the frozen old one, then fold
             both into one adapter (exactly their sum; its rank grows by r per night).
         general_set: sft bundles: a held-out instruction file whose loss must not rise either (general
@@ -180,7 +181,7 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
 
     >>> report = update("runs/intents", "tonight.csv")
     >>> report["accepted"], report["version"], report["strategy"]
-    (True, 2, 'replay+lwf')
+    (True, 2, 'replay')
     """
     from .continual.update import UpdateOptions, update_specialist
     from .core.errors import ConfigError
@@ -197,7 +198,7 @@ def update(bundle: str | Path, data: "str | Path | list[str | Path] | None" = No
                "replay_size": replay_size}
     opts = UpdateOptions(strategy=strategy, unlabelled=unlabelled, replay_store=replay_store,
                          max_forgetting=max_forgetting, time_budget_s=time_budget_s, seed=seed,
-                         fresh_adapter=fresh_adapter,
+                         fresh_adapter=fresh_adapter, epochs=epochs,
                          text_column=text_column, label_column=label_column, progress=progress, log=log,
                          general_set=Path(general_set) if general_set is not None else None,
                          strategy_options={k: v for k, v in options.items() if v is not None})

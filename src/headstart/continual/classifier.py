@@ -227,7 +227,7 @@ class ClassifierLearner:
         return method.param_groups(self.model, method.config)
 
     def train(self, data: Readable, hooks: list[Hook], outputs: dict, anchored: set[str], seed: int,
-              head: HeadTraining) -> list[dict]:
+              head: HeadTraining, epochs: int | None = None) -> list[dict]:
         """Train on `data` with `hooks`; the anchored parameters (L2-SP/EWC) get no weight decay."""
         from .strategies import without_weight_decay
 
@@ -235,12 +235,13 @@ class ClassifierLearner:
         if self.head_only:
             groups = [{"params": list(params.values()), "lr": head.lr, "weight_decay": head.weight_decay}]
             groups = without_weight_decay(groups, [params[n] for n in anchored if n in params])
-            return self._train_head(data, groups, hooks, outputs, seed, head)
+            return self._train_head(data, groups, hooks, outputs, seed,
+                                    head if epochs is None else HeadTraining(epochs=epochs))
         method = self.spec.method.resolved(self.kind)
         groups = without_weight_decay(method.param_groups(self.model, method.config),
                                       [params[n] for n in anchored if n in params])
         cfg = method.config
-        loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, warmup_ratio=cfg.warmup_ratio,
+        loop = LoopConfig(epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, seed=seed, warmup_ratio=cfg.warmup_ratio,
                           patience=0, label_smoothing=cfg.label_smoothing)
         result, _ = train_classifier(self.model, train_split=Split(list(data.items), list(data.labels)), val=None,
                                      load=self.load, param_groups=groups, cfg=loop,

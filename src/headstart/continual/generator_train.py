@@ -117,7 +117,8 @@ class GeneratorLearner:
             return F.cross_entropy(logits.float(), targets), {}, int(batch["attention_mask"].sum())
 
         torch.manual_seed(opts.seed)  # the adapter's dropout draws: a rerun (or a resumed run) repeats them
-        plan = LengthGrouped([len(r["input_ids"]) for r in encoded], cfg.batch_size, cfg.epochs, opts.seed)
+        epochs = opts.epochs or cfg.epochs
+        plan = LengthGrouped([len(r["input_ids"]) for r in encoded], cfg.batch_size, epochs, opts.seed)
         run = train(model, plan=plan, step_loss=step_loss, param_groups=groups,
                     settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio), bf16=self.spec.bf16,
                                            checkpoint_every=cfg.checkpoint_every, log_every=10),

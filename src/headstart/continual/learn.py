@@ -34,6 +34,8 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     before = {name: learner.accuracy(r) for name, r in guard_sets}
     replay, dropped = (_readable(learner, memory.replay, job) if "replay" in names or "joint" in names
                        else (Readable([]), 0))
+    if "replay" in names and not learner.head_only:
+        replay = _capped(replay, max(len(train_idx), REPLAY_FLOOR), job)
     new_train = _subset(night.items, night_feats, train_idx)
     train_labels = [labels[i] for i in train_idx] + [learner.classes[y] for y in replay.labels]
     train_x = new_train.concat(Readable(list(replay.labels), replay.features, replay.items)) if len(replay) else new_train
@@ -63,6 +65,21 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     return Outcome(learner=learner, memory=new_memory, guards=guards, night_accuracy=night_acc, history=history,
                    train_s=time.perf_counter() - t0, trained_on=len(train_x), held_back=len(guard_idx),
                    replayed=len(replay), dropped=dropped, new_labels=new_labels)
+
+
+REPLAY_FLOOR = 200
+"""A body-training night replays at most max(its own size, this) kept examples, a fresh seeded sample each
+night: a full 1000-example reservoir would make every night cost five nights' training."""
+
+
+def _capped(replay: Readable, cap: int, job) -> Readable:
+    if len(replay) <= cap:
+        return replay
+    from .update import seeded_rng
+
+    idx = sorted(seeded_rng(job.opts.seed, f"replay-{job.lineage.current}").sample(range(len(replay)), cap))
+    return Readable([replay.labels[i] for i in idx], None if replay.features is None else replay.features[idx],
+                    None if replay.items is None else [replay.items[i] for i in idx])
 
 
 def _options_for(names: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +156,7 @@ def _train(learner: ClassifierLearner, data: Readable, configs, teacher, anchor,
         hooks.append(Distillation(outputs, teacher, configs["lwf"].weight, configs["lwf"].temperature))
     if job.opts.time_budget_s:
         hooks.append(TimeBudget(job.opts.time_budget_s, job.opts.log))
-    return learner.train(data, hooks, outputs, anchored, job.opts.seed, HeadTraining())
+    return learner.train(data, hooks, outputs, anchored, job.opts.seed, HeadTraining(), job.opts.epochs)
 
 
 def _train_joint(learner: ClassifierLearner, data: Readable, job, ctx) -> list[dict]:

@@ -39,6 +39,8 @@ class UpdateOptions:
     progress: bool = False
     log: Callable[[str], None] = print
     fresh_adapter: bool = False
+    epochs: int | None = None
+    """Passes over tonight's data (default: the method's own; 30 for a head on features)."""
     """lora: train a new adapter tonight beside the frozen old one, then fold both into one (rank grows)."""
     general_set: Path | None = None
     """sft bundles: held-out instructions whose loss the guard also watches (general ability)."""
