@@ -12,7 +12,6 @@ A guard's "drop" is the relative loss rise in percent, 100 * (after - before) / 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,15 +162,10 @@ class _GeneratorJob:
                             "seed": opts.seed, "options": opts.strategy_options, "store": opts.replay_store}
 
     def ctx(self, strength: float):
-        from ..methods.base import FitContext
+        from .update import attempt_context
 
-        fp = {**self.fingerprint, "strength": strength}
-        key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        folder = self.lineage.folder
-        ckpt = folder.with_name(f".{folder.name}.update-{key}.checkpoint")
-        self.checkpoints.append(ckpt)
-        return FitContext(seed=self.opts.seed, checkpoint_dir=ckpt, resume=True, progress=self.opts.progress,
-                          log=self.opts.log, fingerprint=fp)
+        return attempt_context(self.lineage.folder, {**self.fingerprint, "strength": strength}, self.opts,
+                               self.checkpoints)
 
     def attempt(self, strategy: str, strength: float) -> GeneratorOutcome:
         from .fisher import accumulate_fisher
@@ -248,10 +242,9 @@ class _GeneratorJob:
         return n
 
     def discard_checkpoints(self) -> None:
-        from ..core.storage import discard_dir
+        from .update import discard_checkpoints
 
-        for ckpt in self.checkpoints:
-            discard_dir(ckpt)
+        discard_checkpoints(self.checkpoints)
 
 
 __all__ = ["update_generator", "generator_store", "generator_strategy", "GENERATOR_STRATEGIES", "ROW_LABEL"]

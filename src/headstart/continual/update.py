@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import ConfigError
-from .memory import STORES, ExampleSet, Memory, NightRecord
+from .memory import STORES, Memory
 
 GUARD_SHARE = 0.2
 """Share of each labelled night held back as its guard set (at most memory.GUARD_CAP examples)."""
@@ -154,15 +154,8 @@ class _Job:
         self.checkpoints: list[Path] = []
 
     def ctx(self, strength: float):
-        from ..methods.base import FitContext
-
-        fp = {**self.fingerprint, "strength": strength}
-        key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        folder = self.lineage.folder
-        ckpt = folder.with_name(f".{folder.name}.update-{key}.checkpoint")
-        self.checkpoints.append(ckpt)
-        return FitContext(seed=self.opts.seed, checkpoint_dir=ckpt, resume=True, progress=self.opts.progress,
-                          log=self.opts.log, fingerprint=fp)
+        return attempt_context(self.lineage.folder, {**self.fingerprint, "strength": strength}, self.opts,
+                               self.checkpoints)
 
     def attempt(self, spec_obj, strategy: str, strength: float) -> Outcome:
         from .learn import learn_night
@@ -196,10 +189,27 @@ class _Job:
         return n
 
     def discard_checkpoints(self) -> None:
-        from ..core.storage import discard_dir
+        discard_checkpoints(self.checkpoints)
 
-        for ckpt in self.checkpoints:
-            discard_dir(ckpt)
+
+def attempt_context(folder: Path, fingerprint: dict, opts: UpdateOptions, spent: list[Path]):
+    """The FitContext of one attempt: its checkpoints beside the folder, named by the attempt's fingerprint
+    (version, night, strategy, strength...), so a rerun of the same attempt resumes and any other starts
+    fresh. The folder is added to `spent` (removed when the update ends)."""
+    from ..methods.base import FitContext
+
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ckpt = folder.with_name(f".{folder.name}.update-{key}.checkpoint")
+    spent.append(ckpt)
+    return FitContext(seed=opts.seed, checkpoint_dir=ckpt, resume=True, progress=opts.progress, log=opts.log,
+                      fingerprint=fingerprint)
+
+
+def discard_checkpoints(spent: list[Path]) -> None:
+    from ..core.storage import discard_dir
+
+    for ckpt in spent:
+        discard_dir(ckpt)
 
 
 def tolerance(max_forgetting: float, examples: int) -> float:
@@ -262,12 +272,6 @@ def _fingerprint(lineage, night, spec: str, opts: UpdateOptions) -> dict[str, An
             "unlabelled": opts.unlabelled, "store": opts.replay_store}
 
 
-def new_night_record(memory: Memory, version: int, night, guard: ExampleSet) -> NightRecord:
-    return NightRecord(night=len(memory.nights) + 1, version=version, fingerprint=night.fingerprint(), guard=guard)
-
-
 def seeded_rng(seed: int, salt: str) -> random.Random:
     return random.Random(f"{seed}:{salt}")
 
-
-__all__ = ["UpdateOptions", "update_specialist", "Outcome", "replace"]
