@@ -37,29 +37,20 @@ def row_key(row: dict) -> str:
 def read_rows(path: Path) -> tuple[list[dict], int]:
     """(usable instruction rows of a JSONL / JSON-list file, in file order; rows skipped). Usable = what
     `llm.data.load_sft_examples` accepts, so a fit's held-out split falls on the same rows."""
-    from ..llm.data import SFT_SHAPES, _records, _Skip, _sft_row
+    from ..llm.data import load_sft_rows
 
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; a generator learns from instruction JSONL files")
-    rows, skipped = [], 0
-    for _, obj in _records(path):
-        try:
-            if isinstance(obj, _Skip) or not isinstance(obj, dict):
-                raise _Skip("unusable")
-            _sft_row(obj)
-            rows.append(obj)
-        except _Skip:
-            skipped += 1
-    if not rows:
-        raise DataError(f"{path}: no usable instruction row (a generator's nights are instruction rows; preference "
-                        f"pairs are not learned by update). Accepted row shapes: {SFT_SHAPES}")
-    return rows, skipped
+    try:
+        rows, skipped = load_sft_rows(path)
+    except DataError as e:
+        raise DataError(f"{e} (a generator's nights are instruction rows; preference pairs are not learned by "
+                        "update)") from None
+    return rows, len(skipped)
 
 
 def chat_messages(rows: list[dict]) -> list[list[dict[str, str]]]:
-    from ..llm.data import _sft_row
+    from ..llm.data import sft_messages
 
-    return [_sft_row(r).messages for r in rows]
+    return [sft_messages(r) for r in rows]
 
 
 @dataclass

@@ -67,6 +67,17 @@ def load_sft_examples(path: str | Path) -> tuple[list[ChatExample], list[tuple[s
     return _load(Path(path), _sft_row, "instruction (SFT)", SFT_SHAPES)
 
 
+def load_sft_rows(path: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The raw rows (dicts) `load_sft_examples` accepts, in file order, and the skipped ones: for code that keys
+    rows by their content (continual updates' journal)."""
+    return _load(Path(path), lambda row: (_sft_row(row), row)[1], "instruction (SFT)", SFT_SHAPES)
+
+
+def sft_messages(row: dict) -> list[dict[str, str]]:
+    """The chat messages of one instruction row (any accepted shape)."""
+    return _sft_row(row).messages
+
+
 def load_preference_examples(path: str | Path) -> tuple[list[PreferenceExample], list[tuple[str, str]]]:
     """(examples, skipped (row ref "file:line", reason)) of prompt/chosen/rejected rows."""
     return _load(Path(path), _preference_row, "preference (DPO)", PREFERENCE_SHAPES)
