@@ -90,7 +90,7 @@ def test_scaled_multiplies_every_weight_and_copies():
     ("class", "none", "lwf+ewc", "store none"),
     ("domain", "refs", "replay+l2sp", "drift"),
     ("domain", "none", "ewc", "store none"),
-    ("unlabelled", "raw", "l2sp", "guesses"),
+    ("unlabelled", "raw", "replay+l2sp", "guesses"),
     ("unlabelled", "none", "l2sp", "guesses"),
     ("generative", "features", "replay+l2sp", "generator"),
     ("generative", "none", "l2sp", "generator"),

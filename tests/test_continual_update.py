@@ -172,8 +172,9 @@ def test_unlabelled_night_learns_from_its_own_confident_guesses(probe_bundle, tm
     night = tmp_path / "unlabelled.csv"
     write_table(night, [(t,) for t in texts], columns=("text",))
     report = headstart.update(probe_bundle, night, unlabelled=True, **QUIET)
-    assert report["scenario"] == "unlabelled" and report["strategy"] == "l2sp"
-    assert report["accepted"] and 0 < report["trained_on"] <= 30 and report["held_back"] == 0
+    assert report["scenario"] == "unlabelled" and report["strategy"] == "replay+l2sp"
+    assert report["accepted"] and report["held_back"] == 0
+    assert 0 < report["trained_on"] - report["replayed"] <= 30  # its confident guesses, plus the replayed examples
 
 
 def test_bad_requests_are_one_line_errors(probe_bundle, tmp_path):

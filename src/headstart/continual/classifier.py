@@ -121,12 +121,18 @@ class ClassifierLearner:
             return F.normalize(features.float() - self.model.center, dim=-1)
         return features.float()
 
-    def standardize(self, features: torch.Tensor) -> None:
+    def input_scale(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, sd) of the head's inputs over `features`: the standardisation of `standardize`."""
+        h = self.head_input(features)
+        return h.mean(0), (h.std(0).clamp_min(1e-6) if len(h) > 1 else torch.ones(h.shape[1]))
+
+    def standardize(self, scale: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Head-only training happens on standardised head inputs z = (h - mu) / sd, as the probe fits
         (fit_linear_head): frozen features are tiny and correlated (MiniLM's dims have sd ~0.05), so a
-        step size that suits z would not move a raw-space head. `unstandardize` folds the result back."""
-        h = self.head_input(features)
-        mu, sd = h.mean(0), h.std(0).clamp_min(1e-6) if len(h) > 1 else torch.ones(h.shape[1])
+        step size that suits z would not move a raw-space head. The scale is the lineage's own, fixed
+        from its first night on (the memory carries it): standardising by each new night's statistics
+        would reshape the optimisation around the newest classes every night. `unstandardize` folds back."""
+        mu, sd = scale
         w, b = self.model.head.weight.detach(), self.model.head.bias.detach()
         self.scale = (mu, sd)
         self.zhead = torch.nn.Linear(w.shape[1], w.shape[0])

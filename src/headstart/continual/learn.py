@@ -43,7 +43,10 @@ def learn_night(spec, memory: Memory, job, strategy: str, strength: float, ctx) 
     anchor = {n: p.detach().clone() for n, p in learner.trainable().items()}
     fisher = _anchor_fisher(learner, memory, train_x, configs) if "ewc" in configs else None
     if learner.head_only and "joint" not in configs:  # the head trains in standardised space
-        learner.standardize(train_x.features)
+        if memory.scale is None:  # fixed once per lineage: from the earliest features it has
+            old = memory.replay if memory.replay.features is not None and len(memory.replay) > 1 else None
+            memory.scale = learner.input_scale(old.features if old is not None else train_x.features)
+        learner.standardize(memory.scale)
         anchor = learner.to_z(anchor)
         fisher = learner.to_z(fisher, fisher=True) if fisher is not None else None
     new_labels = learner.grow(train_labels, train_x, train_labels)
@@ -196,7 +199,7 @@ def _next_memory(learner: ClassifierLearner, memory: Memory, job, train_idx, gua
 
     night, store = job.night, job.store
     out = copy.copy(memory)
-    out.store, out.kind = store, learner.kind
+    out.store, out.kind, out.scale = store, learner.kind, memory.scale
     out.nights = list(memory.nights) if store != "none" else []
     if store == "none":  # the user asked to keep nothing: what earlier versions kept is not carried on
         out.replay, out.seen, out.fisher = ExampleSet(), {}, None

@@ -111,6 +111,8 @@ class Memory:
     seen: dict[str, int] = field(default_factory=dict)
     """Examples offered to the reservoir per class, over every night (reservoir sampling's counters)."""
     replay_size: int = 1000
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(mean, sd) of the head's inputs a head-only specialist trains its head against (fixed per lineage)."""
     fisher: dict[str, torch.Tensor] | None = None
     """The online EWC importance of the version this memory belongs to (names of its trainable parameters)."""
 
@@ -164,6 +166,9 @@ class Memory:
         if self.replay.features is not None:
             tensors["replay"] = self.replay.features.half().contiguous()
         js["replay"] = self.replay.to_json("replay")
+        if self.scale is not None:
+            mean, sd = self.scale
+            tensors.update({"scale.mean": mean.float().contiguous(), "scale.sd": sd.float().contiguous()})
         if self.fisher:
             js["fisher"] = sorted(self.fisher)
             tensors.update({f"fisher.{k}": v.float().contiguous() for k, v in self.fisher.items()})
@@ -191,8 +196,10 @@ class Memory:
                                   ExampleSet.from_json(n["guard"], tensors)) for n in js["nights"]]
             replay = ExampleSet.from_json(js["replay"], tensors) if js.get("replay") else ExampleSet()
             fisher = {k: tensors[f"fisher.{k}"] for k in js["fisher"]} if js.get("fisher") else None
-            return cls(js["store"], js.get("kind", "text"), nights, replay, {str(k): int(v) for k, v in js.get("seen", {}).items()},
-                       int(js.get("replay_size", 0)), fisher)
+            scale = (tensors["scale.mean"], tensors["scale.sd"]) if "scale.mean" in tensors else None
+            return cls(js["store"], js.get("kind", "text"), nights, replay,
+                       {str(k): int(v) for k, v in js.get("seen", {}).items()}, int(js.get("replay_size", 0)),
+                       scale, fisher)
         except (ValueError, KeyError, TypeError) as e:
             raise BundleError(f"{folder}: damaged memory ({e})") from None
 

@@ -186,14 +186,16 @@ _AUTO = {  # (scenario, a store to replay from?) -> (spec, why)
                                       "weights near the last version"),
     ("domain", False): ("ewc", f"the labels are known, the inputs drift and {_NO_STORE}: EWC holds the weights that "
                                "mattered for earlier nights and frees the others"),
-    ("unlabelled", True): ("l2sp", "the labels are the last version's own guesses: L2-SP keeps the model near the "
-                                   "version that made them, so it cannot drift on its own mistakes"),
+    ("unlabelled", True): ("replay+l2sp", f"the labels are the last version's own guesses: {_REPLAY} (with their "
+                                          "true labels) and L2-SP keeps the model near the version that made the "
+                                          "guesses, so it cannot drift on its own mistakes"),
+    ("unlabelled", False): ("l2sp", "the labels are the last version's own guesses: L2-SP keeps the model near the "
+                                    "version that made them, so it cannot drift on its own mistakes"),
     ("generative", True): ("replay+l2sp", f"a generator forgets its old answers quickly: {_REPLAY} and L2-SP keeps "
                                           "the weights near the last version"),
     ("generative", False): ("l2sp", f"a generator forgets its old answers quickly and {_NO_STORE}: L2-SP keeps the "
                                     "weights near the last version"),
 }
-_AUTO[("unlabelled", False)] = _AUTO[("unlabelled", True)]
 
 
 def auto_strategy(scenario: str, store: str) -> tuple[str, str]:
