@@ -53,6 +53,8 @@ def test_class_incremental_night_grows_the_head_and_keeps_the_old_classes(probe_
     rows = headstart.history(probe_bundle)
     assert [r["version"] for r in rows] == [1, 2] and rows[1]["current"]
     assert headstart.diff(probe_bundle, 1, 2)["labels"]["added"] == ["tech"]
+    with pytest.raises(ConfigError, match="versions of an updated specialist"):
+        headstart.fit(night2, base="tiny-text", method="probe", out=probe_bundle, **QUIET)
     assert headstart.rollback(probe_bundle, 1) == 1
     assert headstart.load(probe_bundle).classes == ["food", "sport"]
 

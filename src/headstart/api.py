@@ -73,6 +73,7 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
     from .tasks import FitSettings, get_task
 
     t0 = time.perf_counter()
+    _refuse_lineage_out(out)
     job = get_task(task)
     init, base = _starting_bundle(init, base)
     settings = FitSettings(seed=seed, progress=progress, log=log, shots=shots, target=target, eval=eval,
@@ -225,6 +226,16 @@ def diff(bundle: str | Path, a: int, b: int) -> dict[str, Any]:
     from .bundle.lineage_views import diff as lineage_diff
 
     return lineage_diff(bundle, a, b)
+
+
+def _refuse_lineage_out(out: str | Path | None) -> None:
+    """A folder of versions (`update`) is never overwritten by a fit: that would drop every version."""
+    from .bundle.lineage import is_lineage
+    from .core.errors import ConfigError
+
+    if out is not None and is_lineage(out):
+        raise ConfigError(f"{out} holds the versions of an updated specialist; a fit there would replace them "
+                          "all. Choose another --out, or `headstart update` it")
 
 
 def _starting_bundle(init: str | Path | None, base: Any) -> tuple[Path | None, Any]:
