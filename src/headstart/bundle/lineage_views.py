@@ -72,6 +72,7 @@ def _row(entry: dict[str, Any], current: bool) -> dict[str, Any]:
     return {"version": entry.get("version"), "current": current, "created": entry.get("created"),
             "parent": entry.get("parent"), "strategy": entry.get("strategy"), "scenario": entry.get("scenario"),
             "examples": examples, "accuracy": entry.get("metrics", {}).get("accuracy"),
+            "loss": entry.get("metrics", {}).get("loss"),
             "guards": entry.get("guards", {}), "accepted": entry.get("accepted", True), "note": entry.get("note", "")}
 
 

@@ -167,11 +167,14 @@ def history(rows: list[dict], args: Namespace) -> None:
     if args.json:
         print(json.dumps(rows, default=str))
         return
-    print(f"{'':2}{'version':<9}{'parent':<8}{'created':<22}{'strategy':<14}{'examples':>9}{'accuracy':>10}  guards")
+    loss = any(r.get("loss") is not None for r in rows)  # a generator: held-out loss, guards in loss too
+    what = "loss" if loss else "accuracy"
+    print(f"{'':2}{'version':<9}{'parent':<8}{'created':<22}{'strategy':<14}{'examples':>9}{what:>10}  "
+          f"guards ({'held-out loss' if loss else 'accuracy %'} after)")
     for r in rows:
         mark = "*" if r.get("current") else ("x" if not r.get("accepted", True) else " ")
-        acc = r.get("accuracy")
-        guards = ", ".join(f"n{k} {g.get('after', 0):.1f}" for k, g in (r.get("guards") or {}).items()
+        acc = r.get(what)
+        guards = ", ".join(f"n{k} {g.get('after', 0):.{3 if loss else 1}f}" for k, g in (r.get("guards") or {}).items()
                            if isinstance(g, dict) and g.get("after") is not None)
         print(f"{mark:2}{str(r.get('version') or '-'):<9}{str(r.get('parent') or '-'):<8}{str(r.get('created')):<22}"
               f"{str(r.get('strategy') or '-'):<14}{r.get('examples', 0):>9}"
