@@ -161,11 +161,12 @@ class ClassifierLearner:
         self.zhead = None
 
     def grow(self, labels: list[str], night: Readable | None = None, night_labels: list[str] | None = None) -> list[str]:
-        """Add head rows for labels never seen; returns the new ones. The new rows are fitted on tonight's
-        inputs against the old rows held fixed (a probe of the new classes, calibrated to the old ones):
-        the new classes are predicted from the first step, and the old rows are untouched. (Imprinting a
-        row from its class mean, Qi et al. 2018, leaves its offset uncalibrated: on banking77 one new
-        intent then took a third of every prediction and LoRA training could not undo it.)"""
+        """Add head rows for labels never seen; returns the new ones; the old rows are untouched. A new row
+        is imprinted (Qi et al. 2018) on standardised inputs: its class's mean input, scaled to the old rows'
+        norm, with the old rows' mean bias -- then folded back to the head's input space. Standardising
+        first is what calibrates it: imprinted on raw, uncentred features (a LoRA body's), one new banking77
+        intent took a third of all predictions and night 1 fell 94 -> 33 even with replay. (Fitting the new
+        rows against the old ones instead made them win everywhere: naive/l2sp/ewc/lwf fell to ~20%.)"""
         new = [c for c in dict.fromkeys(labels) if c not in self.classes]
         if not new:
             return []
@@ -175,7 +176,7 @@ class ClassifierLearner:
         if night is not None and night_labels is not None:
             inputs = self._inputs(night).float()
             y = torch.tensor([grown_classes.index(c) for c in night_labels])
-            new_w, new_b = fit_new_rows(inputs, y, old_w.cpu(), old_b.cpu(), len(new))
+            new_w, new_b = imprint_rows(inputs, y, old_w.cpu(), old_b.cpu(), len(new))
         else:
             new_w, new_b = torch.zeros(len(new), old_w.shape[1]), old_b.mean().repeat(len(new)).cpu()
         grown = torch.nn.Linear(old_w.shape[1], old_w.shape[0] + len(new)).to(old_w.device)
@@ -287,27 +288,18 @@ class ClassifierLearner:
                                max_examples, seed, model=self.model)
 
 
-def fit_new_rows(x: torch.Tensor, y: torch.Tensor, old_w: torch.Tensor, old_b: torch.Tensor, n_new: int,
-                 l2: float = 1e-2, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows for `n_new` classes (indices after the old ones) of a linear head, by multinomial logistic
-    regression on (x, y) with the old rows fixed; solved on standardised inputs (as `fit_linear_head`) and
-    folded back to x's space. Returns (W_new [n_new, D], b_new [n_new])."""
+def imprint_rows(x: torch.Tensor, y: torch.Tensor, old_w: torch.Tensor, old_b: torch.Tensor,
+                 n_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows for `n_new` classes (label indices after the old ones) of a linear head on inputs `x`: in the
+    standardised space z = (x - mean) / sd the row is the class's mean z, at the old rows' mean norm there,
+    with their mean bias; folded back to x's space. Returns (W_new [n_new, D], b_new [n_new])."""
     x = x.double()
     mean, sd = x.mean(0), x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
     z = (x - mean) / sd
     wz_old, bz_old = old_w.double() * sd, old_b.double() + old_w.double() @ mean  # the old rows in z-space
-    wz = torch.zeros(n_new, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bz = torch.full((n_new,), float(bz_old.mean()), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([wz, bz], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = torch.cat([z @ wz_old.T + bz_old, z @ wz.T + bz], dim=1)
-        loss = F.cross_entropy(logits, y) + 0.5 * l2 * (wz * wz).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        w = wz / sd
-        return w.float(), (bz - w @ mean).float()
+    norm, n_old = wz_old.norm(dim=1).mean(), old_w.shape[0]
+    rows = [F.normalize(z[y == n_old + k].mean(0), dim=0) * norm if (y == n_old + k).any()
+            else torch.zeros(x.shape[1], dtype=x.dtype) for k in range(n_new)]
+    wz = torch.stack(rows)
+    w = wz / sd
+    return w.float(), (bz_old.mean() - w @ mean).float()
