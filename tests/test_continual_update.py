@@ -149,7 +149,8 @@ def test_fresh_adapter_per_night_keeps_the_old_adapter_and_grows_the_rank(tmp_pa
     write_table(data, night_rows(("food", "sport"), 40, 24))
     headstart.fit(data, base="tiny-text", method="lora", out=tmp_path / "spec", epochs=1, r=4, **QUIET)
     night = write_table(tmp_path / "n2.csv", night_rows(("food", "sport", "tech"), 45, 25))
-    report = headstart.update(tmp_path / "spec", night, fresh_adapter=True, strategy="replay", **QUIET)
+    report = headstart.update(tmp_path / "spec", night, fresh_adapter=True, strategy="replay", max_forgetting=None,
+                              **QUIET)
     assert report["accepted"]
     config = json.loads((tmp_path / "spec" / "v2" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8  # 4 + 4: the old adapter and tonight's, summed exactly
