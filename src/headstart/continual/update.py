@@ -70,12 +70,14 @@ def update_specialist(bundle: Path, paths: list[Path], out: Path | None, opts: U
     if not len(night):
         return {**base_report, "accepted": False, "version": lineage.current, "nothing_new": True,
                 "why": "nothing new: every example was learned before" if night.already_learned else "no examples"}
-    store = _store(opts.replay_store, current, Memory.read(lineage.current_folder))
+    memory = Memory.read(lineage.current_folder)  # read once: the store check and every attempt use it
+    store = _store(opts.replay_store, current, memory)
     scenario = "unlabelled" if opts.unlabelled else (
         "class" if set(night.labels) - set(current.classes) else "domain")
     spec, why = _strategy(opts.strategy, scenario, store)
     _check_fresh_adapter(opts, current, spec)
     job = _Job(lineage, night, store, scenario, opts, fingerprint=_fingerprint(lineage, night, spec, opts))
+    job.memory = memory
     outcome = job.attempt(current, spec, strength=1.0)
     retried = None
     if not outcome.passes(opts.max_forgetting):
@@ -152,6 +154,9 @@ class _Job:
         self.fingerprint = fingerprint
         self.train_idx, self.guard_idx = night.split_guard(GUARD_SHARE, opts.seed)
         self.checkpoints: list[Path] = []
+        self.memory: Memory | None = None
+        """The current version's memory, read (or seeded) once for every attempt; learn_night only fixes its
+        scale when unset and builds the next version's memory as a copy."""
 
     def ctx(self, strength: float):
         return attempt_context(self.lineage.folder, {**self.fingerprint, "strength": strength}, self.opts,
@@ -160,14 +165,14 @@ class _Job:
     def attempt(self, spec_obj, strategy: str, strength: float) -> Outcome:
         from .learn import learn_night
 
-        memory = Memory.read(self.lineage.current_folder)
-        if memory is None:
+        memory = self.memory
+        if memory is None:  # a bundle made by `fit`: seeded once, the retry reuses it
             from .seed import seed_memory
 
             from .classifier import ClassifierLearner
 
             features = ClassifierLearner(spec_obj, self.ctx(0.0)).features
-            memory = seed_memory(spec_obj, self.store, self.opts, self.lineage.current, features)
+            memory = self.memory = seed_memory(spec_obj, self.store, self.opts, self.lineage.current, features)
         return learn_night(spec_obj, memory, self, strategy, strength, self.ctx(strength))
 
     def commit(self, outcome: Outcome, entry: dict, out: Path | None) -> int:
