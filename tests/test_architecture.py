@@ -19,7 +19,9 @@ MAY_IMPORT = {
     "bundle": {"core", "data", "bases", "engine", "llm", "methods"},
     "tasks": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle"},
     "continual": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks"},
-    "api": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "continual"},
+    "combine": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "continual"},
+    "api": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "continual",
+            "combine"},
     "experiments": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "api"},
 }
 TOP_LEVEL_OK = {"__init__", "__main__", "cli"}  # the package face and the CLI may use every layer

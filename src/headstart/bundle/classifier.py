@@ -21,7 +21,7 @@ from ..core.metrics import classification_metrics
 from ..data import Dataset, load_dataset, load_eval_dataset, load_image, loader_for
 from ..methods.base import Method, SpecialistModel
 from .format import ADAPTER_DIR, check_base, read_safetensors, read_trained
-from .manifest import DEFAULT
+from .manifest import DEFAULT, HEADS_DIR
 from .specialist import BundleSpecialist, reraise_as_bundle_error
 
 HEAD_PREFIX = "head."
@@ -42,6 +42,12 @@ class Specialist(BundleSpecialist):
         self.model = model.eval()
         self.method = method
         self.classes = list(classes)
+        self.named_heads: dict[str, tuple[list[str], dict[str, torch.Tensor]]] = {}
+        """Heads saved beside the default one, by name: (classes, {"head.weight", "head.bias"}) -- a head per
+        task over one body (multi-task fits, merges of specialists with different label sets)."""
+        self.default_head = True
+        """False: the bundle names only `named_heads` (the model's own head is one of them), so a caller must
+        pick a head by name."""
 
     @property
     def kind(self) -> str:
@@ -121,7 +127,10 @@ class Specialist(BundleSpecialist):
     def bundle_manifest(self) -> dict[str, Any]:
         # The head in memory is written as the default one; heads this bundle was not loaded with
         # are not carried over (their weight files stay with the bundle they came from).
-        return {**super().bundle_manifest(), "classes": self.classes, "heads": {DEFAULT: {"classes": self.classes}}}
+        heads = {DEFAULT: {"classes": self.classes}} if self.default_head else {}
+        heads.update({name: {"classes": list(classes), "weights": f"{HEADS_DIR}/{name}.safetensors"}
+                      for name, (classes, _) in self.named_heads.items()})
+        return {**super().bundle_manifest(), "classes": self.classes, "heads": heads}
 
     def base_model_relation(self) -> str:
         # "finetune" when the bundle stores changed base weights (finetune, scratch, adabn's statistics);
@@ -133,6 +142,12 @@ class Specialist(BundleSpecialist):
         from .plots import plot_confusion, plot_learning_curves  # matplotlib costs ~1 s to import
 
         self.method.save_artifacts(self.model, tmp, full["base"]["name"])
+        if self.named_heads:
+            from safetensors.torch import save_file
+
+            (tmp / HEADS_DIR).mkdir()
+            for name, (_, tensors) in self.named_heads.items():
+                save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / HEADS_DIR / f"{name}.safetensors")
         plots = tmp / "plots"
         plots.mkdir()
         title = f"{full['method']['name']} on {full['base']['name']}"
@@ -191,7 +206,10 @@ class Specialist(BundleSpecialist):
 def _pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tuple[str, list[str]]:
     heads = manifest["heads"]
     if head is None:
-        head = DEFAULT if DEFAULT in heads or len(heads) != 1 else next(iter(heads))
+        if DEFAULT not in heads and len(heads) > 1:
+            raise BundleError(f"{folder}: holds a head per task ({', '.join(heads)}): pick one with head= "
+                              "(the command line: --task NAME)")
+        head = DEFAULT if DEFAULT in heads else next(iter(heads))
     if head not in heads:
         raise BundleError(f"{folder}: no head {head!r} (it holds: {', '.join(map(repr, heads))})")
     return head, list(heads[head]["classes"])

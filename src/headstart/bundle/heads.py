@@ -16,9 +16,8 @@ from pathlib import Path
 from ..core.errors import BundleError
 from ..core.storage import atomic_dir
 from .format import FORMAT_VERSION, MANIFEST, read_manifest, read_trained
-from .manifest import validate
+from .manifest import HEADS_DIR, validate
 
-HEADS_DIR = "heads"
 COMPOSABLE = ("probe", "prototype")
 """Methods whose bundle holds a head and nothing of the base."""
 

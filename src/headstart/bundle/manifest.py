@@ -23,6 +23,8 @@ KINDS = ("classifier", "generator")
 GENERATIVE_TASKS = ("sft", "dpo")
 DEFAULT = "default"
 """The name of the head / adapter a bundle written by `fit` holds."""
+HEADS_DIR = "heads"
+"""Where named heads' weights live in a bundle (one safetensors file per head)."""
 
 # field -> (type(s), required). Only what loading relies on is required; the rest is descriptive.
 _TOP: dict[str, tuple[type | tuple[type, ...], bool]] = {
