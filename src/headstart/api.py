@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .data import Dataset, Split
 
 
-def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, method: str | None = None, *,
-        task: str = "classify", init: str | Path | None = None, shots: int | None = None,
+def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None" = None, method: str | None = None, *,
+        task: str = "classify", tasks: "list[str] | dict[str, str] | None" = None, init: str | Path | None = None, shots: int | None = None,
         eval: str | Path | None = None, target: "str | Path | Split | None" = None, seed: int = 0,
         out: str | Path | None = None, resume: bool = False, progress: bool = True, use_cache: bool = True,
         text_column: str = "text", label_column: str = "label", image_size: int | None = None,
@@ -43,6 +43,8 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
             lora for sft and dpo, or the method of the `init` bundle).
         task: What is learned: `classify` (labels), `sft` (instruction tuning of a causal LM), `dpo`
             (preference tuning).
+        tasks: Multi-task instead of `data`: `name=data` pairs (or a dict) learned by one shared body with a
+            head per task (`load(out, head=name)`, `predict --task name`).
         init: A bundle to start from instead of a fresh base (dpo from an sft bundle); `base=<bundle
             folder>` is the older spelling. Recorded as the manifest's `parent`.
         shots: classify: keep this many training examples per class (0: none; zeroshot and auto run).
@@ -74,6 +76,9 @@ def fit(data: "str | Path | Dataset", base: "str | Backbone | None" = None, meth
 
     t0 = time.perf_counter()
     _refuse_lineage_out(out)
+    if tasks or data is None:
+        return _fit_tasks(data, tasks, base=base, method=method or "lora", seed=seed, out=out, shots=shots, log=log,
+                          progress=progress, image_size=image_size, columns=(text_column, label_column), **options)
     job = get_task(task)
     init, base = _starting_bundle(init, base)
     settings = FitSettings(seed=seed, progress=progress, log=log, shots=shots, target=target, eval=eval,
@@ -226,6 +231,39 @@ def diff(bundle: str | Path, a: int, b: int) -> dict[str, Any]:
     from .bundle.lineage_views import diff as lineage_diff
 
     return lineage_diff(bundle, a, b)
+
+
+def _fit_tasks(data: Any, tasks: Any, **kwargs: Any) -> "Specialist":
+    """`fit(tasks=...)`: one shared body and a head per task (combine/multitask.py)."""
+    from .combine.multitask import fit_multitask
+    from .core.errors import ConfigError
+
+    if data is not None:
+        raise ConfigError("give the training data either as DATA or as --tasks name=data ..., not both")
+    if not tasks:
+        raise ConfigError("no training data: give DATA (a folder or table), or --tasks name=data ...")
+    text_column, label_column = kwargs.pop("columns")
+    return fit_multitask(_named_tasks(tasks), text_column=text_column, label_column=label_column, **kwargs)
+
+
+def _named_tasks(tasks: "list[str] | dict[str, str]") -> dict[str, str]:
+    """`["sst2=../data/sst2", ...]` (or a dict) -> {name: data}; names are plain (they name the heads)."""
+    import re
+
+    from .core.errors import ConfigError
+
+    pairs = list(tasks.items()) if isinstance(tasks, dict) else [str(t).partition("=")[::2] for t in tasks]
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or "") or not path:
+            raise ConfigError(f"--tasks takes name=data pairs with plain names (letters, digits, _ . -); got "
+                              f"{name!r}={path!r}")
+        if name in out:
+            raise ConfigError(f"task {name!r} is given twice")
+        out[name] = str(path)
+    if len(out) < 2:
+        raise ConfigError("multi-task training needs two or more tasks (for one, give DATA)")
+    return out
 
 
 def _refuse_lineage_out(out: str | Path | None) -> None:

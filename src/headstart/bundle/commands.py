@@ -96,7 +96,8 @@ def describe(folder: str | Path) -> str:
 
 
 def predict(bundle: str | Path | BundleSpecialist, inputs: Sequence[Any], *, top_k: int = 1,
-            batch_size: int = 64, max_new_tokens: int = 128, temperature: float = 0.0) -> list[dict[str, Any]]:
+            batch_size: int = 64, max_new_tokens: int = 128, temperature: float = 0.0,
+            head: str | None = None) -> list[dict[str, Any]]:
     """Run a bundle on inputs: labels with scores (classifiers) or answers (generators).
 
     bundle: a bundle folder, or a specialist already loaded.
@@ -105,8 +106,9 @@ def predict(bundle: str | Path | BundleSpecialist, inputs: Sequence[Any], *, top
     batch_size: examples per forward pass (classifiers).
     max_new_tokens: the longest answer, in tokens (generators).
     temperature: 0 answers greedily; above 0 samples (generators).
+    head: the head (task) to answer with, in a bundle with a head per task.
     """
-    spec = _loaded(bundle)
+    spec = _loaded(bundle, head)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if spec.bundle_kind == "generator":
         return [{"input": str(x), "answer": spec.generate(str(x), max_new_tokens=max_new_tokens,
@@ -125,7 +127,7 @@ def predict(bundle: str | Path | BundleSpecialist, inputs: Sequence[Any], *, top
 
 
 def evaluate(bundle: str | Path | BundleSpecialist, data: str | Path, split: str | None = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, head: str | None = None) -> dict[str, Any]:
     """Score a bundle on held-out data: accuracy, macro-F1, per-class F1 (classifiers) or loss and
     perplexity on answer tokens (generators).
 
@@ -133,8 +135,9 @@ def evaluate(bundle: str | Path | BundleSpecialist, data: str | Path, split: str
     data: a dataset folder or table (classifiers), an instruction JSONL file (generators).
     split: which split to score (classifiers; default: test, else val).
     progress: show progress bars.
+    head: the head (task) to score, in a bundle with a head per task.
     """
-    return _loaded(bundle).evaluate(data, split, progress=progress)
+    return _loaded(bundle, head).evaluate(data, split, progress=progress)
 
 
 def export(bundle: str | Path | BundleSpecialist, out: str | Path, merged: bool = True) -> Path:
@@ -152,8 +155,10 @@ def export(bundle: str | Path | BundleSpecialist, out: str | Path, merged: bool 
     return spec.export_merged(out) if merged else spec.export_adapter(out)
 
 
-def _loaded(bundle: str | Path | BundleSpecialist) -> BundleSpecialist:
-    return bundle if isinstance(bundle, BundleSpecialist) else load(bundle)
+def _loaded(bundle: str | Path | BundleSpecialist, head: str | None = None) -> BundleSpecialist:
+    if isinstance(bundle, BundleSpecialist):
+        return bundle
+    return load(bundle, head=head) if head is not None else load(bundle)
 
 
 def _name(bundle: str | Path | BundleSpecialist) -> str:

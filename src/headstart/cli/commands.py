@@ -123,17 +123,24 @@ def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any
     return None
 
 
+HEAD_FLAG = Flag("head", ("--task", "--head"), "which head of a bundle with a head per task (multi-task fits, "
+                 "merges of different tasks)")
+
 COMMANDS: list[Command] = [
     Command("bases", "headstart.bases:list_bases", show.bases, json="print a JSON list",
             help="List the known bases: name, kind, parameters, source (from their static facts; builds none)."),
     Command("methods", "headstart.methods.registry:list_methods", show.methods, json="",
             help="List the methods of a task and their options.", flags={
                 "task": Flag("task", help="the task whose methods to list: classify, sft or dpo (default: classify)")}),
-    Command("fit", "headstart.api:fit", show.fit, flags=OFF_SWITCHES, help="Specialise a base on labelled data "
+    Command("fit", "headstart.api:fit", show.fit, flags={
+        **OFF_SWITCHES, "data": Flag("data", positional=True, nargs="?"),
+        "tasks": Flag("tasks", nargs="+", help="multi-task: name=data pairs (a shared body, a head per task)")},
+        help="Specialise a base on labelled data "
             "(classify), instructions (sft) or preference pairs (dpo); --out writes the bundle.",
         json="print the final metrics as JSON on the last stdout line", examples=(
         "Examples:\n  headstart fit ../shared/data/hymenoptera --base efficientnet-lite0 --method lora --out runs/ants\n"
-        "  headstart fit ../shared/data/trec --base minilm-l6 --method probe --shots 8 --seed 1 --out runs/trec-8")),
+        "  headstart fit ../shared/data/trec --base minilm-l6 --method probe --shots 8 --seed 1 --out runs/trec-8\n"
+        "  headstart fit --tasks sst2=../shared/data/sst2 trec=../shared/data/trec --method lora --out runs/multi")),
     Command("shots", "headstart.experiments.shots:run_shots", show.shots, json='print {"results": [...]} as JSON on '
             "the last stdout line", interrupted="finished runs are in its shots.json", examples=(
                 "Example:\n  headstart shots ../shared/data/trec --base minilm-l6 --methods zeroshot,probe,lora "
@@ -156,9 +163,9 @@ COMMANDS: list[Command] = [
     Command("rank", "headstart.transfer.rank:rank", show.rank, json='print {"candidates": [...]} (best first) as '
             "JSON on the last stdout line"),
     Command("evaluate", "headstart.bundle.commands:evaluate", show.evaluate, json="print the metrics as JSON",
-            help="Evaluate a bundle on held-out data: accuracy and F1 (classifiers), loss and perplexity (generators)."),
+            flags={"head": HEAD_FLAG}, help="Evaluate a bundle on held-out data: accuracy and F1 (classifiers), loss and perplexity (generators)."),
     Command("predict", "headstart.bundle.commands:predict", show.predict, json='print {"predictions": [...]} as JSON',
-            help="Predict labels for image files or texts (classifiers), or answer prompts (generators)."),
+            flags={"head": HEAD_FLAG}, help="Predict labels for image files or texts (classifiers), or answer prompts (generators)."),
     Command("info", "headstart.bundle.commands:info", show.info, json="print what the bundle holds as JSON"),
     Command("generate", "headstart.llm.generate:generate", show.generate, leading=(
         Flag("bundle", help="an sft/dpo bundle"),), flags={
@@ -182,6 +189,14 @@ COMMANDS: list[Command] = [
             help="Make an earlier version of a specialist current again (no version is deleted)."),
     Command("diff", "headstart.api:diff", show.diff, json="print the differences as JSON",
             help="What changed between two versions of a specialist: labels, metrics, guard figures."),
+    Command("merge", "headstart.combine.merge:merge", show.merge, flags={
+        "bundles": Flag("bundles", positional=True, nargs="+"), "out": Flag("out", ("--out",))},
+        json="print the report as JSON on the last stdout line",
+        help="Merge specialists of one base into one (soups, task arithmetic, TIES, DARE; a head per task), "
+             "scored beside each specialist alone.", examples=(
+            "Examples:\n  headstart merge runs/trec-s0 runs/trec-s1 runs/trec-s2 --method soup --greedy-on val "
+            "--out runs/trec-soup\n  headstart merge runs/sst2 runs/trec runs/emotion runs/subj --method ties --density 0.2 "
+            "--out runs/four-in-one")),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
         "out": Flag("out", ("--out",), required=True)}, json=""),
 ]

@@ -188,3 +188,23 @@ def rollback(version: int, args: Namespace) -> None:
 
 def diff(d: dict, args: Namespace) -> None:
     print(json.dumps(d, default=str, indent=None if args.json else 2))
+
+
+def merge(r: dict, args: Namespace) -> None:
+    """The merge's table: each specialist alone, then the merged one per task (old head / refitted / kept)."""
+    if args.json:
+        print(json.dumps(r, default=float))
+        return
+    print(f"{'specialist':<40} {'task':<16} {'held-out acc':>12}")
+    for row in r.get("ingredients", []):
+        acc = f"{row['eval']['accuracy']:.4f}" if row.get("eval") else "-"
+        print(f"{row['bundle'][-40:]:<40} {str(row.get('task') or '-'):<16} {acc:>12}")
+    print(f"merged: {r['recipe']['label']}")
+    for name, t in r.get("tasks", {}).items():
+        refit = f"{t['refit']['accuracy']:.4f}" if "refit" in t else "-"
+        alone = f", alone {t['alone']:.4f}, normalized {t['normalized']:.3f}" if "normalized" in t else ""
+        print(f"  {name:<16} old head {t['kept']['accuracy']:.4f}, refitted {refit}, kept the {t['head']} head"
+              f"{alone}")
+    if r.get("bundle"):
+        energy = f", energy kept >= {r['energy']['min']:.4f}" if r.get("energy") else ""
+        print(f"bundle: {r['bundle']}" + (f" (LoRA rank {r['rank']}{energy})" if r.get("rank") else ""))
