@@ -29,7 +29,7 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
                   out: str | Path | None = None, shots: int | None = None, progress: bool = True,
                   log: Callable[[str], None] = print, text_column: str = "text", label_column: str = "label",
                   image_size: int | None = None, temperature: float = 2.0, resume: bool = False,
-                  use_cache: bool = True, **options: Any):
+                  use_cache: bool = True, skip_placeholders: bool = True, **options: Any):
     """Train one shared body with a head per task on `tasks` ({name: data}); save a bundle to `out` when given.
 
     Args:
@@ -41,6 +41,8 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
         shots: Keep this many training examples per class of every task.
         temperature: Task sampling p_i ∝ n_i^(1/T): 1 = proportional to task size, larger = flatter, inf = uniform.
         resume: Continue an interrupted run from its checkpoint (beside `out`, else in the cache).
+        use_cache: Reuse cached features of the untouched base (the heads' LP-FT probes).
+        skip_placeholders: Image tasks: skip images with very few colours (hub placeholders).
         **options: The method's config fields (epochs, batch_size, lr, r, unfreeze, ...).
 
     >>> spec = fit_multitask({"a": "data/a", "b": "data/b"}, base="tiny-text", epochs=2)
@@ -51,6 +53,7 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
 
     from ..engine.perf import peak_memory_mb, tune_allocator
     from ..methods.registry import make_method
+    from ..tasks.registry import FitSettings
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -59,7 +62,8 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     if len(tasks) < 2:
         raise ConfigError("multi-task training needs two or more tasks (for one, fit it alone)")
     tune_allocator()
-    datasets = _load_tasks(tasks, seed, shots, text_column, label_column)
+    datasets = _load_tasks(tasks, FitSettings(seed=seed, shots=shots, text_column=text_column, label_column=label_column,
+                                                skip_placeholders=skip_placeholders))
     backbone = _base(base, datasets, image_size)
     trainer = make_method(method, "classify", **options).resolved(backbone.kind)
     fingerprint = _fingerprint(datasets, backbone, trainer, options, seed, shots, temperature)
@@ -79,18 +83,16 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     return spec
 
 
-def _load_tasks(tasks: dict[str, str | Path], seed: int, shots: int | None, text_column: str, label_column: str):
+def _load_tasks(tasks: dict[str, str | Path], settings):
     from ..tasks.classify import load_classification_data
-    from ..tasks.registry import FitSettings
 
-    settings = FitSettings(seed=seed, shots=shots, text_column=text_column, label_column=label_column)
     datasets = {name: load_classification_data(str(data), settings) for name, data in tasks.items()}
     kinds = {d.kind for d in datasets.values()}
     if len(kinds) > 1:
         raise DataError(f"the tasks mix {' and '.join(sorted(kinds))} data; one shared body takes one kind")
     empty = [name for name, d in datasets.items() if not len(d.split("train"))]
     if empty:
-        raise DataError(f"task {empty[0]!r} has no training examples (shots={shots})")
+        raise DataError(f"task {empty[0]!r} has no training examples (shots={settings.shots})")
     return datasets
 
 
