@@ -95,8 +95,9 @@ def test_bundle_loads_per_task_and_predicts_that_tasks_labels(lora_bundle, tasks
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["heads"]) == {"topic", "food"}  # no default head: a caller must pick
     assert manifest["heads"]["food"]["classes"] == ["no", "yes"]
-    assert manifest["data"]["tasks"]["topic"] == {**manifest["data"]["tasks"]["topic"], "classes": ["food", "sport", "tech"],
-                                                  "train_examples": 48}
+    topic = manifest["data"]["tasks"]["topic"]
+    assert topic["classes"] == ["food", "sport", "tech"] and topic["train_examples"] == 48
+    assert topic["source"] == str(tasks["topic"])
     assert manifest["data"]["tasks"]["food"]["train_examples"] == 24
     assert (out / "adapter" / "adapter_model.safetensors").is_file()  # one shared PEFT adapter
     texts = ["pizza bread soup", "goal team match", "laptop code chip", "cheese with apple"]

@@ -62,8 +62,9 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     if len(tasks) < 2:
         raise ConfigError("multi-task training needs two or more tasks (for one, fit it alone)")
     tune_allocator()
-    datasets = _load_tasks(tasks, FitSettings(seed=seed, shots=shots, text_column=text_column, label_column=label_column,
-                                                skip_placeholders=skip_placeholders))
+    settings = FitSettings(seed=seed, shots=shots, text_column=text_column, label_column=label_column,
+                           skip_placeholders=skip_placeholders)
+    datasets = _load_tasks(tasks, settings)
     backbone = _base(base, datasets, image_size)
     trainer = make_method(method, "classify", **options).resolved(backbone.kind)
     fingerprint = _fingerprint(datasets, backbone, trainer, options, seed, shots, temperature)

@@ -150,7 +150,9 @@ def mixture_step(model: MultiTaskModel, plan: TaskMixture, names: list[str], tra
 def mean_validation(model: MultiTaskModel, vals: dict[str, Split], load: Callable, batch_size: int,
                     label_smoothing: float = 0.0) -> Callable[[], dict[str, float]] | None:
     """The validation `BestEpoch` selects on: the mean of the tasks' val accuracy and loss (each task counts the
-    same whatever its size), plus each task's accuracy for the history. None when no task has a val split."""
+    same whatever its size), plus each task's accuracy for the history. Only tasks with a validation split count
+    (`selection_splits` gives none to a small task without one: a tiny holdout is too noisy to select on and costs
+    scarce data); None when no task has one, so the last epoch is kept."""
     from ..methods.training import evaluate_split
 
     if not vals:
