@@ -34,6 +34,13 @@ def _targets(v: Any) -> bool:
     return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v))
 
 
+def _per_module(check):
+    """A {module name: value} map (merged adapters carry a rank per module: `rank_pattern`, `alpha_pattern`)."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, dict) and all(isinstance(k, str) and k and check(x) for k, x in v.items())
+    return ok
+
+
 def _auto_mapping(v: Any) -> bool:  # read only by AutoPeftModel, never by PeftModel.from_pretrained
     return v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
 
@@ -50,6 +57,8 @@ FREE_FIELDS = {
     "revision": _optional_str,
     "peft_version": _optional_str,
     "auto_mapping": _auto_mapping,
+    "rank_pattern": _per_module(_number(1, 65536, integer=True)),
+    "alpha_pattern": _per_module(_number(1e-6, 1e6)),
 }
 """Fields a headstart LoRA adapter sets, each with what it may hold."""
 

@@ -64,7 +64,8 @@ def _lora_model(tmp: Path, backbone, body, first: Ingredient, final: Final, rank
     from .lora_delta import deltas_to_lora, write_lora
 
     modules = {name[:-len(".weight")]: d for name, d in final.deltas.items()}
-    tensors, rank_pattern, energy = deltas_to_lora(modules, rank)
+    tensors, rank_pattern, energy = deltas_to_lora(modules, rank,
+                                                   fan_in_fan_out=bool(first.adapter_config.get("fan_in_fan_out")))
     write_lora(tmp / ADAPTER_DIR, first.adapter_config, tensors, rank_pattern)
     top = max(rank_pattern.values(), default=1)
     config = {**first.manifest["method"]["config"], "r": top, "alpha": top}
