@@ -10,9 +10,7 @@ Importing this module stays cheap (no torch, no model code): `headstart --help` 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -25,17 +23,17 @@ if TYPE_CHECKING:
 
 
 def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None" = None, method: str | None = None, *,
-        task: str = "classify", tasks: "list[str] | dict[str, str] | None" = None, init: str | Path | None = None, shots: int | None = None,
-        eval: str | Path | None = None, target: "str | Path | Split | None" = None, seed: int = 0,
-        out: str | Path | None = None, resume: bool = False, progress: bool = True, use_cache: bool = True,
-        text_column: str = "text", label_column: str = "label", image_size: int | None = None,
-        skip_placeholders: bool = True, log: Callable[[str], None] = print,
+        task: str = "classify", tasks: "list[str] | dict[str, str] | None" = None, task_temperature: float = 2.0,
+        init: str | Path | None = None, shots: int | None = None, eval: str | Path | None = None,
+        target: "str | Path | Split | None" = None, seed: int = 0, out: str | Path | None = None, resume: bool = False,
+        progress: bool = True, use_cache: bool = True, text_column: str = "text", label_column: str = "label",
+        image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
         **options: Any) -> "Specialist | LMSpecialist":
     """Specialise `base` on `data` for `task` with `method`; save a bundle to `out` when given.
 
     Args:
-        data: Training data: a folder or table of labelled examples (classify), a JSONL file of instructions
-            (sft) or of prompt/chosen/rejected pairs (dpo); or a loaded `Dataset`.
+        data: Training data: labelled examples (classify: a folder or table, or a loaded `Dataset`), a JSONL
+            file of instructions (sft) or of prompt/chosen/rejected pairs (dpo).
         base: The base model: a registered name (`headstart bases`), a local folder, a loaded `Backbone`
             (trainable methods change it in place), or `auto` (classify: rank the built-in bases of the
             data's kind by LogME on the training split and fit the best). Default: the task's default.
@@ -45,6 +43,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
             (preference tuning).
         tasks: Multi-task instead of `data`: `name=data` pairs (or a dict) learned by one shared body with a
             head per task (`load(out, head=name)`, `predict --task name`).
+        task_temperature: Multi-task: tasks are drawn in proportion to size^(1/T) (1: by size, large: uniform).
         init: A bundle to start from instead of a fresh base (dpo from an sft bundle); `base=<bundle
             folder>` is the older spelling. Recorded as the manifest's `parent`.
         shots: classify: keep this many training examples per class (0: none; zeroshot and auto run).
@@ -64,10 +63,9 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         log: Where progress lines go.
         **options: The method's config fields (`headstart methods`), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
 
-    >>> spec = fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8, seed=1)
-    >>> round(spec.manifest["metrics"]["accuracy"], 2)
-    0.6...
+    >>> fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8).manifest["metrics"]["accuracy"]
     """
+    from .engine.checkpoint import drop_checkpoints, run_checkpoint_dir
     from .engine.perf import peak_memory_mb
     from .engine.trainer import is_main_process
     from .methods.base import FitContext
@@ -77,8 +75,9 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
     t0 = time.perf_counter()
     _refuse_lineage_out(out)
     if tasks or data is None:
-        return _fit_tasks(data, tasks, base=base, method=method or "lora", seed=seed, out=out, shots=shots, log=log,
-                          progress=progress, image_size=image_size, columns=(text_column, label_column), **options)
+        return _fit_tasks(data, tasks, dict(base=base, method=method or "lora", seed=seed, out=out, shots=shots, log=log,
+            progress=progress, resume=resume, use_cache=use_cache, image_size=image_size, text_column=text_column,
+            label_column=label_column, skip_placeholders=skip_placeholders, temperature=task_temperature), options)
     job = get_task(task)
     init, base = _starting_bundle(init, base)
     settings = FitSettings(seed=seed, progress=progress, log=log, shots=shots, target=target, eval=eval,
@@ -91,7 +90,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
     fingerprint = _jsonable({"task": job.name, "base": start.base["sha256"], "method": trainer.name,
                              "preprocessing": start.base.get("preprocessing"), "options": options, "seed": seed,
                              "init": start.parent, **job.fingerprint(dataset, start, settings)})
-    ckpt = _checkpoint_dir(out, fingerprint)
+    ckpt = run_checkpoint_dir(out, fingerprint)
     ctx = FitContext(seed=seed, checkpoint_dir=ckpt, resume=resume, progress=progress, use_cache=use_cache,
                      log=log, fingerprint=fingerprint, target=start.target)
     _seed_torch(seed)
@@ -106,7 +105,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         if out is not None:
             saved = job.save(specialist, dataset, Path(out), settings)
             specialist.manifest["metrics"]["bundle"] = str(saved)  # the manifest as written (save re-reads it)
-        _drop_checkpoints(ckpt)  # the run finished: its resume checkpoints are spent
+        drop_checkpoints(ckpt)  # the run finished: its resume checkpoints are spent
         log(job.report(specialist, dataset))
     return specialist
 
@@ -233,7 +232,7 @@ def diff(bundle: str | Path, a: int, b: int) -> dict[str, Any]:
     return lineage_diff(bundle, a, b)
 
 
-def _fit_tasks(data: Any, tasks: Any, **kwargs: Any) -> "Specialist":
+def _fit_tasks(data: Any, tasks: Any, settings: dict[str, Any], options: dict[str, Any]) -> "Specialist":
     """`fit(tasks=...)`: one shared body and a head per task (combine/multitask.py)."""
     from .combine.multitask import fit_multitask
     from .core.errors import ConfigError
@@ -242,8 +241,7 @@ def _fit_tasks(data: Any, tasks: Any, **kwargs: Any) -> "Specialist":
         raise ConfigError("give the training data either as DATA or as --tasks name=data ..., not both")
     if not tasks:
         raise ConfigError("no training data: give DATA (a folder or table), or --tasks name=data ...")
-    text_column, label_column = kwargs.pop("columns")
-    return fit_multitask(_named_tasks(tasks), text_column=text_column, label_column=label_column, **kwargs)
+    return fit_multitask(_named_tasks(tasks), **settings, **options)
 
 
 def _named_tasks(tasks: "list[str] | dict[str, str]") -> dict[str, str]:
@@ -292,22 +290,6 @@ def _seed_torch(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
-
-
-def _checkpoint_dir(out: str | Path | None, fingerprint: dict) -> Path:
-    """Where a run keeps its resume checkpoints: beside `out`, else in the cache under the run's fingerprint."""
-    if out is not None:
-        out = Path(out).resolve()
-        return out.with_name(f".{out.name}.checkpoint")
-    from .core.storage import cache_dir
-
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return cache_dir("checkpoints") / key
-
-
-def _drop_checkpoints(ckpt: Path) -> None:
-    for folder in (ckpt, Path(str(ckpt) + ".old")):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,12 +12,15 @@ chosen rank, one head (same labels) or a head per task.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import ConfigError
 from .ingredients import Ingredient, same_labels
 from .recipes import Recipe, alone, combine_buffers, combine_deltas, combine_heads, grid, make_recipe
 from .scoring import TaskData, better_head, judge, mean_accuracy, refit_heads, task_data
+
+if TYPE_CHECKING:
+    from .final import Final
 
 
 def merge(bundles: list[str], *, method: str = "auto", weights: list[float] | None = None,

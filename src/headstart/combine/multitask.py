@@ -13,7 +13,6 @@ Cheap to import: torch and the model code load inside `fit_multitask`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     """
     import torch
 
+    from ..engine.checkpoint import drop_checkpoints, run_checkpoint_dir
     from ..engine.perf import peak_memory_mb, tune_allocator
     from ..methods.registry import make_method
     from ..tasks.registry import FitSettings
@@ -68,7 +68,7 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     backbone = _base(base, datasets, image_size)
     trainer = make_method(method, "classify", **options).resolved(backbone.kind)
     fingerprint = _fingerprint(datasets, backbone, trainer, options, seed, shots, temperature)
-    ckpt = _checkpoint_dir(out, fingerprint)
+    ckpt = run_checkpoint_dir(out, fingerprint)
     torch.manual_seed(seed)
     run = _train(datasets, backbone, trainer, seed, temperature, ckpt, fingerprint, resume, progress, use_cache, log)
     spec = _specialist(run, datasets, backbone, trainer, seed, temperature, text_column, label_column)
@@ -77,7 +77,7 @@ def fit_multitask(tasks: dict[str, str | Path], *, base: Any = None, method: str
     if spec.is_main_process:
         if out is not None:
             spec.manifest["metrics"]["bundle"] = str(spec.save(out))
-        _drop_checkpoints(ckpt)
+        drop_checkpoints(ckpt)
         m = spec.manifest["metrics"]
         log(f"multi-task {trainer.name} on {backbone.info.name}: mean accuracy {m['accuracy']:.4f}, "
             f"mean macro-F1 {m['macro_f1']:.4f} over {len(datasets)} tasks")
@@ -206,19 +206,3 @@ def _fingerprint(datasets, backbone, trainer, options, seed, shots, temperature)
     return json.loads(json.dumps(facts, default=str))
 
 
-def _checkpoint_dir(out: str | Path | None, fingerprint: dict) -> Path:
-    # The same place api.fit keeps a single-task run's checkpoints (api's helper is private to it).
-    if out is not None:
-        out = Path(out).resolve()
-        return out.with_name(f".{out.name}.checkpoint")
-    from ..core.storage import cache_dir
-
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return cache_dir("checkpoints") / key
-
-
-def _drop_checkpoints(ckpt: Path) -> None:
-    import shutil
-
-    for folder in (ckpt, Path(str(ckpt) + ".old")):
-        shutil.rmtree(folder, ignore_errors=True)

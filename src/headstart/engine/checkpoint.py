@@ -146,3 +146,24 @@ def copy_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
+
+
+def run_checkpoint_dir(out: str | Path | None, fingerprint: dict) -> Path:
+    """Where a fit keeps its resume checkpoints: beside `out`, else in the cache under the run's fingerprint."""
+    import hashlib
+
+    if out is not None:
+        out = Path(out).resolve()
+        return out.with_name(f".{out.name}.checkpoint")
+    from ..core.storage import cache_dir
+
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir("checkpoints") / key
+
+
+def drop_checkpoints(ckpt: Path) -> None:
+    """A finished run's resume checkpoints are spent: remove them (and a half-swapped older copy)."""
+    import shutil
+
+    for folder in (ckpt, Path(str(ckpt) + ".old")):
+        shutil.rmtree(folder, ignore_errors=True)
