@@ -203,7 +203,7 @@ def merge(r: dict, args: Namespace) -> None:
     for name, t in r.get("tasks", {}).items():
         refit = f"{t['refit']['accuracy']:.4f}" if "refit" in t else "-"
         alone = f", alone {t['alone']:.4f}, normalized {t['normalized']:.3f}" if "normalized" in t else ""
-        print(f"  {name:<16} old head {t['kept']['accuracy']:.4f}, refitted {refit}, kept the {t['head']} head"
+        print(f"  {name:<16} old head {t['kept']['accuracy']:.4f}, refitted {refit}, kept the {'old' if t['head'] == 'kept' else 'refitted'} head"
               f"{alone}")
     if r.get("bundle"):
         energy = f", energy kept >= {r['energy']['min']:.4f}" if r.get("energy") else ""

@@ -17,6 +17,7 @@ def greedy_soup(alone: list[dict[str, Any]], score: Callable[[Recipe], float], n
     order = sorted(range(n), key=lambda i: -alone[i]["select"])
     chosen, best = [order[0]], alone[order[0]]["select"]
     steps = [{"run": alone[order[0]]["bundle"], "select": best, "added": True}]
+    log(f"  greedy soup: start from {alone[order[0]]['bundle']} (held-out {best:.4f})")
     for i in order[1:]:
         trial = score(uniform(chosen + [i], n))
         added = trial > best  # strictly better: a tie keeps the smaller soup
