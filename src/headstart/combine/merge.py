@@ -57,6 +57,7 @@ def merge(bundles: list[str], *, method: str = "auto", weights: list[float] | No
     >>> report["accuracy"], [i["eval"]["accuracy"] for i in report["ingredients"]]
     """
     from ..bases import load_base
+    from ..bundle.lineage import is_lineage
     from .body import DeltaBody
     from .ingredients import read_ingredients
 
@@ -69,6 +70,8 @@ def merge(bundles: list[str], *, method: str = "auto", weights: list[float] | No
         raise ConfigError("--greedy-on chooses a soup's ingredients: use it with --method soup")
     if rank is not None and rank < 1:
         raise ConfigError(f"rank must be >= 1, got {rank}")
+    if out is not None and is_lineage(out):
+        raise ConfigError(f"{out} holds the versions of an updated specialist; a merge there would replace them all")
     first = _first_manifest(bundles[0])
     backbone = load_base(first["base"]["name"], pretrained=True)
     body = DeltaBody(backbone)
