@@ -77,14 +77,21 @@ def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: in
 
 def serve(plan: Plan, party: Party, test, address: str, *, round_timeout_s: float, progress: bool = False) -> RoundLog:
     """Serve `plan.rounds` rounds on `address`, waiting for `plan.clients` client processes."""
-    from flwr.server import ServerConfig, start_server
+    from flwr.server import ServerConfig, SimpleClientManager, start_server
+
+    class PatientClientManager(SimpleClientManager):
+        """Flower waits a day for the clients a round needs: here, `round_timeout_s` (a missing client
+        process ends the federation with an error instead of a hang)."""
+
+        def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+            return super().wait_for(num_clients, timeout=int(min(timeout, round_timeout_s)))
 
     quiet_flower(progress)
     log = RoundLog()
     strategy = build_strategy(plan, party.get_arrays(), evaluator(party, test), log)
-    start_server(server_address=check_loopback(address), strategy=strategy,
+    start_server(server_address=check_loopback(address), strategy=strategy, client_manager=PatientClientManager(),
                  config=ServerConfig(num_rounds=plan.rounds, round_timeout=round_timeout_s))
-    if len(log.rows) < plan.rounds + 1:
+    if sum(1 for row in log.rows if row.get("clients")) < plan.rounds:
         raise ConfigError(f"the server ended after {max(0, len(log.rows) - 1)} of {plan.rounds} rounds "
                           f"(fewer than {plan.clients} clients answered within {round_timeout_s:.0f} s)")
     return log
@@ -112,9 +119,27 @@ def join(shard: Shard, address: str, *, max_wait_s: float, progress: bool = Fals
 
     quiet_flower(progress)
     client = CountingClient(shard, log=print if progress else (lambda _: None))
+    _wait_for_server(address, max_wait_s)
     start_client(server_address=check_loopback(address), client=client.to_client(), insecure=True,
                  max_wait_time=max_wait_s)
     return client.tally
+
+
+def _wait_for_server(address: str, max_wait_s: float) -> None:
+    """Flower's gRPC-bidi client gives up at once when nothing listens yet: wait for the port first."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"no Flower server answered on {address} within {max_wait_s:.0f} s") from None
+            time.sleep(0.5)
 
 
 def _cuda() -> bool:

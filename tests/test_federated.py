@@ -1,0 +1,173 @@
+"""Federated learning's pieces without a federation: the splits, FedProx's hook, the privacy budget,
+the wire format and the refusals (tests/test_federated_e2e.py runs real federations)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from headstart.core.errors import ConfigError, HeadstartError
+from headstart.combine.federated.split import label_histogram, parse_split, split_indices
+
+
+def _labels(n: int = 600, classes: int = 6, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, classes, n).tolist()
+
+
+@pytest.mark.parametrize("split", ["iid", "dirichlet:0.1", "dirichlet:0.3", "dirichlet:100"])
+def test_every_split_is_a_seeded_partition_with_no_empty_client(split):
+    labels = _labels()
+    shards = split_indices(labels, 10, split, seed=3)
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(len(labels)))  # every example dealt exactly once
+    assert len(shards) == 10 and all(shards)
+    assert shards == split_indices(labels, 10, split, seed=3)
+    assert shards != split_indices(labels, 10, split, seed=4)
+
+
+def test_no_client_is_left_empty_even_when_the_draw_leaves_one_without_examples():
+    labels = _labels(n=24, classes=2)
+    for seed in range(20):  # alpha 0.01 with 12 clients and 24 examples: empty draws happen
+        shards = split_indices(labels, 12, "dirichlet:0.01", seed=seed)
+        assert all(shards) and sorted(i for s in shards for i in s) == list(range(24))
+
+
+def _skew(labels, shards, classes=6) -> float:
+    """Mean share of a client's examples held by its most common class (1/classes = balanced)."""
+    hist = np.array(label_histogram(labels, shards, classes), dtype=float)
+    return float((hist.max(1) / hist.sum(1)).mean())
+
+
+def test_smaller_dirichlet_alpha_means_more_label_skew():
+    labels = _labels(n=3000)
+    iid = _skew(labels, split_indices(labels, 10, "iid", 0))
+    mild = _skew(labels, split_indices(labels, 10, "dirichlet:10", 0))
+    harsh = _skew(labels, split_indices(labels, 10, "dirichlet:0.1", 0))
+    assert iid < 0.25 and mild < 0.35  # near the balanced 1/6
+    assert harsh > 0.6 > mild
+
+
+def test_iid_shards_are_near_equal():
+    sizes = [len(s) for s in split_indices(_labels(n=1003), 10, "iid", 1)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:x", "noniid", "iid:2"])
+def test_bad_split_names_are_refused_in_one_line(bad):
+    with pytest.raises(ConfigError, match="split|dirichlet"):
+        parse_split(bad)
+
+
+def test_more_clients_than_examples_is_refused():
+    with pytest.raises(ConfigError, match="cannot give 5 clients"):
+        split_indices([0, 1, 0], 5, "iid")
+
+
+def test_the_proximal_hook_pulls_towards_the_round_start_and_is_zero_there():
+    from headstart.combine.federated.model import ProximalTerm
+    from headstart.engine.trainer import RunState
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)  # frozen tensors are not pulled
+    hook = ProximalTerm(model, mu=0.5)
+    run = RunState(model=model)
+    assert hook.extra_loss(run, [0]).item() == 0.0
+    with torch.no_grad():
+        model[1].weight += 0.1
+        model[0].weight += 5.0
+    expected = 0.5 * 0.5 * (0.1 ** 2) * model[1].weight.numel()
+    loss = hook.extra_loss(run, [0])
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()  # the gradient is mu * (w - w_global)
+    assert torch.allclose(model[1].weight.grad, torch.full_like(model[1].weight, 0.5 * 0.1), atol=1e-6)
+
+
+def test_fedprox_hook_keeps_a_client_closer_to_the_global_model():
+    """The same local training with and without the proximal term: with it, the weights move less."""
+    from headstart.combine.federated.model import ProximalTerm
+    from headstart.engine.batches import EpochShuffle
+    from headstart.engine.schedule import warmup_cosine_schedule
+    from headstart.engine.trainer import TrainSettings, train
+
+    x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        start = model.weight.detach().clone()
+        hooks = [ProximalTerm(model, mu)] if mu else []
+        step = lambda idx, p: (torch.nn.functional.cross_entropy(model(x[idx]), y[idx]), {}, len(idx))  # noqa: E731
+        train(model, plan=EpochShuffle(64, 8, 5, 0), step_loss=step, param_groups=[{"params": list(model.parameters()), "lr": 0.1}],
+              settings=TrainSettings(lr_schedule=warmup_cosine_schedule(0.0)), hooks=hooks, progress=False)
+        return float((model.weight.detach() - start).norm())
+
+    assert drift(10.0) < 0.5 * drift(0.0)
+
+
+def test_epsilon_is_finite_and_falls_as_the_noise_rises():
+    from headstart.combine.federated.strategy import epsilon
+
+    values = [epsilon(noise, sample_rate=0.3, rounds=20, delta=1e-5) for noise in (0.5, 1.0, 2.0, 4.0)]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    assert values == sorted(values, reverse=True) and values[0] > values[-1]
+    assert epsilon(1.0, 0.3, 40, 1e-5) > epsilon(1.0, 0.3, 20, 1e-5)  # more rounds spend more
+    assert epsilon(0.0, 0.3, 20, 1e-5) == math.inf
+
+
+def test_epsilon_matches_opacus_directly():
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+
+    from headstart.combine.federated.strategy import epsilon
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=0.5, noise_multiplier=1.2, steps=10, orders=orders)
+    eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    assert epsilon(1.2, 0.5, 10, 1e-5) == pytest.approx(float(eps), rel=1e-9)
+
+
+def test_bytes_per_round_are_the_tensors_sent_and_received():
+    from headstart.combine.federated.strategy import sum_fit_metrics
+
+    per = {"bytes_up": 100, "bytes_down": 100, "train_loss": 1.0}
+    out = sum_fit_metrics([(10, per), (30, {**per, "train_loss": 3.0})])
+    assert out["bytes_up"] == 200 and out["bytes_down"] == 200 and out["clients"] == 2
+    assert out["train_loss"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9092", "10.0.0.2:9092", "example.com:80", "127.0.0.1", "127.0.0.1:x"])
+def test_only_loopback_addresses_are_accepted(address):
+    from headstart.combine.federated.simulation import check_loopback
+
+    with pytest.raises(ConfigError, match="loopback"):
+        check_loopback(address)
+    assert check_loopback("127.0.0.1:9092") == "127.0.0.1:9092"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"server": True, "client": "x.csv"}, "one role"),
+    ({"rounds": 0}, "rounds >= 1"),
+    ({"fraction": 0.0}, "fraction"),
+    ({"personalise": True}, "out="),
+    ({"noise": 1.0}, "clip"),
+    ({"server": True, "server_address": "0.0.0.0:9092"}, "loopback"),
+    ({"split": "by-file"}, "two or more"),
+    ({"split": "zipf"}, "unknown split"),
+])
+def test_federate_refuses_bad_settings_in_one_line(tiny_text_csv, kwargs, needle):
+    from headstart.combine.federated import federate
+
+    with pytest.raises(HeadstartError, match=needle):
+        federate(tiny_text_csv, clients=3, base="tiny-text", log=lambda _: None, **kwargs)
+
+
+def test_importing_federated_loads_neither_torch_nor_flower():
+    import subprocess
+    import sys
+
+    code = ("import sys, headstart.combine.federated as f; f.federate; "
+            "print('torch' in sys.modules, 'flwr' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-500:]
