@@ -171,3 +171,23 @@ def test_importing_federated_loads_neither_torch_nor_flower():
             "print('torch' in sys.modules, 'flwr' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr[-500:]
+
+
+def test_the_wire_arrays_are_copies_of_adapter_and_head_that_load_back():
+    from headstart.combine.federated.model import Party
+
+    party = Party("tiny-text", "lora", ["a", "b", "c"], {"r": 2}, seed=0)
+    assert party.keys and all("lora_" in k or k.startswith("head.") for k in party.keys)
+    arrays = party.get_arrays()
+    before = [a.copy() for a in arrays]
+    with torch.no_grad():
+        for p in party.model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before))  # training does not reach the sent arrays
+    party.set_arrays(arrays)
+    assert all(np.array_equal(a, b) for a, b in zip(party.get_arrays(), before))
+    with pytest.raises(ConfigError, match="same base, method and options"):
+        party.set_arrays(arrays[:-1])
+    with pytest.raises(ConfigError, match="shape"):
+        party.set_arrays([np.zeros((1, 1), np.float32)] * len(arrays))

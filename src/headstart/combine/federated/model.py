@@ -51,8 +51,9 @@ class Party:
         return self.backbone.kind
 
     def get_arrays(self) -> list[np.ndarray]:
+        """Copies (a CPU tensor's `.numpy()` shares its memory: training would change them afterwards)."""
         state = trainable_state(self.model)
-        return [state[k].detach().float().cpu().numpy() for k in self.keys]
+        return [state[k].detach().float().cpu().numpy().copy() for k in self.keys]
 
     def set_arrays(self, arrays: list[np.ndarray]) -> None:
         if len(arrays) != len(self.keys):

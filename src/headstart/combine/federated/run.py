@@ -134,7 +134,7 @@ def _report(plan, setup, party, rows, split: str, server: bool, t0: float) -> di
             "payload_bytes": payload_bytes(party.get_arrays()),
             "bytes_per_round": round(sum(r["bytes"] for r in trained) / len(trained)) if trained else 0,
             "shard_sizes": setup.shard_sizes(), "epsilon": None, "bundle": None,
-            "train_s": round(time.perf_counter() - t0, 2)}
+            "rounds_s": round(time.perf_counter() - t0, 2)}
 
 
 def _final_bundle(party, rounds_log, setup, report: dict[str, Any], seed: int):
