@@ -15,7 +15,7 @@ from typing import Any
 
 from flwr.client import NumPyClient
 
-from .model import Party, payload_bytes, remap_labels
+from .model import Party, payload_bytes, remap_labels, round_lr_factor
 
 _PARTIES: dict[str, Party] = {}
 _DATASETS: dict[str, Any] = {}
@@ -78,8 +78,9 @@ class ShardClient(NumPyClient):
         party.set_arrays(parameters)
         # A seed per (round, client): shuffles differ between clients and rounds yet rerun identically.
         seed = int(config["seed"]) * 100_003 + int(config["round"]) * 1_009 + _stable_id(self.shard.name)
+        factor = round_lr_factor(int(config["round"]), int(config["rounds"]))
         loss = party.train(train, epochs=int(config["local_epochs"]), proximal_mu=float(config.get("proximal_mu", 0.0)),
-                           seed=seed, log=self.log)
+                           seed=seed, log=self.log, lr_factor=factor)
         arrays = party.get_arrays()
         metrics = {"train_loss": loss, "bytes_up": payload_bytes(arrays), "bytes_down": payload_bytes(parameters)}
         return arrays, len(train), metrics

@@ -18,8 +18,8 @@ import torch
 from ...core.errors import ConfigError
 from ...engine.checkpoint import trainable_state
 from ...engine.trainer import Hook, RunState
-from ...methods.base import FitContext, SpecialistModel, loader_for
-from ...methods.training import LoopConfig, TrainedMethod, evaluate_split, train_classifier
+from ...methods.base import SpecialistModel, loader_for
+from ...methods.training import TrainedMethod, evaluate_split
 
 
 @dataclass
@@ -68,17 +68,28 @@ class Party:
                                       f"this client has {tuple(target.shape)} (different base or options?)")
                 target.copy_(torch.from_numpy(np.asarray(array)).to(target.dtype))
 
-    def train(self, split, *, epochs: int, proximal_mu: float, seed: int, log: Callable[[str], None]) -> float:
-        """Local epochs on `split` through the engine (FedProx's pull as a hook); returns the mean train loss."""
+    def train(self, split, *, epochs: int, proximal_mu: float, seed: int, log: Callable[[str], None],
+              lr_factor: float = 1.0, lr_schedule: Callable[[int, int], float] | None = None) -> float:
+        """Local epochs on `split` through the engine (FedProx's pull as a hook); returns the mean train loss.
+
+        The learning rate is constant within a round (`lr_factor` x the method's rates): a round is a few
+        steps on a small shard, too short for a warm-up and decay of its own; the decay runs across rounds.
+        `lr_schedule` replaces it (a client training alone uses the usual warm-up + cosine).
+        """
+        from ...engine.batches import EpochShuffle
+        from ...engine.trainer import TrainSettings, train
+        from ...methods.training import cross_entropy_step
+
         cfg = self.method.config
         torch.manual_seed(seed)  # LoRA dropout draws from torch's global generator
-        loop = LoopConfig(epochs=epochs, batch_size=cfg.batch_size, seed=seed, warmup_ratio=cfg.warmup_ratio,
-                          patience=0, grad_clip=1.0, label_smoothing=cfg.label_smoothing)
         hooks = [ProximalTerm(self.model, proximal_mu)] if proximal_mu > 0 else []
-        result, _ = train_classifier(self.model, train_split=split, val=None, load=loader_for(self.kind),
-                                     param_groups=self.method.param_groups(self.model, cfg), cfg=loop,
-                                     set_mode=lambda epoch: self.method.set_mode(self.model, epoch),
-                                     ctx=FitContext(seed=seed, progress=False, use_cache=False, log=log), hooks=hooks)
+        result = train(self.model, plan=EpochShuffle(len(split), cfg.batch_size, epochs, seed),
+                       step_loss=cross_entropy_step(self.model, split, loader_for(self.kind), cfg.label_smoothing),
+                       param_groups=self.method.param_groups(self.model, cfg),
+                       settings=TrainSettings(lr_schedule=lr_schedule or (lambda step, total: lr_factor), grad_clip=1.0,
+                                              loss_key="train_loss"),
+                       hooks=hooks, set_mode=lambda epoch: self.method.set_mode(self.model, epoch), progress=False,
+                       log=log)
         losses = [row["train_loss"] for row in result.history if "train_loss" in row]
         return float(losses[-1]) if losses else float("nan")
 
@@ -101,6 +112,13 @@ class ProximalTerm(Hook):
         terms = [((p - self.anchor[n].to(p.device)) ** 2).sum()
                  for n, p in run.model.named_parameters() if p.requires_grad and n in self.anchor]
         return 0.5 * self.mu * torch.stack(terms).sum() if terms else None
+
+
+def round_lr_factor(server_round: int, rounds: int) -> float:
+    """Cosine decay of the clients' learning rate over the rounds (round 1: the full rate)."""
+    import math
+
+    return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / max(1, rounds)))
 
 
 def payload_bytes(arrays: list[np.ndarray]) -> int:

@@ -44,6 +44,7 @@ def alone_accuracies(party: Party, initial: list, shards: list, *, test, epochs:
                      log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Each client training on its own shard only, from the federation's starting tensors, with the same
     engine and method (the method's own number of epochs unless `epochs`), measured on the same test set."""
+    from ...engine.schedule import warmup_cosine_schedule
     from .model import remap_labels
 
     out = []
@@ -51,7 +52,8 @@ def alone_accuracies(party: Party, initial: list, shards: list, *, test, epochs:
         train, _, own = shard.load()
         party.set_arrays(initial)
         party.train(remap_labels(train, own, party.classes), epochs=epochs or party.method.config.epochs,
-                    proximal_mu=0.0, seed=seed * 100_003 + i, log=lambda _: None)
+                    proximal_mu=0.0, seed=seed * 100_003 + i, log=lambda _: None,
+                    lr_schedule=warmup_cosine_schedule(party.method.config.warmup_ratio))
         accuracy = party.accuracy(test)
         log(f"  {shard.name} alone ({len(train)} examples): accuracy {accuracy:.4f}")
         out.append({"client": shard.name, "examples": len(train), "accuracy": accuracy})

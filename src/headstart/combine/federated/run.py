@@ -67,9 +67,37 @@ def federate(data: "str | Path | list[str | Path] | None" = None, *, clients: in
     >>> [row["round"] for row in report["rounds"]], report["bundle"]
     ([0, 1, 2], None)
     """
+    t0 = time.perf_counter()
+    _refuse_bad_settings(data, rounds, local_epochs, fraction, server, client, server_address, personalise, alone,
+                         out, clip, noise)
+    if client is not None:
+        return _run_client(client, server_address, round_timeout_s, seed, text_column, label_column, progress, t0)
+    from .shards import Setup
+    from .strategy import Plan
+
+    setup = Setup.build(data, clients, split, seed, text_column, label_column, server)
+    recipe = {"base": base or setup.default_base(), "method": method, "options": options, "classes": setup.classes,
+              "seed": seed}
+    plan = Plan(recipe=recipe, clients=setup.clients, rounds=rounds, local_epochs=local_epochs, strategy=strategy,
+                proximal_mu=proximal_mu, fraction=fraction, clip=clip, noise=noise if clip is not None else 0.0,
+                delta=delta)
+    log(f"federate: {setup.clients} clients ({split}), {rounds} rounds of {strategy}, {method} on {recipe['base']}")
+    where = {"server": server, "address": server_address, "workers": workers, "round_timeout_s": round_timeout_s,
+             "progress": progress}
+    report = _federation(plan, setup, split, where, t0)
+    if out is not None:
+        report["bundle"] = str(report.pop("_specialist").save(out))
+    report.pop("_specialist", None)
+    _extras(report, setup, report.pop("_party"), report.pop("_initial"), alone, personalise, out, seed, log)
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    log(_summary(report))
+    return report
+
+
+def _refuse_bad_settings(data, rounds, local_epochs, fraction, server, client, server_address, personalise, alone,
+                         out, clip, noise) -> None:
     from .simulation import check_loopback
 
-    t0 = time.perf_counter()
     if server and client is not None:
         raise ConfigError("choose one role: server=True or client=DATA")
     if rounds < 1 or local_epochs < 1 or not 0 < fraction <= 1:
@@ -77,42 +105,34 @@ def federate(data: "str | Path | list[str | Path] | None" = None, *, clients: in
     if server or client is not None:
         check_loopback(server_address)
     if client is not None:
-        return _run_client(client, server_address, round_timeout_s, seed, text_column, label_column, progress, t0)
+        return
     if data is None:
         raise ConfigError("no data: give the dataset to federate (or client=DATA to join a server)")
     if personalise and out is None:
         raise ConfigError("personalise writes each client's bundle beside the global one: give out=FOLDER")
     if server and (alone or personalise):
         raise ConfigError("alone and personalise need the clients' shards: use them in a simulation")
-    from .model import Party
-    from .shards import Setup
-
-    setup = Setup.build(data, clients, split, seed, text_column, label_column, server)
-    from .strategy import Plan, epsilon
-
-    recipe = {"base": base or setup.default_base(), "method": method, "options": options, "classes": setup.classes,
-              "seed": seed}
-    party = Party(recipe["base"], method, setup.classes, options, seed)
-    initial = party.get_arrays()
-    plan = Plan(recipe=recipe, clients=setup.clients, rounds=rounds, local_epochs=local_epochs, strategy=strategy,
-                proximal_mu=proximal_mu, fraction=fraction, clip=clip, noise=noise if clip is not None else 0.0,
-                delta=delta)
     if noise and clip is None:
         raise ConfigError("noise needs a clipping norm (clip=...): the noise is a multiple of the clip")
-    log(f"federate: {setup.clients} clients ({split}), {rounds} rounds of {strategy}, {method} on {recipe['base']}")
-    rounds_log = _run_rounds(plan, setup, party, server, server_address, workers, round_timeout_s, progress)
-    report = _report(plan, setup, party, rounds_log.rows, split, server, t0)
-    if clip is not None:
-        report["epsilon"] = epsilon(plan.noise, plan.per_round / plan.clients, rounds, delta)
-        report.update(delta=delta, clip=clip, noise=plan.noise)
-    spec = _final_bundle(party, rounds_log, setup, report, seed)
+
+
+def _federation(plan, setup, split: str, where: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The rounds, the report and the global specialist (under private keys, taken out by `federate`)."""
+    from .model import Party
+    from .strategy import epsilon
+
+    recipe = plan.recipe
+    party = Party(recipe["base"], recipe["method"], setup.classes, recipe["options"], recipe["seed"])
+    initial = party.get_arrays()
+    rounds_log = _run_rounds(plan, setup, party, where["server"], where["address"], where["workers"],
+                             where["round_timeout_s"], where["progress"])
+    report = _report(plan, setup, party, rounds_log.rows, split, where["server"], t0)
+    if plan.clip is not None:
+        report["epsilon"] = epsilon(plan.noise, plan.per_round / plan.clients, plan.rounds, plan.delta)
+        report.update(delta=plan.delta, clip=plan.clip, noise=plan.noise)
+    spec = _final_bundle(party, rounds_log, setup, report, recipe["seed"])
     report["accuracy"] = float(spec.manifest["metrics"]["accuracy"])
-    if out is not None:
-        report["bundle"] = str(spec.save(out))
-    _extras(report, setup, party, initial, alone, personalise, out, seed, log)
-    report["wall_s"] = round(time.perf_counter() - t0, 2)
-    log(_summary(report))
-    return report
+    return {**report, "_specialist": spec, "_party": party, "_initial": initial}
 
 
 def _run_rounds(plan, setup, party, server: bool, address: str, workers: int, round_timeout_s: float, progress: bool):

@@ -52,7 +52,7 @@ def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float],
 
     def fit_config(server_round: int) -> dict[str, Any]:
         return {"recipe": recipe, "local_epochs": plan.local_epochs, "seed": int(plan.recipe["seed"]),
-                "round": server_round}
+                "round": server_round, "rounds": plan.rounds}
 
     def central(server_round: int, arrays: list, config: dict) -> tuple[float, dict[str, Any]] | None:
         accuracy = evaluate(arrays)
