@@ -79,7 +79,12 @@ def personalise_clients(bundle: Path, shards: list, *, classes: list[str], kind:
                         f"{shard.name} local test")
         night = write_shard(train, classes, kind, folder / "nights" / shard.name)
         target = folder / shard.name
-        report = update_specialist(bundle, [night], target, UpdateOptions(seed=seed, log=lambda _: None))
+        # max_forgetting=None: a personal version is meant to lean towards its client's data, so the
+        # night always lands (the guard's figures are still measured and reported by `update`).
+        report = update_specialist(bundle, [night], target, UpdateOptions(seed=seed, max_forgetting=None,
+                                                                          log=lambda _: None))
+        if not (target / "manifest.json").exists() and not (target / "LINEAGE.json").exists():
+            target = bundle  # nothing new to learn on this shard: the client keeps the global version
         row = {"client": shard.name, "bundle": str(target), "accepted": bool(report.get("accepted")),
                "local_test": len(mine),
                "global_accuracy": float(load(bundle).evaluate(local, progress=False)["accuracy"]) if mine else None,
