@@ -191,3 +191,26 @@ def test_the_wire_arrays_are_copies_of_adapter_and_head_that_load_back():
         party.set_arrays(arrays[:-1])
     with pytest.raises(ConfigError, match="shape"):
         party.set_arrays([np.zeros((1, 1), np.float32)] * len(arrays))
+
+
+def test_by_file_gives_one_client_per_table_with_the_union_of_labels_and_tests(tmp_path):
+    from conftest import text_rows, write_table
+
+    from headstart.combine.federated.shards import Setup
+
+    folders = []
+    for name, classes in (("books", ("food", "sport")), ("dvd", ("sport", "tech"))):
+        folder = tmp_path / name
+        write_table(folder / "train.csv", text_rows(20, seed=0, classes=classes))
+        write_table(folder / "test.csv", text_rows(10, seed=1, classes=classes))
+        folders.append(folder)
+    setup = Setup.build(folders, clients=10, split="by-file", seed=0, text_column="text", label_column="label",
+                        server=False)
+    assert setup.clients == 2 and [s.name for s in setup.shards] == ["books", "dvd"]
+    assert setup.classes == ["food", "sport", "tech"] and len(setup.test) == 20
+    assert setup.shard_sizes() == [20, 20]
+    assert {setup.classes[y] for y in setup.test.labels} == {"food", "sport", "tech"}
+    dvd_train, _, own = setup.shards[1].load()
+    assert own == ["sport", "tech"] and len(dvd_train) == 20
+    with pytest.raises(ConfigError, match="by-file"):
+        Setup.build(folders, clients=2, split="iid", seed=0, text_column="text", label_column="label", server=False)

@@ -7,6 +7,7 @@ Cheap to import (the CLI reads `federate`'s signature): torch and Flower load in
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -128,7 +129,8 @@ def _federation(plan, setup, split: str, where: dict[str, Any], t0: float) -> di
                              where["round_timeout_s"], where["progress"])
     report = _report(plan, setup, party, rounds_log.rows, split, where["server"], t0)
     if plan.clip is not None:
-        report["epsilon"] = epsilon(plan.noise, plan.per_round / plan.clients, plan.rounds, plan.delta)
+        spent = epsilon(plan.noise, plan.per_round / plan.clients, plan.rounds, plan.delta)
+        report["epsilon"] = spent if math.isfinite(spent) else None  # clipping without noise: no guarantee
         report.update(delta=plan.delta, clip=plan.clip, noise=plan.noise)
     spec = _final_bundle(party, rounds_log, setup, report, recipe["seed"])
     report["accuracy"] = float(spec.manifest["metrics"]["accuracy"])
