@@ -214,3 +214,33 @@ def test_by_file_gives_one_client_per_table_with_the_union_of_labels_and_tests(t
     assert own == ["sport", "tech"] and len(dvd_train) == 20
     with pytest.raises(ConfigError, match="by-file"):
         Setup.build(folders, clients=2, split="iid", seed=0, text_column="text", label_column="label", server=False)
+
+
+def test_a_client_round_trains_its_shard_and_fedprox_mu_keeps_it_near_the_global_tensors(tiny_text_csv):
+    import json
+
+    from headstart.combine.federated.client import Shard, ShardClient, party_for
+    from headstart.combine.federated.model import payload_bytes
+    from headstart.combine.federated.strategy import Plan, build_strategy, RoundLog
+
+    recipe = json.dumps({"base": "tiny-text", "method": "lora", "options": {"r": 2, "batch_size": 8, "lr": 5e-2,
+                                                                            "head_lr": 5e-2},
+                         "classes": ["food", "sport", "tech"], "seed": 0}, sort_keys=True)
+    start = party_for(recipe).get_arrays()
+    client = ShardClient(Shard(data=str(tiny_text_csv), indices=list(range(30)), name="c0"), log=lambda _: None)
+
+    def drift(mu: float) -> float:
+        config = {"recipe": recipe, "local_epochs": 3, "seed": 0, "round": 1, "rounds": 2, "proximal_mu": mu}
+        arrays, count, metrics = client.fit([a.copy() for a in start], config)
+        assert count == 30 and metrics["bytes_up"] == metrics["bytes_down"] == payload_bytes(start)
+        return float(sum(((a - b) ** 2).sum() for a, b in zip(arrays, start)) ** 0.5)
+
+    free, pulled = drift(0.0), drift(50.0)
+    assert free > 0 and pulled < 0.5 * free
+    # Flower's FedProx is what sends mu to the clients, inside every round's config.
+    plan = Plan(recipe=json.loads(recipe), clients=2, rounds=1, strategy="fedprox", proximal_mu=0.7)
+    strategy = build_strategy(plan, start, lambda arrays: 0.0, RoundLog())
+    assert type(strategy).__name__ == "FedProx" and strategy.proximal_mu == 0.7
+    dp = build_strategy(Plan(recipe=plan.recipe, clients=2, rounds=1, clip=1.0, noise=1.0), start, lambda a: 0.0,
+                        RoundLog())
+    assert type(dp).__name__ == "DifferentialPrivacyServerSideFixedClipping" and type(dp.strategy).__name__ == "FedAvg"
