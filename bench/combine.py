@@ -34,7 +34,7 @@ QUIET = {"log": lambda s: None}
 def soups(found: dict, results: dict) -> None:
     import headstart
 
-    rows = {}
+    rows = results.get("soups", {})
     for name in ("trec", "flowers17"):
         bundles = found[name]
         t0 = time.perf_counter()
@@ -120,7 +120,8 @@ def multitask(found: dict, results: dict, work: Path, epochs: int) -> None:
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     per = {n: m["tasks"][n]["accuracy"] for n in names}
     results["multitask"] = {"per_task": per, "alone": alone, "normalized": sum(per[n] / alone[n] for n in names) / 4,
-                            "mean": sum(per.values()) / 4, "seconds": round(time.perf_counter() - t0, 1)}
+                            "mean": sum(per.values()) / 4,
+                            "seconds": m.get("wall_s", round(time.perf_counter() - t0, 1))}
     print("\n### Multi-task training (one lora adapter, a head per task) vs one specialist per task\n")
     print("| task | alone | multi-task |")
     print("|---|---|---|")
@@ -151,11 +152,13 @@ def main() -> None:
     p.add_argument("--flowers-epochs", type=int, default=3)
     a = p.parse_args()
     work = Path(a.work)
-    found = ingredients(work, a.seeds, a.epochs, a.flowers_epochs)
+    stages = a.stages.split(",")
+    which = ("trec", "flowers17") * ("soups" in stages) + ("tasks",) * bool({"merges", "peft", "multitask"} & set(stages))
+    found = ingredients(work, a.seeds, a.epochs, a.flowers_epochs, which)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["settings"] = {"seeds": a.seeds, "epochs": a.epochs, "flowers_epochs": a.flowers_epochs,
                            "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
-    for stage in a.stages.split(","):
+    for stage in stages:
         {"soups": lambda: soups(found, results), "merges": lambda: merges(found, results),
          "peft": lambda: peft_comparison(found, results),
          "multitask": lambda: multitask(found, results, work, a.epochs)}[stage]()

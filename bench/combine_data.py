@@ -123,19 +123,23 @@ def fit_once(data: Path, out: Path, base: str, seed: int, **options) -> Path:
     return out
 
 
-def ingredients(work: Path, seeds: int, epochs: int, flowers_epochs: int) -> dict[str, list[Path]]:
-    """The specialists every stage combines: `trec-s{i}` / `flowers17-s{i}` soups, and one per text task."""
+def ingredients(work: Path, seeds: int, epochs: int, flowers_epochs: int,
+                which: tuple[str, ...] = ("trec", "tasks", "flowers17")) -> dict[str, list[Path]]:
+    """The specialists the stages combine: `trec-s{i}` / `flowers17-s{i}` soups, one per text task (`tasks`:
+    sst2, trec, emotion, subj; trec's is `trec-s0`). Only the groups in `which` are trained."""
     runs = work / "runs"
-    found: dict[str, list[Path]] = {"trec": [], "flowers17": [], "tasks": []}
-    for s in range(seeds):
-        found["trec"].append(fit_once(text_task("trec", work), runs / f"trec-s{s}", "minilm-l6", s, epochs=epochs))
-    for name in ("sst2", "emotion", "subj"):
-        found["tasks"].append(fit_once(text_task(name, work), runs / f"{name}-s0", "minilm-l6", 0, epochs=epochs))
-    found["tasks"].insert(1, found["trec"][0])
-    flowers = image_task("flowers17", work)
-    for s in range(seeds):
-        found["flowers17"].append(fit_once(flowers, runs / f"flowers17-s{s}", "efficientnet-lite0", s,
-                                           epochs=flowers_epochs))
+    found: dict[str, list[Path]] = {}
+    if "trec" in which or "tasks" in which:
+        found["trec"] = [fit_once(text_task("trec", work), runs / f"trec-s{s}", "minilm-l6", s, epochs=epochs)
+                         for s in range(seeds if "trec" in which else 1)]
+    if "tasks" in which:
+        found["tasks"] = [fit_once(text_task(name, work), runs / f"{name}-s0", "minilm-l6", 0, epochs=epochs)
+                          for name in ("sst2", "emotion", "subj")]
+        found["tasks"].insert(1, found["trec"][0])
+    if "flowers17" in which:
+        flowers = image_task("flowers17", work)
+        found["flowers17"] = [fit_once(flowers, runs / f"flowers17-s{s}", "efficientnet-lite0", s,
+                                       epochs=flowers_epochs) for s in range(seeds)]
     return found
 
 
