@@ -58,8 +58,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         text_column: classify: the text column of a table.
         label_column: classify: the label column of a table.
         image_size: classify: train and predict image bases at this resolution (default: the base's own).
-        skip_placeholders: classify: skip images with very few colours (hub "image not found" placeholders);
-            False keeps line art and synthetic icons.
+        skip_placeholders: classify: skip images of very few colours ("image not found"); False keeps line art.
         log: Where progress lines go.
         **options: The method's config fields (`headstart methods`), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
 
