@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg,fedprox")
     parser.add_argument("--rounds", type=int, default=None, help="default 20 (2 with --quick)")
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal mu")
+    # FedProx's paper tries mu in 0.001..1; at 0.01 (federate's default) the quick run matched FedAvg to 4 digits.
+    parser.add_argument("--mu", type=float, default=0.1, help="FedProx's proximal mu")
     parser.add_argument("--base", default="minilm-l6")
     parser.add_argument("--workers", type=int, default=1, help="simulation worker processes")
     parser.add_argument("--seed", type=int, default=0)
