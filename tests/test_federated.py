@@ -155,12 +155,13 @@ def test_only_loopback_addresses_are_accepted(address):
     ({"server": True, "server_address": "0.0.0.0:9092"}, "loopback"),
     ({"split": "by-file"}, "two or more"),
     ({"split": "zipf"}, "unknown split"),
+    ({"data": []}, "no data"),
 ])
 def test_federate_refuses_bad_settings_in_one_line(tiny_text_csv, kwargs, needle):
     from headstart.combine.federated import federate
 
     with pytest.raises(HeadstartError, match=needle):
-        federate(tiny_text_csv, clients=3, base="tiny-text", log=lambda _: None, **kwargs)
+        federate(kwargs.pop("data", tiny_text_csv), clients=3, base="tiny-text", log=lambda _: None, **kwargs)
 
 
 def test_importing_federated_loads_neither_torch_nor_flower():

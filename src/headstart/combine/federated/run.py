@@ -107,7 +107,7 @@ def _refuse_bad_settings(data, rounds, local_epochs, fraction, server, client, s
         check_loopback(server_address)
     if client is not None:
         return
-    if data is None:
+    if data is None or (isinstance(data, (list, tuple)) and not data):  # the CLI passes [] when none is given
         raise ConfigError("no data: give the dataset to federate (or client=DATA to join a server)")
     if personalise and out is None:
         raise ConfigError("personalise writes each client's bundle beside the global one: give out=FOLDER")
