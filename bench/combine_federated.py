@@ -55,10 +55,12 @@ def _head(rows: list[tuple[str, str]], per_class: int | None) -> list[tuple[str,
     return out
 
 
-def scenarios(quick: bool) -> dict[str, dict]:
-    """Each scenario's data as folders of train.csv + test.csv (quick: slices, written once under the cache)."""
-    root = cache_dir("bench", "federated", "quick" if quick else "full")
-    train_n, test_n = (8, 4) if quick else (None, None)
+def scenarios(quick: bool, per_class: int | None = None, test_per_class: int | None = None) -> dict[str, dict]:
+    """Each scenario's data as folders of train.csv + test.csv (quick / --per-class: the first rows of every
+    label, written once under the cache)."""
+    name = "quick" if quick else f"full-{per_class}-{test_per_class}" if per_class or test_per_class else "full"
+    root = cache_dir("bench", "federated", name)
+    train_n, test_n = (8, 4) if quick else (per_class, test_per_class)
     banking = root / "banking77"
     if not (banking / "test.csv").exists():
         _write(banking / "train.csv", _head(_read(DATA / "banking77" / "train.csv"), train_n))
@@ -68,8 +70,8 @@ def scenarios(quick: bool) -> dict[str, dict]:
         folder = root / "amazon" / domain
         if not (folder / "test.csv").exists():
             source = DATA / "amazon_multidomain"
-            _write(folder / "train.csv", _head(_read(source / f"{domain}_train.csv"), 50 if quick else None))
-            _write(folder / "test.csv", _head(_read(source / f"{domain}_test.csv"), 25 if quick else None))
+            _write(folder / "train.csv", _head(_read(source / f"{domain}_train.csv"), 50 if quick else train_n))
+            _write(folder / "test.csv", _head(_read(source / f"{domain}_test.csv"), 25 if quick else test_n))
         amazon.append(folder)
     return {"banking77": {"data": banking, "clients": 10, "split": "dirichlet:0.3"},
             "amazon": {"data": amazon, "clients": 4, "split": "by-file"}}
@@ -145,13 +147,15 @@ def main() -> None:
     parser.add_argument("--base", default="minilm-l6")
     parser.add_argument("--workers", type=int, default=1, help="simulation worker processes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=None, help="train on the first N rows of every label")
+    parser.add_argument("--test-per-class", type=int, default=None, help="test on the first N rows of every label")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 20)
     args.strategies = args.strategies.split(",")
     args.options = {"batch_size": 16, "epochs": 1} if args.quick else {}
     out = REPO / "bench" / "results" / ("combine_federated_quick.json" if args.quick else "combine_federated.json")
     results = {"settings": {k: v for k, v in vars(args).items()}, "scenarios": []}
-    all_scenarios = scenarios(args.quick)
+    all_scenarios = scenarios(args.quick, args.per_class, args.test_per_class)
     for name in args.scenarios.split(","):
         row = run_scenario(name, all_scenarios[name], args)
         print(table(row, args.strategies), flush=True)

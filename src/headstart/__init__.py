@@ -22,7 +22,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 _EXPORTS = {
     "fit": ".api", "load": ".api", "evaluate": ".api",
     "update": ".api", "history": ".api", "rollback": ".api", "diff": ".api",
-    "merge": ".combine.merge", "adapt": ".experiments.adapt", "run_shots": ".experiments.shots", "rank": ".transfer.rank",
+    "merge": ".combine.merge", "federate": ".combine.federated.run", "adapt": ".experiments.adapt", "run_shots": ".experiments.shots", "rank": ".transfer.rank",
     "corrupt_folder": ".data.corrupt", "load_dataset": ".data",
     "list_bases": ".bases", "load_base": ".bases", "list_methods": ".methods.registry",
     "Specialist": ".bundle.classifier", "HeadstartError": ".core.errors",
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .api import diff, evaluate, fit, history, load, rollback, update  # noqa: F401
     from .bases import list_bases, load_base  # noqa: F401
     from .bundle.classifier import Specialist  # noqa: F401
+    from .combine.federated.run import federate  # noqa: F401
     from .combine.merge import merge  # noqa: F401
     from .core.errors import HeadstartError  # noqa: F401
     from .data import load_dataset  # noqa: F401

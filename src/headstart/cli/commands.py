@@ -197,6 +197,15 @@ COMMANDS: list[Command] = [
             "Examples:\n  headstart merge runs/trec-s0 runs/trec-s1 runs/trec-s2 --method soup --greedy-on val "
             "--out runs/trec-soup\n  headstart merge runs/sst2 runs/trec runs/emotion runs/subj --method ties --density 0.2 "
             "--out runs/four-in-one")),
+    Command("federate", "headstart.combine.federated.run:federate", show.federate, flags={
+        "data": Flag("data", help="the dataset to deal to the clients, or one table per client with --split by-file",
+                     positional=True, nargs="*"), "out": Flag("out", ("--out",))},
+        option_tasks=("classify",), json="print the report as JSON on the last stdout line",
+        help="Train one specialist across clients that never share their data (Flower: FedAvg, FedProx, "
+             "optional DP); only adapter + head tensors travel.", examples=(
+            "Examples:\n  headstart federate ../shared/data/banking77 --clients 10 --split dirichlet:0.3 --rounds 20 "
+            "--method lora --out runs/fed\n  headstart federate ../shared/data/banking77 --server --clients 2 --out "
+            "runs/fed\n  headstart federate --client shard0.csv --server-address 127.0.0.1:9092")),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
         "out": Flag("out", ("--out",), required=True)}, json=""),
 ]

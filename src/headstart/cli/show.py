@@ -208,3 +208,24 @@ def merge(r: dict, args: Namespace) -> None:
     if r.get("bundle"):
         energy = f", energy kept >= {r['energy']['min']:.4f}" if r.get("energy") else ""
         print(f"bundle: {r['bundle']}" + (f" (LoRA rank {r['rank']}{energy})" if r.get("rank") else ""))
+
+
+def federate(r: dict, args: Namespace) -> None:
+    """A round table (accuracy of the global model, MB moved), then the privacy budget and the yardsticks."""
+    if args.json:
+        print(json.dumps(r, default=float))
+        return
+    if r.get("mode") == "client":
+        print(f"client {r['client']} done: {r['rounds']} rounds on {r['examples']} examples, "
+              f"{r['bytes_down'] / 1e6:.1f} MB received, {r['bytes_up'] / 1e6:.1f} MB sent, {r['wall_s']:.0f} s")
+        return
+    print(f"{'round':>5} {'accuracy':>9} {'MB':>8}")
+    for row in r.get("rounds", []):
+        acc = f"{row['accuracy']:.4f}" if row.get("accuracy") is not None else "-"
+        print(f"{row['round']:>5} {acc:>9} {row.get('bytes', 0) / 1e6:>8.2f}")
+    if r.get("epsilon") is not None:
+        print(f"privacy: epsilon {r['epsilon']:.2f} at delta {r['delta']:g}")
+    if r.get("alone_mean") is not None:
+        print(f"each client alone (mean): {r['alone_mean']:.4f}")
+    if r.get("bundle"):
+        print(f"bundle: {r['bundle']}")
