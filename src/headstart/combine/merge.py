@@ -181,13 +181,11 @@ class _Judge:
 
 
 def _summary_line(report: dict[str, Any]) -> str:
-    acc = report.get("accuracy")
-    norm = report.get("normalized")
-    parts = [f"merged ({report['recipe']['label']})"]
-    if acc is not None:
-        parts.append(f"accuracy {acc:.4f}")
-    if norm is not None:
-        parts.append(f"normalized {norm:.3f} of the specialists alone")
+    facts = []
+    if report.get("accuracy") is not None:
+        facts.append(f"accuracy {report['accuracy']:.4f}")
+    if report.get("normalized") is not None:
+        facts.append(f"normalized {report['normalized']:.3f} of the specialists alone")
     if report.get("bundle"):
-        parts.append(f"-> {report['bundle']}")
-    return ": ".join(parts[:1]) + ": " + ", ".join(parts[1:]) if len(parts) > 1 else parts[0]
+        facts.append(f"-> {report['bundle']}")
+    return f"merged ({report['recipe']['label']})" + (": " + ", ".join(facts) if facts else "")
