@@ -38,7 +38,7 @@ def peft_merges(bundles) -> list[dict]:
         alone[ing.name] = judge([task], heads, features, "eval")[ing.name]["kept"]["accuracy"]
     rows, n = [], len(ings)
     for ctype, weights, density in COMBINATIONS:
-        name = f"{ctype}-{weights}-{density}"
+        name = f"{ctype}_{weights}_{int(round((density or 0) * 100))}"  # module names may not hold dots
         torch.manual_seed(0)
         kwargs = {"density": density} if density is not None else {}
         try:
