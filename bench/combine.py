@@ -31,11 +31,11 @@ DARE_SEEDS = 3
 QUIET = {"log": lambda s: None}
 
 
-def soups(found: dict, results: dict) -> None:
+def soups(found: dict, results: dict, sets: list[str]) -> None:
     import headstart
 
     rows = results.get("soups", {})
-    for name in ("trec", "flowers17"):
+    for name in sets:
         bundles = found[name]
         t0 = time.perf_counter()
         uni = headstart.merge(bundles, method="soup", **QUIET)
@@ -150,16 +150,18 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--flowers-epochs", type=int, default=3)
+    p.add_argument("--soup-sets", default="trec,flowers17", help="which soups the soups stage makes")
     a = p.parse_args()
     work = Path(a.work)
     stages = a.stages.split(",")
-    which = ("trec", "flowers17") * ("soups" in stages) + ("tasks",) * bool({"merges", "peft", "multitask"} & set(stages))
+    sets = a.soup_sets.split(",")
+    which = tuple(sets) * ("soups" in stages) + ("tasks",) * bool({"merges", "peft", "multitask"} & set(stages))
     found = ingredients(work, a.seeds, a.epochs, a.flowers_epochs, which)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["settings"] = {"seeds": a.seeds, "epochs": a.epochs, "flowers_epochs": a.flowers_epochs,
                            "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
     for stage in stages:
-        {"soups": lambda: soups(found, results), "merges": lambda: merges(found, results),
+        {"soups": lambda: soups(found, results, sets), "merges": lambda: merges(found, results),
          "peft": lambda: peft_comparison(found, results),
          "multitask": lambda: multitask(found, results, work, a.epochs)}[stage]()
         RESULTS.parent.mkdir(exist_ok=True)
