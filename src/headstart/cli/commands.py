@@ -123,6 +123,8 @@ def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any
     return None
 
 
+OUT_FLAG = Flag("out", ("--out",))
+REPORT_JSON = "print the report as JSON on the last stdout line"
 HEAD_FLAG = Flag("head", ("--task", "--head"), "which head of a bundle with a head per task (multi-task fits, "
                  "merges of different tasks)")
 
@@ -190,8 +192,7 @@ COMMANDS: list[Command] = [
     Command("diff", "headstart.api:diff", show.diff, json="print the differences as JSON",
             help="What changed between two versions of a specialist: labels, metrics, guard figures."),
     Command("merge", "headstart.combine.merge:merge", show.merge, flags={
-        "bundles": Flag("bundles", positional=True, nargs="+"), "out": Flag("out", ("--out",))},
-        json="print the report as JSON on the last stdout line",
+        "bundles": Flag("bundles", positional=True, nargs="+"), "out": OUT_FLAG}, json=REPORT_JSON,
         help="Merge specialists of one base into one (soups, task arithmetic, TIES, DARE; a head per task), "
              "scored beside each specialist alone.", examples=(
             "Examples:\n  headstart merge runs/trec-s0 runs/trec-s1 runs/trec-s2 --method soup --greedy-on val "
@@ -199,8 +200,7 @@ COMMANDS: list[Command] = [
             "--out runs/four-in-one")),
     Command("federate", "headstart.combine.federated.run:federate", show.federate, flags={
         "data": Flag("data", help="the dataset to deal to the clients, or one table per client with --split by-file",
-                     positional=True, nargs="*"), "out": Flag("out", ("--out",))},
-        option_tasks=("classify",), json="print the report as JSON on the last stdout line",
+                     positional=True, nargs="*"), "out": OUT_FLAG}, option_tasks=("classify",), json=REPORT_JSON,
         help="Train one specialist across clients that never share their data (Flower: FedAvg, FedProx, "
              "optional DP); only adapter + head tensors travel.", examples=(
             "Examples:\n  headstart federate ../shared/data/banking77 --clients 10 --split dirichlet:0.3 --rounds 20 "
