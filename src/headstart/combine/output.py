@@ -43,7 +43,7 @@ def write_merged(out: Path, backbone, body, ings: list[Ingredient], tasks: list[
         if first.method == "lora":
             model, method, rank_info, energy = _lora_model(Path(tmp), backbone, body, first, final, rank, len(classes))
         else:
-            model, rank_info, energy = _finetune_model(backbone, first, len(classes)), None, None
+            model, rank_info, energy = _finetune_model(backbone, final.deltas, len(classes)), None, None
             method = make_method(first.method, **first.manifest["method"]["config"])
         set_linear(model.head, head["head.weight"], head["head.bias"])
         stored = _score_stored(model, body.load, tasks, final)
@@ -81,13 +81,12 @@ def _lora_model(tmp: Path, backbone, body, first: Ingredient, final: Final, rank
     return model, method, top, {"min": round(min(values), 6), "mean": round(sum(values) / len(values), 6)} if values else None
 
 
-def _finetune_model(backbone, first: Ingredient, num_classes: int) -> SpecialistModel:
-    """The body already holds base + merged delta (and statistics); only what changed is marked trained."""
-    changed = {name for name in first.deltas}
+def _finetune_model(backbone, deltas: dict[str, torch.Tensor], num_classes: int) -> SpecialistModel:
+    """The body already holds base + merged delta (and statistics); only what any specialist changed is
+    marked trained (so it is stored)."""
     for name, p in backbone.named_parameters():
-        p.requires_grad_(name in changed)
-    model = SpecialistModel(backbone, num_classes)
-    return model
+        p.requires_grad_(name in deltas)
+    return SpecialistModel(backbone, num_classes)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ task vectors, heads and statistics. `auto` and greedy soups try many recipes; ea
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -129,10 +129,6 @@ def combine_buffers(ings: list[Ingredient], recipe: Recipe) -> dict[str, torch.T
     return out
 
 
-def alone(recipe_or_n: int, i: int) -> Recipe:
-    """Specialist i by itself (weight 1): how the report scores each ingredient through the same path."""
-    return Recipe("linear", tuple(1.0 if j == i else 0.0 for j in range(recipe_or_n)))
-
-
-def with_weights(recipe: Recipe, weights: tuple[float, ...]) -> Recipe:
-    return replace(recipe, weights=weights)
+def alone(n: int, i: int) -> Recipe:
+    """Specialist i of n by itself (weight 1): how the report scores each ingredient through the same path."""
+    return Recipe("linear", tuple(1.0 if j == i else 0.0 for j in range(n)))
