@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,9 +106,11 @@ def run_scenario(name: str, scenario: dict, args) -> dict:
         report = federate(scenario["data"], clients=scenario["clients"], split=scenario["split"], rounds=args.rounds,
                           base=args.base, method="lora", strategy=strategy, proximal_mu=args.mu,
                           local_epochs=args.local_epochs, alone=strategy == args.strategies[0], seed=args.seed,
-                          workers=args.workers, log=lambda _: None, **args.options)
+                          workers=args.workers, log=lambda line, tag=f"[{name} {strategy}]": print(tag, line.strip(), flush=True),
+                          **args.options)
         row[strategy] = {"accuracy": report["accuracy"], "per_round": report["accuracy_per_round"],
                          "bytes_per_round": report["bytes_per_round"], "payload_bytes": report["payload_bytes"],
+                         "statistics_bytes": report["statistics_bytes"],
                          "shard_sizes": report["shard_sizes"], "wall_s": round(time.perf_counter() - t0, 1)}
         if "alone" in report:
             row["alone"], row["alone_mean"] = report["alone"], report["alone_mean"]
@@ -161,7 +164,9 @@ def main() -> None:
         print(table(row, args.strategies), flush=True)
         results["scenarios"].append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1, default=str))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        os.replace(tmp, out)
     print(f"\nwrote {out}")
 
 

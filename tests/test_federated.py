@@ -245,3 +245,60 @@ def test_a_client_round_trains_its_shard_and_fedprox_mu_keeps_it_near_the_global
     dp = build_strategy(Plan(recipe=plan.recipe, clients=2, rounds=1, clip=1.0, noise=1.0), start, lambda a: 0.0,
                         RoundLog())
     assert type(dp).__name__ == "DifferentialPrivacyServerSideFixedClipping" and type(dp.strategy).__name__ == "FedAvg"
+
+
+def test_pooled_class_statistics_are_the_union_s_and_their_discriminant_head_separates_the_classes(tiny_text_csv):
+    from headstart.combine.federated.client import Shard
+    from headstart.combine.federated.model import Party, remap_labels
+    from headstart.combine.federated.warmup import arrays_with_head, class_statistics, lda_head
+
+    classes = ["food", "sport", "tech"]
+    party = Party("tiny-text", "lora", classes, {"r": 2}, seed=0)
+    shards = [Shard(data=str(tiny_text_csv), indices=list(range(i, 30, 3)), name=f"c{i}") for i in range(3)]
+    splits = [remap_labels(train, own, classes) for train, _, own in (s.load() for s in shards)]
+    union_train, _, own = Shard(data=str(tiny_text_csv), indices=list(range(30))).load()
+    # Flower's FedAvg: the example-weighted mean of what each client sends = the union's moments.
+    sent = [class_statistics(party, split) for split in splits]
+    pooled = [sum(len(split) * s[k] for split, s in zip(splits, sent)) / 30 for k in range(3)]
+    for mine, theirs in zip(pooled, class_statistics(party, remap_labels(union_train, own, classes))):
+        assert np.allclose(mine, theirs, atol=1e-5)
+    assert np.isclose(pooled[1].sum(), 1.0)
+    # Three well-separated Gaussian classes in 8 dimensions (a fourth class nobody holds): the head
+    # from their moments classifies new draws of them and never predicts the absent class.
+    gen = torch.Generator().manual_seed(0)
+    centres = 3 * torch.eye(4, 8)
+    x = torch.cat([centres[c] + torch.randn(200, 8, generator=gen) for c in range(3)]).double()
+    y = torch.arange(3).repeat_interleave(200)
+    sums = torch.zeros(4, 8, dtype=torch.float64).index_add_(0, y, x)
+    counts = torch.bincount(y, minlength=4).double()
+    weight, bias = lda_head([(t / 600).numpy() for t in (sums, counts, x.T @ x)])
+    fresh = torch.cat([centres[c] + torch.randn(100, 8, generator=gen) for c in range(3)])
+    predicted = (fresh @ weight.T + bias).argmax(1)
+    assert (predicted == torch.arange(3).repeat_interleave(100)).float().mean() > 0.95
+    assert torch.all(weight[3] == 0) and bias[3] < bias[:3].min()
+    arrays = party.get_arrays()
+    swapped = arrays_with_head(party.keys, arrays, torch.ones(3, arrays[party.keys.index("head.weight")].shape[1]),
+                               torch.zeros(3))
+    assert np.all(swapped[party.keys.index("head.weight")] == 1) and np.all(arrays[party.keys.index("head.weight")] != 1)
+    assert all(np.array_equal(a, b) for k, a, b in zip(party.keys, arrays, swapped) if not k.startswith("head."))
+
+
+def test_the_statistics_round_comes_first_and_only_without_dp():
+    from headstart.combine.federated.strategy import Plan, RoundLog, build_strategy
+
+    recipe = {"base": "tiny-text", "method": "lora", "options": {}, "classes": ["a", "b"], "seed": 0}
+    plan = Plan(recipe=recipe, clients=2, rounds=3, head_from_statistics=True)
+    assert plan.total_rounds == 4 and [plan.stage(r) for r in (1, 2, 4)] == ["statistics", "train", "train"]
+    made = build_strategy(plan, [np.zeros(2, np.float32)], lambda a: 0.0, RoundLog(), head_from=lambda s: s)
+    assert type(made).__name__ == "HeadFirstFedAvg"
+    config = made.on_fit_config_fn(2)
+    assert config["stage"] == "train" and config["round"] == 1 and config["rounds"] == 3  # lr decay: training rounds
+    with pytest.raises(ConfigError, match="no DP"):
+        build_strategy(Plan(recipe=recipe, clients=2, rounds=1, head_from_statistics=True, clip=1.0),
+                       [np.zeros(2, np.float32)], lambda a: 0.0, RoundLog(), head_from=lambda s: s)
+    lines = []
+    log = RoundLog(plan=plan, say=lines.append)
+    log.fit_done({"bytes_up": 10, "bytes_down": 20, "train_loss": 0.0, "clients": 2})
+    log.evaluated(1, [], 0.5)
+    assert log.rows[0]["stage"] == "head from class statistics" and "train_loss" not in log.rows[0]
+    assert "round 1/4 (head from the class statistics): accuracy 0.5000" in lines[0]

@@ -104,12 +104,17 @@ def test_a_real_server_and_two_client_processes_federate_over_loopback(tiny_text
     logs = {p.name: p.read_text()[-1500:] for p in tmp_path.glob("*.log")}
     assert all(proc.returncode == 0 for proc in procs), logs
     report = json.loads(result.read_text())
-    assert report["mode"] == "server" and [r["round"] for r in report["rounds"]] == [0, 1, 2]
-    assert all(r["clients"] == 2 and r["bytes"] == 4 * report["payload_bytes"] for r in report["rounds"][1:])
+    # Round 1 pools the clients' class statistics into the starting head; rounds 2 and 3 train.
+    assert report["mode"] == "server" and [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
+    assert report["rounds"][1]["stage"] == "head from class statistics" and report["statistics_bytes"] > 0
+    assert report["rounds"][1]["accuracy"] > report["rounds"][0]["accuracy"]
+    assert all(r["clients"] == 2 and r["bytes"] == 4 * report["payload_bytes"] for r in report["rounds"][2:])
+    assert report["bytes_per_round"] == 4 * report["payload_bytes"]
     for i in range(2):
         tally = json.loads((tmp_path / f"client{i}.json").read_text())
-        assert tally["mode"] == "client" and tally["rounds"] == 2
-        assert tally["bytes_up"] == tally["bytes_down"] == 2 * report["payload_bytes"]
+        assert tally["mode"] == "client" and tally["rounds"] == 3
+        assert tally["bytes_down"] == 3 * report["payload_bytes"]
+        assert tally["bytes_up"] == 2 * report["payload_bytes"] + report["statistics_bytes"] // 2 - report["payload_bytes"]
     import headstart
 
     assert headstart.load(report["bundle"]).predict(["goal match team"])[0] in ("food", "sport", "tech")

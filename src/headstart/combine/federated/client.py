@@ -16,6 +16,7 @@ from typing import Any
 from flwr.client import NumPyClient
 
 from .model import Party, payload_bytes, remap_labels, round_lr_factor
+from .warmup import class_statistics
 
 _PARTIES: dict[str, Party] = {}
 _DATASETS: dict[str, Any] = {}
@@ -76,6 +77,9 @@ class ShardClient(NumPyClient):
     def fit(self, parameters, config):
         party, train, _ = self._party_and_splits(config)
         party.set_arrays(parameters)
+        if config.get("stage") == "statistics":  # the round before training: see warmup.py
+            statistics = class_statistics(party, train)
+            return statistics, len(train), {"bytes_up": payload_bytes(statistics), "bytes_down": payload_bytes(parameters)}
         # A seed per (round, client): shuffles differ between clients and rounds yet rerun identically.
         seed = int(config["seed"]) * 100_003 + int(config["round"]) * 1_009 + _stable_id(self.shard.name)
         factor = round_lr_factor(int(config["round"]), int(config["rounds"]))

@@ -42,16 +42,21 @@ def global_specialist(party: Party, arrays: list, *, test, source: str, seed: in
 
 def alone_accuracies(party: Party, initial: list, shards: list, *, test, epochs: int | None, seed: int,
                      log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Each client training on its own shard only, from the federation's starting tensors, with the same
-    engine and method (the method's own number of epochs unless `epochs`), measured on the same test set."""
+    """Each client training on its own shard only, as `fit` would: from the federation's starting adapter, the
+    head a probe on its shard (unless the method's `head_init` is random), the same engine and method (the
+    method's own number of epochs unless `epochs`), measured on the same test set."""
     from ...engine.schedule import warmup_cosine_schedule
     from .model import remap_labels
+    from .warmup import probe_head
 
     out = []
     for i, shard in enumerate(shards):
         train, _, own = shard.load()
+        train = remap_labels(train, own, party.classes)
         party.set_arrays(initial)
-        party.train(remap_labels(train, own, party.classes), epochs=epochs or party.method.config.epochs,
+        if party.method.config.head_init == "probe":
+            probe_head(party, train)
+        party.train(train, epochs=epochs or party.method.config.epochs,
                     proximal_mu=0.0, seed=seed * 100_003 + i, log=lambda _: None,
                     lr_schedule=warmup_cosine_schedule(party.method.config.warmup_ratio))
         accuracy = party.accuracy(test)

@@ -79,12 +79,16 @@ def federate(data: "str | Path | list[str | Path] | None" = None, *, clients: in
     setup = Setup.build(data, clients, split, seed, text_column, label_column, server)
     recipe = {"base": base or setup.default_base(), "method": method, "options": options, "classes": setup.classes,
               "seed": seed}
+    # The head starts as `fit`'s does (a probe on the base's features) unless asked otherwise: here as the
+    # clients' pooled linear discriminant (warmup.py). Under DP that round would not be private: skipped.
+    warm = options.get("head_init", "probe") == "probe" and clip is None
     plan = Plan(recipe=recipe, clients=setup.clients, rounds=rounds, local_epochs=local_epochs, strategy=strategy,
                 proximal_mu=proximal_mu, fraction=fraction, clip=clip, noise=noise if clip is not None else 0.0,
-                delta=delta)
-    log(f"federate: {setup.clients} clients ({split}), {rounds} rounds of {strategy}, {method} on {recipe['base']}")
+                delta=delta, head_from_statistics=warm)
+    log(f"federate: {setup.clients} clients ({split}), {rounds} rounds of {strategy}, {method} on {recipe['base']}"
+        + ("; round 1 pools class statistics for the starting head" if warm else "; the head starts random"))
     where = {"server": server, "address": server_address, "workers": workers, "round_timeout_s": round_timeout_s,
-             "progress": progress}
+             "progress": progress, "log": log}
     report = _federation(plan, setup, split, where, t0)
     if out is not None:
         report["bundle"] = str(report.pop("_specialist").save(out))
@@ -125,8 +129,7 @@ def _federation(plan, setup, split: str, where: dict[str, Any], t0: float) -> di
     recipe = plan.recipe
     party = Party(recipe["base"], recipe["method"], setup.classes, recipe["options"], recipe["seed"])
     initial = party.get_arrays()
-    rounds_log = _run_rounds(plan, setup, party, where["server"], where["address"], where["workers"],
-                             where["round_timeout_s"], where["progress"])
+    rounds_log = _run_rounds(plan, setup, party, where)
     report = _report(plan, setup, party, rounds_log.rows, split, where["server"], t0)
     if plan.clip is not None:
         spent = epsilon(plan.noise, plan.per_round / plan.clients, plan.rounds, plan.delta)
@@ -137,24 +140,27 @@ def _federation(plan, setup, split: str, where: dict[str, Any], t0: float) -> di
     return {**report, "_specialist": spec, "_party": party, "_initial": initial}
 
 
-def _run_rounds(plan, setup, party, server: bool, address: str, workers: int, round_timeout_s: float, progress: bool):
+def _run_rounds(plan, setup, party, where: dict[str, Any]):
     from .simulation import serve, simulate
 
-    if server:
-        return serve(plan, party, setup.test, address, round_timeout_s=round_timeout_s, progress=progress)
-    return simulate(plan, setup.shards, party, setup.test, workers=max(1, min(workers, setup.clients)),
-                    progress=progress)
+    if where["server"]:
+        return serve(plan, party, setup.test, where["address"], round_timeout_s=where["round_timeout_s"],
+                     progress=where["progress"], say=where["log"])
+    return simulate(plan, setup.shards, party, setup.test, workers=max(1, min(where["workers"], setup.clients)),
+                    progress=where["progress"], say=where["log"])
 
 
 def _report(plan, setup, party, rows, split: str, server: bool, t0: float) -> dict[str, Any]:
     from .model import payload_bytes
 
-    trained = [r for r in rows if "bytes" in r]
+    trained = [r for r in rows if "bytes" in r and "stage" not in r]
+    statistics = [r["bytes"] for r in rows if "bytes" in r and "stage" in r]
     return {"mode": "server" if server else "simulation", "strategy": plan.strategy, "method": plan.recipe["method"],
             "base": plan.recipe["base"], "clients": plan.clients, "split": split if not server else None,
             "rounds": rows, "accuracy_per_round": [r["accuracy"] for r in rows],
             "payload_bytes": payload_bytes(party.get_arrays()),
             "bytes_per_round": round(sum(r["bytes"] for r in trained) / len(trained)) if trained else 0,
+            "statistics_bytes": statistics[0] if statistics else 0,
             "shard_sizes": setup.shard_sizes(), "epsilon": None, "bundle": None,
             "rounds_s": round(time.perf_counter() - t0, 2)}
 

@@ -16,6 +16,7 @@ from ...core.errors import ConfigError
 from .client import Shard, ShardClient
 from .model import Party
 from .strategy import Plan, RoundLog, build_strategy
+from .warmup import head_maker
 
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -41,7 +42,8 @@ def evaluator(party: Party, test) -> Callable[[list], float]:
     return evaluate
 
 
-def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: int = 1, progress: bool = False) -> RoundLog:
+def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: int = 1, progress: bool = False,
+             say: Callable[[str], None] = lambda line: None) -> RoundLog:
     """All rounds as a Flower simulation: the server (strategy + evaluation) in this process, the clients
     in `workers` Ray worker processes, each playing client after client."""
     from flwr.client import ClientApp
@@ -49,13 +51,13 @@ def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: in
     from flwr.simulation import run_simulation
 
     quiet_flower(progress)
-    log = RoundLog()
+    log = RoundLog(plan=plan, say=say)
     evaluate = evaluator(party, test)  # round 0 (the untrained global model) is measured too
     initial = party.get_arrays()
 
     def server_fn(context) -> ServerAppComponents:
-        strategy = build_strategy(plan, initial, evaluate, log)
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=plan.rounds))
+        strategy = build_strategy(plan, initial, evaluate, log, head_maker(party, initial))
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=plan.total_rounds))
 
     plain = [Shard(**vars(s)) for s in shards]  # plain data: all a worker receives
 
@@ -69,13 +71,14 @@ def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: in
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences Ray's notice; no GPU is hidden
     run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
                    num_supernodes=len(shards), backend_config=backend, verbose_logging=False)
-    if log.arrays is None or len(log.rows) < plan.rounds + 1:
-        raise ConfigError(f"the simulation ended after {max(0, len(log.rows) - 1)} of {plan.rounds} rounds "
+    if log.arrays is None or len(log.rows) < plan.total_rounds + 1:
+        raise ConfigError(f"the simulation ended after {max(0, len(log.rows) - 1)} of {plan.total_rounds} rounds "
                           "(a client failed: run with progress=True to see the workers' logs)")
     return log
 
 
-def serve(plan: Plan, party: Party, test, address: str, *, round_timeout_s: float, progress: bool = False) -> RoundLog:
+def serve(plan: Plan, party: Party, test, address: str, *, round_timeout_s: float, progress: bool = False,
+          say: Callable[[str], None] = lambda line: None) -> RoundLog:
     """Serve `plan.rounds` rounds on `address`, waiting for `plan.clients` client processes."""
     from flwr.server import ServerConfig, SimpleClientManager, start_server
 
@@ -87,12 +90,13 @@ def serve(plan: Plan, party: Party, test, address: str, *, round_timeout_s: floa
             return super().wait_for(num_clients, timeout=int(min(timeout, round_timeout_s)))
 
     quiet_flower(progress)
-    log = RoundLog()
-    strategy = build_strategy(plan, party.get_arrays(), evaluator(party, test), log)
+    log = RoundLog(plan=plan, say=say)
+    initial = party.get_arrays()
+    strategy = build_strategy(plan, initial, evaluator(party, test), log, head_maker(party, initial))
     start_server(server_address=check_loopback(address), strategy=strategy, client_manager=PatientClientManager(),
-                 config=ServerConfig(num_rounds=plan.rounds, round_timeout=round_timeout_s))
-    if sum(1 for row in log.rows if row.get("clients")) < plan.rounds:
-        raise ConfigError(f"the server ended after {max(0, len(log.rows) - 1)} of {plan.rounds} rounds "
+                 config=ServerConfig(num_rounds=plan.total_rounds, round_timeout=round_timeout_s))
+    if sum(1 for row in log.rows if row.get("clients")) < plan.total_rounds:
+        raise ConfigError(f"the server ended after {max(0, len(log.rows) - 1)} of {plan.total_rounds} rounds "
                           f"(fewer than {plan.clients} clients answered within {round_timeout_s:.0f} s)")
     return log
 

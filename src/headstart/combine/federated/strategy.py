@@ -34,15 +34,28 @@ class Plan:
     noise: float = 0.0
     """DP: Gaussian noise std on the summed updates, as a multiple of `clip` (the noise multiplier)."""
     delta: float = 1e-5
+    head_from_statistics: bool = False
+    """An extra first round in which clients send class statistics and the server starts the head as
+    their linear discriminant (see warmup.py); the `rounds` training rounds follow."""
 
     @property
     def per_round(self) -> int:
         return max(1, round(self.fraction * self.clients))
 
+    @property
+    def total_rounds(self) -> int:
+        """Flower's rounds: the statistics round (if any) + the training rounds."""
+        return self.rounds + int(self.head_from_statistics)
 
-def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float], log: RoundLog):
+    def stage(self, server_round: int) -> str:
+        return "statistics" if self.head_from_statistics and server_round == 1 else "train"
+
+
+def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float], log: RoundLog,
+                   head_from: Callable[[list], list] | None = None):
     """The Flower strategy for `plan`, starting from `initial` arrays; `evaluate(arrays) -> accuracy` on the
-    server's held-out split after every round, recorded in `log`."""
+    server's held-out split after every round, recorded in `log`. With `plan.head_from_statistics`,
+    `head_from(pooled statistics) -> arrays` makes the first round's result."""
     from flwr.common import ndarrays_to_parameters
     from flwr.server.strategy import FedAvg, FedProx
 
@@ -51,8 +64,10 @@ def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float],
     recipe = json.dumps(plan.recipe, sort_keys=True)
 
     def fit_config(server_round: int) -> dict[str, Any]:
+        # "round" counts training rounds (the clients' learning-rate decay runs over them)
         return {"recipe": recipe, "local_epochs": plan.local_epochs, "seed": int(plan.recipe["seed"]),
-                "round": server_round, "rounds": plan.rounds}
+                "stage": plan.stage(server_round), "round": server_round - int(plan.head_from_statistics),
+                "rounds": plan.rounds}
 
     def central(server_round: int, arrays: list, config: dict) -> tuple[float, dict[str, Any]] | None:
         accuracy = evaluate(arrays)
@@ -63,7 +78,13 @@ def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float],
                   min_evaluate_clients=0, min_available_clients=plan.clients, evaluate_fn=central,
                   on_fit_config_fn=fit_config, on_evaluate_config_fn=fit_config,
                   initial_parameters=ndarrays_to_parameters(initial), fit_metrics_aggregation_fn=lambda results: _record(log, sum_fit_metrics(results)))
-    strategy = (FedProx(proximal_mu=plan.proximal_mu, **common) if plan.strategy == "fedprox" else FedAvg(**common))
+    flower_class = FedProx if plan.strategy == "fedprox" else FedAvg
+    if plan.head_from_statistics:
+        if head_from is None or plan.clip is not None:
+            raise ConfigError("the class-statistics round needs head_from and no DP clipping")
+        flower_class = type(f"HeadFirst{flower_class.__name__}", (HeadFromStatistics, flower_class), {})
+        common["head_from"] = head_from
+    strategy = flower_class(proximal_mu=plan.proximal_mu, **common) if plan.strategy == "fedprox" else flower_class(**common)
     if plan.clip is None:
         if plan.noise:
             raise ConfigError("noise needs a clipping norm (clip=...): noise is a multiple of the clip")
@@ -74,6 +95,24 @@ def build_strategy(plan: Plan, initial: list, evaluate: Callable[[list], float],
         raise ConfigError(f"DP needs clip > 0 and noise >= 0, got clip={plan.clip} noise={plan.noise}")
     return DifferentialPrivacyServerSideFixedClipping(strategy, noise_multiplier=plan.noise, clipping_norm=plan.clip,
                                                       num_sampled_clients=plan.per_round)
+
+
+class HeadFromStatistics:
+    """Mixed into a Flower strategy: round 1's example-weighted average is the pooled class statistics,
+    turned into the starting tensors (the initial ones with a discriminant head) before anything else
+    (evaluation, round 2) sees them."""
+
+    def __init__(self, *args, head_from: Callable[[list], list], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_from = head_from
+
+    def aggregate_fit(self, server_round, results, failures):
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if server_round == 1 and parameters is not None:
+            parameters = ndarrays_to_parameters(self.head_from(parameters_to_ndarrays(parameters)))
+        return parameters, metrics
 
 
 def _record(log: RoundLog, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +157,10 @@ class RoundLog:
     pending: dict[str, Any] = field(default_factory=dict)
     arrays: list | None = None
     """The latest global tensors (after the last round: the federation's result)."""
+    plan: Plan | None = None
+    """Names the rounds' stages (the statistics round) in the rows and progress lines."""
+    say: Callable[[str], None] = lambda line: None
+    """Where one progress line per round goes."""
 
     def fit_done(self, metrics: dict[str, Any]) -> None:
         self.pending = dict(metrics)
@@ -126,5 +169,14 @@ class RoundLog:
         row = {"round": server_round, "accuracy": round(float(accuracy), 6), **self.pending}
         if "bytes_up" in row:
             row["bytes"] = int(row["bytes_up"]) + int(row["bytes_down"])
+        stage = self.plan.stage(server_round) if self.plan is not None and server_round else "start"
+        if stage == "statistics":
+            row["stage"] = "head from class statistics"
+            row.pop("train_loss", None)
         self.rows.append(row)
         self.pending, self.arrays = {}, arrays
+        total = self.plan.total_rounds if self.plan is not None else "?"
+        what = {"start": "starting model", "statistics": "head from the class statistics"}.get(stage, "trained")
+        loss = f", train loss {row['train_loss']:.4f}" if "train_loss" in row else ""
+        sent = f", {row['bytes'] / 1e6:.2f} MB moved" if "bytes" in row else ""
+        self.say(f"  round {server_round}/{total} ({what}): accuracy {row['accuracy']:.4f}{loss}{sent}")
