@@ -23,6 +23,8 @@ MAY_IMPORT = {
     "api": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "continual",
             "combine"},
     "experiments": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "api"},
+    "hub": {"core", "data", "bases", "engine", "llm", "methods", "bundle"},
+    "serve": {"core", "data", "bases", "engine", "llm", "methods", "transfer", "bundle", "tasks", "hub"},
 }
 TOP_LEVEL_OK = {"__init__", "__main__", "cli"}  # the package face and the CLI may use every layer
 
