@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from ..core.errors import BundleError, ConfigError
 from .format import read_manifest
 from .lineage import is_lineage, read_lineage, resolve_bundle
+from .manifest import GENERATIVE_TASKS
 from .specialist import BundleSpecialist
 
 
@@ -38,6 +39,33 @@ def load(folder: str | Path, base: Any = None, **options: Any) -> BundleSpeciali
     from .classifier import Specialist
 
     return Specialist.load(folder, base=base, **options)
+
+
+def pipeline_task(manifest: dict[str, Any]) -> str:
+    """The Hugging Face pipeline task a bundle answers, from its manifest (hub search and the server
+    both speak these words): a generator -> "text-generation"; a classifier over an image base ->
+    "image-classification"; over a text base -> "text-classification".
+
+    manifest: a bundle's manifest (`format.read_manifest(folder)`; version 1 is upgraded there).
+
+    >>> pipeline_task({"kind": "classifier", "base": {"kind": "image"}})
+    'image-classification'
+    >>> pipeline_task({"kind": "classifier", "base": {"kind": "text"}})
+    'text-classification'
+    >>> pipeline_task({"kind": "generator", "base": {"kind": "causal_lm"}})
+    'text-generation'
+    """
+    # A v1 manifest read raw has no `kind`; its task ("sft"/"dpo") says generator, as upgrade_v1 does.
+    kind = manifest.get("kind") or ("generator" if manifest.get("task") in GENERATIVE_TASKS else "classifier")
+    if kind == "generator":
+        return "text-generation"
+    base_kind = manifest.get("base", {}).get("kind")
+    if base_kind == "image":
+        return "image-classification"
+    if base_kind in ("text", "causal_lm"):  # a head over an LLM's features still classifies text
+        return "text-classification"
+    raise BundleError(f"a classifier bundle over a {base_kind!r} base has no pipeline task "
+                      "(known base kinds: image, text, causal_lm)")
 
 
 def info(folder: str | Path) -> dict[str, Any]:
