@@ -1,0 +1,251 @@
+"""OpenAI-compatible endpoints: `model` is a specialist id, and the official `openai` client works unchanged.
+
+    GET  /v1/models                  every specialist, as OpenAI model objects
+    POST /v1/embeddings              model = a text classifier: its base's features (the sentence embedding)
+    POST /v1/completions             model = a generator (sft/dpo bundle); `stream: true` -> Server-Sent Events
+    POST /v1/chat/completions        the same with chat messages
+
+    >>> from openai import OpenAI
+    >>> client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=token)
+    >>> client.chat.completions.create(model="alpaca-lora", messages=[{"role": "user", "content": "Hi"}])
+
+Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` with a 4xx status, so the
+client raises `openai.BadRequestError` / `NotFoundError` with the message; this router's own route class
+(`OpenAIRoute`) converts them, whatever the app-wide handler does for the other routes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+
+from . import openai_shapes as shapes
+from .openai_shapes import RequestProblem
+
+from .errors import ApiError
+from .limits import Limits
+
+log = logging.getLogger("headstart.serve")
+
+EMBEDDING_TASKS = ("text-classification", "feature-extraction")
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors leave in OpenAI's shape (the client reads `error.message`)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request):
+            try:
+                return await handler(request)
+            except RequestProblem as e:
+                return _error(e.status, str(e), e.code, e.param)
+            except RequestValidationError as e:
+                return _error(400, _validation_message(e), "invalid_request")
+            except ApiError as e:
+                return _error(e.status, e.message, e.code)
+        return handle
+
+
+router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return JSONResponse(shapes.error_body(message, code, kind, param), status_code=status)
+
+
+def _validation_message(e: RequestValidationError) -> str:
+    errors = e.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{where or 'body'}: {first.get('msg', 'invalid')}" if first.get("type") != "json_invalid" \
+        else "the request body is not valid JSON"
+
+
+# ---- look-ups -------------------------------------------------------------------------------------------
+def _limits(request: Request) -> Limits:
+    return getattr(request.app.state, "limits", None) or Limits()
+
+
+def _served(request: Request, model: Any) -> Any:
+    """The specialist a request names; unknown ids are a 404 (ids only, never a path)."""
+    if not isinstance(model, str) or not model:
+        raise RequestProblem("model is required: a specialist id from GET /v1/models", param="model")
+    registry = request.app.state.registry
+    if model not in registry.ids():
+        raise RequestProblem(f"model {model!r} does not exist; GET /v1/models lists the specialists served",
+                             "model_not_found", "model", status=404)
+    return registry.get(model)
+
+
+def _generator(request: Request, model: Any) -> Any:
+    served = _served(request, model)
+    if served.kind != "generator":
+        raise RequestProblem(f"model {model!r} is a {served.task} specialist, not a text generator; "
+                             f"use POST /models/{model}/predict or /v1/embeddings", "model_not_generator", "model")
+    return served
+
+
+def _token_counter(served: Any) -> Callable[[str], int]:
+    """Counts tokens with the specialist's own tokenizer (OpenAI's `usage`); words when none is reachable."""
+    count = getattr(served, "count_tokens", None)
+    if callable(count):
+        return count
+    tokenizer = getattr(served, "tokenizer", None) or getattr(getattr(served, "specialist", None), "tokenizer", None)
+    if tokenizer is not None:
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return lambda text: len(text.split())
+
+
+def _prompt_tokens(served: Any, prompt: str | list[dict], count: Callable[[str], int]) -> int:
+    """Tokens of the prompt as the model sees it (chat template applied, assistant turn opened)."""
+    tokenizer = getattr(served, "tokenizer", None) or getattr(getattr(served, "specialist", None), "tokenizer", None)
+    if tokenizer is None:
+        return count(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))
+    from ..llm.generate import render_prompt
+    return count(render_prompt(tokenizer, prompt))
+
+
+# ---- routes -----------------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every specialist this server holds, as OpenAI model objects (`id` = specialist id)."""
+    created = int(getattr(request.app.state, "started", time.time()))
+    return {"object": "list", "data": [shapes.model_object(i, created) for i in request.app.state.registry.ids()]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    served = _served(request, model_id)
+    return shapes.model_object(served.id, int(getattr(request.app.state, "started", time.time())))
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """The text classifier's base features for each input (its head is not applied)."""
+    served = _served(request, body.get("model"))
+    if served.task not in EMBEDDING_TASKS:
+        raise RequestProblem(f"model {served.id!r} is a {served.task} specialist; embeddings come from text "
+                             "classifiers (their base's features)", "model_not_embedding", "model")
+    limits = _limits(request)
+    texts = shapes.embedding_inputs(body.get("input"), limits.max_text_chars, limits.max_batch)
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise RequestProblem("encoding_format must be float or base64", param="encoding_format")
+    vectors = await limits.within_time(served.embed(texts))
+    dimensions = body.get("dimensions")
+    if dimensions is not None and vectors and dimensions != len(vectors[0]):
+        raise RequestProblem(f"dimensions={dimensions} is not supported: this model's embeddings have "
+                             f"{len(vectors[0])}", "unsupported_parameter", "dimensions")
+    count = _token_counter(served)
+    return shapes.embedding_response(served.id, vectors, encoding, sum(count(t) for t in texts))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: dict[str, Any] = Body(...)):
+    """A chat answer from a generator specialist; `stream: true` sends `chat.completion.chunk` events."""
+    served = _generator(request, body.get("model"))
+    shapes.refuse_unsupported(body)
+    messages = shapes.chat_messages(body.get("messages"), _limits(request).max_text_chars)
+    return await _answer(request, served, body, messages, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: dict[str, Any] = Body(...)):
+    """A completion from a generator specialist. The prompt is one user turn of the chat template the
+    specialist was tuned with (a headstart generator is an instruction model, never raw text continuation)."""
+    served = _generator(request, body.get("model"))
+    shapes.refuse_unsupported(body)
+    prompt = shapes.completion_prompt(body.get("prompt"), _limits(request).max_text_chars)
+    return await _answer(request, served, body, prompt, chat=False)
+
+
+async def _answer(request: Request, served: Any, body: dict[str, Any], prompt: str | list[dict], *, chat: bool):
+    limits = _limits(request)
+    options = shapes.generation_options(body, limits.max_new_tokens)
+    stops = shapes.stop_strings(body)
+    stream_options = body.get("stream_options") or {}
+    if body.get("stream"):
+        events = _sse_events(served, prompt, options, stops, chat=chat,
+                             include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    cutter = shapes.StopCutter(stops)
+    text = cutter.feed(await limits.within_time(served.complete(prompt, **options))) + cutter.flush()
+    count = _token_counter(served)
+    completion_tokens = count(text)
+    finish = _finish_reason(cutter, completion_tokens, options)
+    use = shapes.usage(_prompt_tokens(served, prompt, count), completion_tokens)
+    rid = shapes.new_id("chatcmpl" if chat else "cmpl")
+    build = shapes.chat_response if chat else shapes.text_response
+    return build(rid, served.id, text, finish, use)
+
+
+def _finish_reason(cutter: shapes.StopCutter, completion_tokens: int, options: dict[str, Any]) -> str:
+    """`length` when the answer ran into max_tokens, else `stop` (end of turn or a stop string)."""
+    return "length" if not cutter.stopped and completion_tokens >= options["max_new_tokens"] else "stop"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse_events(served: Any, prompt: str | list[dict], options: dict[str, Any], stops: list[str], *,
+                      chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: one event per text piece, a last one with the finish reason, then `data: [DONE]`.
+
+    A failure after the response started cannot change its status any more: it is sent as an
+    `{"error": ...}` event (as OpenAI does) and the stream ends with [DONE]."""
+    rid, created = shapes.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def piece(text: str, finish: str | None = None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
+            return _sse(shapes.chat_chunk(rid, served.id, created, delta, finish))
+        return _sse(shapes.text_chunk(rid, served.id, created, text, finish))
+
+    cutter, sent = shapes.StopCutter(stops), []
+    try:
+        if chat:
+            yield piece("", first=True)
+        pieces = served.stream(prompt, **options)
+        try:
+            async for text in pieces:
+                safe = cutter.feed(text)
+                if safe:
+                    sent.append(safe)
+                    yield piece(safe)
+                if cutter.stopped:
+                    break
+        finally:
+            close = getattr(pieces, "aclose", None)
+            if close is not None:
+                await close()  # a stop string ended the answer: let the generator stop too
+        tail = cutter.flush()
+        if tail:
+            sent.append(tail)
+            yield piece(tail)
+        count = _token_counter(served)
+        completion_tokens = count("".join(sent))
+        yield piece("", _finish_reason(cutter, completion_tokens, options))
+        if include_usage:
+            use = shapes.usage(_prompt_tokens(served, prompt, count), completion_tokens)
+            yield _sse(shapes.usage_chunk(rid, served.id, created, obj, use))
+    except Exception as e:  # the status line is gone: report in the stream, log the details here
+        log.exception("stream for %s failed", served.id)
+        message = str(getattr(e, "message", "")) or "generation failed; see the server log"
+        yield _sse(shapes.error_body(message, str(getattr(e, "code", "internal")), "server_error"))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,72 @@
+"""A fake registry with the server's documented `Served` interface, for router tests that need no model.
+
+The routers under test see only `app.state.registry` (ids / get) and `app.state.limits`; these fakes
+answer deterministically so the wire format (OpenAI, Open Inference Protocol v2) is checked exactly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from headstart.serve.limits import Limits
+
+ANSWER = "Paris is the capital.\n\nAsk more."
+PIECES = ["Paris", " is the", " capital", ".\n", "\nAsk", " more."]
+LABELS = ["sport", "food", "tech"]
+
+
+class FakeServed:
+    def __init__(self, id: str, task: str, kind: str):
+        self.id, self.task, self.kind = id, task, kind
+        self.manifest = {"classes": LABELS} if kind == "classifier" else {"task": "sft"}
+        self.card = ""
+        self.calls: list[tuple[Any, dict]] = []
+        self.fail_stream = False
+
+    def facts(self) -> dict[str, Any]:
+        return {"id": self.id, "task": self.task}
+
+    async def classify(self, inputs: list, top_k: int) -> list[list[dict[str, Any]]]:
+        self.calls.append((inputs, {"top_k": top_k}))
+        # "tech" first, then "food", then "sport": a fixed ranking whose scores sum to 1
+        ranked = [{"label": "tech", "score": 0.7}, {"label": "food", "score": 0.2}, {"label": "sport", "score": 0.1}]
+        return [ranked[:top_k] for _ in inputs]
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append((texts, {}))
+        return [[float(len(t)), 0.5, -1.0] for t in texts]
+
+    async def complete(self, prompt: Any, **options: Any) -> str:
+        self.calls.append((prompt, options))
+        return ANSWER
+
+    async def stream(self, prompt: Any, **options: Any):
+        self.calls.append((prompt, options))
+        for i, piece in enumerate(PIECES):
+            if self.fail_stream and i == 2:
+                raise RuntimeError("secret internal detail")
+            yield piece
+
+
+class FakeRegistry:
+    def __init__(self, served: list[FakeServed]):
+        self.served = {s.id: s for s in served}
+
+    def ids(self) -> list[str]:
+        return sorted(self.served)
+
+    def get(self, id: str) -> FakeServed:
+        return self.served[id]
+
+
+def fake_app(router, limits: Limits | None = None) -> tuple[FastAPI, FakeRegistry]:
+    """An app holding only `router`, over a text classifier `clf`, an image classifier `img` and a generator `gen`."""
+    registry = FakeRegistry([FakeServed("clf", "text-classification", "classifier"),
+                             FakeServed("img", "image-classification", "classifier"),
+                             FakeServed("gen", "text-generation", "generator")])
+    app = FastAPI()
+    app.include_router(router)
+    app.state.registry = registry
+    app.state.limits = limits or Limits(max_text_chars=200, max_batch=4, max_new_tokens=16)
+    return app, registry

@@ -1,0 +1,170 @@
+"""The OpenAI-compatible endpoints: exact wire shapes over a fake registry, then the official `openai`
+client unchanged against a real uvicorn on 127.0.0.1 serving a tiny-llm sft bundle and a tiny-text probe."""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_fakes import ANSWER, fake_app
+
+from headstart.serve.routes_openai import router
+
+USER = [{"role": "user", "content": "Capital of France?"}]
+
+
+@pytest.fixture
+def fake():
+    app, registry = fake_app(router)
+    return TestClient(app), registry
+
+
+def sse_events(text: str) -> list:
+    """The `data:` payloads of an event stream, [DONE] kept as the string."""
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert all(block.startswith("data: ") or not block for block in text.split("\n\n")), text
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def assert_openai_error(response, status: int, code: str, *needles: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["code"] == code, error
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    for needle in needles:
+        assert needle in error["message"], error["message"]
+    return error
+
+
+def test_models_lists_every_specialist(fake):
+    client, _ = fake
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["clf", "gen", "img"]
+    assert all(m["object"] == "model" and m["owned_by"] == "headstart" and isinstance(m["created"], int)
+               for m in body["data"])
+    assert client.get("/v1/models/gen").json()["id"] == "gen"
+    assert_openai_error(client.get("/v1/models/nope"), 404, "model_not_found", "nope")
+
+
+def test_chat_completion_shape_usage_and_options(fake):
+    client, registry = fake
+    body = client.post("/v1/chat/completions", json={"model": "gen", "messages": USER, "max_tokens": 8,
+                                                     "temperature": 0, "top_p": 0.5, "seed": 3}).json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "gen"
+    (choice,) = body["choices"]
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": ANSWER}, "logprobs": None,
+                      "finish_reason": "stop"}
+    use = body["usage"]
+    assert use["prompt_tokens"] > 0 and use["completion_tokens"] > 0
+    assert use["total_tokens"] == use["prompt_tokens"] + use["completion_tokens"]
+    prompt, options = registry.get("gen").calls[-1]
+    assert prompt == USER
+    assert options == {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.5, "seed": 3}
+
+
+def test_max_tokens_is_capped_and_defaults_stay_the_generators(fake):
+    client, registry = fake
+    client.post("/v1/chat/completions", json={"model": "gen", "messages": USER, "max_tokens": 10_000})
+    assert registry.get("gen").calls[-1][1] == {"max_new_tokens": 16}  # the server's limit; nothing else sent
+
+
+def test_chat_stream_is_openais_chunk_format(fake):
+    client, _ = fake
+    r = client.post("/v1/chat/completions", json={"model": "gen", "messages": USER, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == ANSWER
+    last_choice = [c for c in chunks if c["choices"]][-1]["choices"][0]
+    assert last_choice["delta"] == {} and last_choice["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(fake):
+    client, _ = fake
+    request = {"model": "gen", "messages": USER, "stop": ["\n\n", "zzz"]}
+    body = client.post("/v1/chat/completions", json=request).json()
+    assert body["choices"][0]["message"]["content"] == "Paris is the capital."
+    events = sse_events(client.post("/v1/chat/completions", json={**request, "stream": True}).text)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == "Paris is the capital."  # the "\n" before the stop string's second half never leaked
+
+
+def test_completions_non_stream_and_stream(fake):
+    client, registry = fake
+    body = client.post("/v1/completions", json={"model": "gen", "prompt": "Capital of France?"}).json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == ANSWER and body["usage"]["total_tokens"] > 0
+    assert registry.get("gen").calls[-1][0] == "Capital of France?"
+    events = sse_events(client.post("/v1/completions", json={"model": "gen", "prompt": ["Hi"], "stream": True}).text)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ANSWER
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["object"] == "text_completion"
+
+
+def test_a_failure_mid_stream_is_an_error_event_without_internals(fake):
+    client, registry = fake
+    registry.get("gen").fail_stream = True
+    events = sse_events(client.post("/v1/chat/completions", json={"model": "gen", "messages": USER,
+                                                                   "stream": True}).text)
+    assert events[-1] == "[DONE]"
+    assert "error" in events[-2] and "secret" not in json.dumps(events[-2])
+
+
+def test_embeddings_float_and_base64(fake):
+    client, registry = fake
+    body = client.post("/v1/embeddings", json={"model": "clf", "input": ["ab", "abcd"]}).json()
+    assert body["object"] == "list" and body["model"] == "clf"
+    assert [d["embedding"] for d in body["data"]] == [[2.0, 0.5, -1.0], [4.0, 0.5, -1.0]]
+    assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] == 2
+    one = client.post("/v1/embeddings", json={"model": "clf", "input": "abc", "encoding_format": "base64"}).json()
+    raw = base64.b64decode(one["data"][0]["embedding"])
+    assert struct.unpack("<3f", raw) == (3.0, 0.5, -1.0)
+
+
+@pytest.mark.parametrize("path, request_body, status, code, needle", [
+    ("/v1/chat/completions", {"model": "nope", "messages": USER}, 404, "model_not_found", "nope"),
+    ("/v1/chat/completions", {"model": "clf", "messages": USER}, 400, "model_not_generator", "not a text generator"),
+    ("/v1/completions", {"model": "img", "prompt": "x"}, 400, "model_not_generator", "image-classification"),
+    ("/v1/chat/completions", {"model": "gen", "messages": []}, 400, "invalid_request", "non-empty"),
+    ("/v1/chat/completions", {"model": "gen"}, 400, "invalid_request", "messages"),
+    ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "invalid_role", "wizard"),
+    ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "invalid_role", "tool"),
+    ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "unsupported_content", "image_url"),
+    ("/v1/chat/completions", {"model": "gen", "messages": USER, "n": 2}, 400, "unsupported_parameter", "n=2"),
+    ("/v1/chat/completions", {"model": "gen", "messages": USER, "tools": [{}]}, 400, "unsupported_parameter",
+     "tools"),
+    ("/v1/chat/completions", {"model": "gen", "messages": USER, "temperature": 5}, 400, "invalid_request",
+     "temperature"),
+    ("/v1/chat/completions", {"model": "gen", "messages": USER, "stop": ["a"] * 5}, 400, "invalid_request", "stop"),
+    ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x" * 201}]}, 413,
+     "input_too_long", "200"),
+    ("/v1/completions", {"model": "gen", "prompt": ["a", "b"]}, 400, "unsupported_parameter", "one prompt"),
+    ("/v1/completions", {"model": "gen", "prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/embeddings", {"model": "gen", "input": "x"}, 400, "model_not_embedding", "text-generation"),
+    ("/v1/embeddings", {"model": "clf", "input": ["a"] * 5}, 413, "batch_too_large", "at most 4"),
+    ("/v1/embeddings", {"model": "clf", "input": [""]}, 400, "invalid_request", "empty"),
+    ("/v1/embeddings", {"model": "clf", "input": [[1, 2]]}, 400, "invalid_request", "token ids"),
+    ("/v1/embeddings", {"model": "clf", "input": "a", "dimensions": 2}, 400, "unsupported_parameter", "dimensions"),
+])
+def test_bad_requests_get_openai_errors(fake, path, request_body, status, code, needle):
+    client, _ = fake
+    assert_openai_error(client.post(path, json=request_body), status, code, needle)
+
+
+def test_malformed_json_and_non_object_bodies(fake):
+    client, _ = fake
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, "invalid_request", "JSON")
+    assert_openai_error(client.post("/v1/embeddings", json=[1, 2]), 400, "invalid_request")
