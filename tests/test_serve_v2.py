@@ -1,0 +1,127 @@
+"""Open Inference Protocol v2: health, metadata and infer in the protocol's shapes, over a fake registry,
+then a real tiny-text probe bundle behind the real app."""
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serve_fakes import ANSWER, LABELS, fake_app
+
+from headstart.serve.routes_v2 import router
+
+
+@pytest.fixture
+def fake():
+    app, registry = fake_app(router)
+    return TestClient(app), registry
+
+
+def texts(*data: str) -> dict:
+    return {"inputs": [{"name": "text", "shape": [len(data)], "datatype": "BYTES", "data": list(data)}]}
+
+
+def assert_v2_error(response, status: int, *needles: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    for needle in needles:
+        assert needle in body["error"], body["error"]
+    return body["error"]
+
+
+def test_server_health_and_metadata(fake):
+    client, _ = fake
+    server = client.get("/v2").json()
+    assert server["name"] == "headstart" and isinstance(server["version"], str) and server["extensions"] == []
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_model_metadata_declares_tensors(fake):
+    client, _ = fake
+    meta = client.get("/v2/models/clf").json()
+    assert meta["name"] == "clf" and meta["versions"] == ["1"] and meta["platform"] == "headstart"
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "label": ("BYTES", [-1, -1]), "score": ("FP32", [-1, -1]), "probabilities": ("FP32", [-1, 3])}
+    assert meta["parameters"]["labels"] == LABELS and meta["parameters"]["task"] == "text-classification"
+    assert client.get("/v2/models/img").json()["inputs"][0]["name"] == "image"
+    gen = client.get("/v2/models/gen/versions/1").json()
+    assert gen["inputs"][0]["name"] == "text_input" and gen["outputs"][0]["name"] == "text_output"
+    assert client.get("/v2/models/clf/ready").json() == {"name": "clf", "ready": True}
+    assert client.get("/v2/models/clf/versions/1/ready").status_code == 200
+    assert_v2_error(client.get("/v2/models/nope"), 404, "nope")
+    assert_v2_error(client.get("/v2/models/nope/ready"), 404)
+    assert_v2_error(client.get("/v2/models/clf/versions/7"), 404, "one version")
+
+
+def test_infer_text_outputs_label_score_probabilities(fake):
+    client, registry = fake
+    body = client.post("/v2/models/clf/infer", json={**texts("a goal", "some soup"), "id": "req-1"}).json()
+    assert body["model_name"] == "clf" and body["id"] == "req-1"
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["label"] == {"name": "label", "datatype": "BYTES", "shape": [2, 1], "data": ["tech", "tech"]}
+    assert out["score"]["datatype"] == "FP32" and out["score"]["data"] == pytest.approx([0.7, 0.7])
+    # in the metadata's label order: sport, food, tech
+    assert out["probabilities"]["shape"] == [2, 3]
+    assert out["probabilities"]["data"] == pytest.approx([0.1, 0.2, 0.7] * 2)
+    assert registry.get("clf").calls[-1] == (["a goal", "some soup"], {"top_k": 3})
+
+
+def test_infer_top_k_requested_outputs_and_nested_data(fake):
+    client, _ = fake
+    request = {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [["a goal"]]}],
+               "parameters": {"top_k": 2}, "outputs": [{"name": "label"}]}
+    body = client.post("/v2/models/clf/versions/1/infer", json=request).json()
+    assert body["outputs"] == [{"name": "label", "datatype": "BYTES", "shape": [1, 2], "data": ["tech", "food"]}]
+
+
+def test_infer_image_as_base64_bytes(fake):
+    client, registry = fake
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    request = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [encoded]}]}
+    body = client.post("/v2/models/img/infer", json=request).json()
+    assert {o["name"] for o in body["outputs"]} == {"label", "score", "probabilities"}
+    (image,) = registry.get("img").calls[-1][0]
+    assert image.size == (8, 6)
+    request["inputs"][0]["data"] = [base64.b64encode(b"not an image").decode()]
+    assert_v2_error(client.post("/v2/models/img/infer", json=request), 422, "not a readable image")
+
+
+def test_infer_generator_text_output(fake):
+    client, registry = fake
+    request = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Capital?"]}],
+               "parameters": {"max_tokens": 5, "temperature": 0}}
+    body = client.post("/v2/models/gen/infer", json=request).json()
+    assert body["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [1], "data": [ANSWER]}]
+    assert registry.get("gen").calls[-1] == ("Capital?", {"max_new_tokens": 5, "temperature": 0.0})
+
+
+@pytest.mark.parametrize("request_body, status, needle", [
+    ({"inputs": []}, 400, "exactly one"),
+    ({"inputs": [{"name": "words", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}, 400, "'text'"),
+    ({"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "BYTES"),
+    ({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["x"]}]}, 400, "shape"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "data": ["x"]}]}, 400, "shape"),
+    ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}]}, 400, "string"),
+    ({**texts("x"), "outputs": [{"name": "logits"}]}, 400, "logits"),
+    ({**texts("x"), "parameters": {"top_k": 0}}, 400, "top_k"),
+    (texts(""), 422, "empty"),
+    (texts("x" * 201), 413, "200"),
+    (texts(*"abcde"), 413, "limit is 4"),
+])
+def test_bad_infer_requests_get_protocol_errors(fake, request_body, status, needle):
+    client, _ = fake
+    assert_v2_error(client.post("/v2/models/clf/infer", json=request_body), status, needle)
+
+
+def test_malformed_json_and_unknown_model(fake):
+    client, _ = fake
+    r = client.post("/v2/models/clf/infer", content=b"{oops", headers={"content-type": "application/json"})
+    assert_v2_error(r, 400, "JSON")
+    assert_v2_error(client.post("/v2/models/nope/infer", json=texts("x")), 404, "nope")
