@@ -109,6 +109,33 @@ class Command:
         return any(f.param == name and f.join for f in (*self.flags.values(), *self.leading))
 
 
+@dataclass(frozen=True)
+class Group:
+    """A command whose subcommands are commands (`headstart hub add ...`); `headstart hub --help` lists them
+    with their first docstring sentences. Built only when chosen, as a Command is."""
+
+    name: str
+    help: str
+    """The one-line summary in `headstart --help`."""
+    commands: tuple[Command, ...]
+    examples: str = ""
+
+    def summary(self) -> str:
+        return self.help
+
+    def build(self, parser: argparse.ArgumentParser) -> None:
+        parser.description = "\n\n".join(p for p in (self.help, self.examples) if p)
+        sub = parser.add_subparsers(dest=f"{self.name}_command", metavar="COMMAND", parser_class=type(parser))
+        for command in self.commands:
+            sub.add_parser(command.name, command=command, help="", formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.set_defaults(_command=self, _group_parser=parser)  # a chosen subcommand sets its own _command
+
+    def run(self, args: argparse.Namespace) -> int:
+        """`headstart hub` alone: the group's help, and the exit status of a usage error."""
+        args._group_parser.print_help()
+        return 2
+
+
 def _generate(args: argparse.Namespace, bundle: str, prompt: str, **options: Any) -> str | None:
     """`generate`'s flags are `llm.generate.generate`'s options; the bundle's specialist runs them."""
     from ..bundle.commands import load
@@ -128,7 +155,37 @@ REPORT_JSON = "print the report as JSON on the last stdout line"
 HEAD_FLAG = Flag("head", ("--task", "--head"), "which head of a bundle with a head per task (multi-task fits, "
                  "merges of different tasks)")
 
-COMMANDS: list[Command] = [
+HUB_FLAG = Flag("hub", ("--hub",), "the hub folder", required=True)
+HUB = Group("hub", "Share specialists through a hub folder: add, list, search, show, pull, remove; push to and "
+            "pull from the Hugging Face Hub.", (
+    Command("add", "headstart.hub.local:add", show.hub_added, flags={"hub": HUB_FLAG},
+            json="print the new entry as JSON"),
+    Command("list", "headstart.hub.local:list_entries", show.hub_entries, flags={"hub": HUB_FLAG},
+            json="print the entries as a JSON list"),
+    Command("search", "headstart.hub.local:search", show.hub_entries, flags={"hub": HUB_FLAG},
+            json="print the matching entries as a JSON list", value_errors=True),
+    Command("show", "headstart.hub.local:show", show.hub_show, flags={"hub": HUB_FLAG},
+            json="print the facts, metrics, card and files as JSON"),
+    Command("pull", "headstart.hub.local:pull", show.hub_pulled, flags={
+        "hub": Flag("hub", ("--hub",), "the hub folder (not needed for hf:owner/repo)"),
+        "out": Flag("out", ("--out",), "the bundle folder to write", required=True)},
+        json='print {"path": ...} as JSON'),
+    Command("remove", "headstart.hub.local:remove", show.hub_removed, flags={"hub": HUB_FLAG},
+            json="print the removed entry as JSON"),
+    Command("push", "headstart.hub.remote:push", show.hub_pushed, flags={
+        "hub": HUB_FLAG, "repo_id": Flag("repo_id", ("--repo-id",), "the model repository, owner/name (created "
+                                         "when missing)", required=True)},
+        hidden=HIDDEN | {"token"}, json='print {"url": ...} as JSON',
+        help="Upload a hub specialist to a Hugging Face Hub repository (token: HF_TOKEN or `hf auth login`)."),
+    Command("reindex", "headstart.hub.index:rebuild_index", show.hub_reindexed, flags={"hub": HUB_FLAG},
+            json="print the index as JSON"),
+), examples=(
+    "Examples:\n  headstart hub add runs/ants --hub hub/\n"
+    "  headstart hub search --hub hub/ --task image-classification --metric accuracy --min-value 0.9\n"
+    "  headstart hub pull ants --hub hub/ --out elsewhere/ants\n"
+    "  headstart hub push ants --hub hub/ --repo-id me/ants"))
+
+COMMANDS: list[Command | Group] = [
     Command("bases", "headstart.bases:list_bases", show.bases, json="print a JSON list",
             help="List the known bases: name, kind, parameters, source (from their static facts; builds none)."),
     Command("methods", "headstart.methods.registry:list_methods", show.methods, json="",
@@ -208,4 +265,5 @@ COMMANDS: list[Command] = [
             "runs/fed\n  headstart federate --client shard0.csv --server-address 127.0.0.1:9092")),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
         "out": Flag("out", ("--out",), required=True)}, json=""),
+    HUB,
 ]

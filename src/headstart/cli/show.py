@@ -229,3 +229,86 @@ def federate(r: dict, args: Namespace) -> None:
         print(f"each client alone (mean): {r['alone_mean']:.4f}")
     if r.get("bundle"):
         print(f"bundle: {r['bundle']}")
+
+
+# ---- hub ------------------------------------------------------------------------------------------
+
+def hub_added(entry: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(entry, default=str))
+        return
+    print(f"added {entry['name']} to {entry['hub']}: {_hub_facts(entry)}, {_size(entry['size'])}")
+    if entry.get("skipped"):
+        print(f"({entry['skipped']} folder(s) in the hub are not bundles and were skipped; "
+              f"`headstart hub reindex --hub {args.hub}` names them)")
+
+
+def hub_entries(rows: list[dict], args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return
+    if not rows:
+        print("no specialist matches" if args._command.name == "search" else "the hub is empty")
+        return
+    print(f"{'name':<24}{'task':<22}{'base':<20}{'method':<10}{'accuracy':>9}  labels")
+    for r in rows:
+        acc = r["metrics"].get("accuracy")
+        labels = ", ".join(r["labels"][:6]) + (f" (+{len(r['labels']) - 6})" if len(r["labels"]) > 6 else "")
+        print(f"{r['name']:<24}{r['task']:<22}{r['base']['name']:<20}{r['method']:<10}"
+              f"{(f'{acc:.4f}' if isinstance(acc, (int, float)) else '-'):>9}  {labels}")
+
+
+def hub_show(d: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(d, default=str))
+        return
+    metrics = {k: v for k, v in d["metrics"].items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    print(f"name       {d['name']}\n{_hub_facts(d)}")
+    print(f"base       {d['base']['name']} (sha256 {d['base']['sha256'][:16]}...)")
+    if metrics:
+        print("metrics    " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(f"created    {d.get('created')} with headstart {d.get('headstart_version')}\npath       {d['path']}")
+    print("files")
+    for rel, f in d["files"].items():
+        print(f"  {f['sha256'][:16]}  {_size(f['size']):>9}  {rel}")
+    if d.get("card"):
+        print("\n" + d["card"].rstrip())
+
+
+def hub_pulled(path, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps({"path": str(path)}))
+    else:
+        print(f"pulled {args.name} to {path} (every file's sha256 verified)")
+
+
+def hub_removed(entry: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(entry, default=str))
+    else:
+        print(f"removed {entry['name']} from {args.hub}")
+
+
+def hub_pushed(url: str, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps({"url": url}))
+    else:
+        print(f"pushed {args.name} to {url}")
+
+
+def hub_reindexed(index: dict, args: Namespace) -> None:
+    if args.json:
+        print(json.dumps(index, default=str))
+        return
+    print(f"indexed {len(index['entries'])} specialist(s) in {args.hub}")
+    for s in index["skipped"]:
+        print(f"skipped {s['folder']}: {s['why']}")
+
+
+def _hub_facts(e: dict) -> str:
+    labels = f", labels {', '.join(e['labels'])}" if e.get("labels") else ""
+    return f"{e['task']} ({e['kind']}), base {e['base']['name']}, method {e['method']}{labels}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
