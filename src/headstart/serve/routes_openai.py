@@ -98,12 +98,18 @@ def _generator(request: Request, model: Any) -> Any:
     return served
 
 
+def _tokenizer(served: Any) -> Any:
+    """The specialist's own tokenizer: a generator's, or a text classifier's base's (None if unreachable)."""
+    generator = getattr(served, "generator", None)
+    if generator is not None:
+        return getattr(generator, "tokenizer", None)
+    backbone = getattr(getattr(getattr(served, "runner", None), "model", None), "backbone", None)
+    return getattr(backbone, "tokenizer", None)
+
+
 def _token_counter(served: Any) -> Callable[[str], int]:
-    """Counts tokens with the specialist's own tokenizer (OpenAI's `usage`); words when none is reachable."""
-    count = getattr(served, "count_tokens", None)
-    if callable(count):
-        return count
-    tokenizer = getattr(served, "tokenizer", None) or getattr(getattr(served, "specialist", None), "tokenizer", None)
+    """Counts tokens with the specialist's tokenizer (OpenAI's `usage`); whitespace words when it has none."""
+    tokenizer = _tokenizer(served)
     if tokenizer is not None:
         return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return lambda text: len(text.split())
@@ -111,7 +117,7 @@ def _token_counter(served: Any) -> Callable[[str], int]:
 
 def _prompt_tokens(served: Any, prompt: str | list[dict], count: Callable[[str], int]) -> int:
     """Tokens of the prompt as the model sees it (chat template applied, assistant turn opened)."""
-    tokenizer = getattr(served, "tokenizer", None) or getattr(getattr(served, "specialist", None), "tokenizer", None)
+    tokenizer = _tokenizer(served)
     if tokenizer is None:
         return count(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt))
     from ..llm.generate import render_prompt
@@ -178,8 +184,8 @@ async def _answer(request: Request, served: Any, body: dict[str, Any], prompt: s
     stops = shapes.stop_strings(body)
     stream_options = body.get("stream_options") or {}
     if body.get("stream"):
-        events = _sse_events(served, prompt, options, stops, chat=chat,
-                             include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
+        include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
+        events = _sse_events(served, prompt, options, stops, chat=chat, include_usage=include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     cutter = shapes.StopCutter(stops)

@@ -13,7 +13,8 @@ takes `text_input` and answers `text_output` (the names of Triton's generate ext
 
     >>> requests.post(url + "/v2/models/trec-ft/infer", headers=auth, json={"inputs": [
     ...     {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["Who wrote Hamlet ?"]}]}).json()
-    {"model_name": "trec-ft", "outputs": [{"name": "label", "shape": [1, 1], "datatype": "BYTES", "data": ["HUM"]}, ...]}
+    {"model_name": "trec-ft", "model_version": "1",
+     "outputs": [{"name": "label", "shape": [1, 1], "datatype": "BYTES", "data": ["HUM"]}, ...]}
 
 Errors are the protocol's shape, `{"error": "<message>"}` with a 4xx status (404 for an unknown model).
 The version segment is accepted for compatibility; a bundle has one version, named "1".
@@ -78,6 +79,8 @@ def _served(request: Request, model: str, version: str | None = None) -> Any:
 
 def _labels(served: Any) -> list[str]:
     """The classifier's classes in head order (the `probabilities` columns)."""
+    if getattr(served, "labels", None):
+        return [str(c) for c in served.labels]
     manifest = served.manifest
     classes = manifest.get("classes") or manifest.get("heads", {}).get("default", {}).get("classes") or []
     return [str(c) for c in classes]
@@ -257,7 +260,8 @@ async def _generate(served: Any, data: list[str], shape: list[int], parameters: 
     if len(data) != 1:
         raise _bad("text_input takes one prompt per request (shape [1])")
     prompt = limits.check_texts(data)[0]
-    options: dict[str, Any] = {"max_new_tokens": min(_positive_int(parameters, "max_tokens", 256), limits.max_new_tokens)}
+    max_tokens = min(_positive_int(parameters, "max_tokens", 256), limits.max_new_tokens)
+    options: dict[str, Any] = {"max_new_tokens": max_tokens}
     for name, high in (("temperature", 2.0), ("top_p", 1.0)):
         value = parameters.get(name)
         if value is not None:
