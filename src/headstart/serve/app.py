@@ -1,0 +1,104 @@
+"""The app and the function `headstart serve` runs.
+
+    from headstart.serve import make_app, serve
+    app = make_app(["runs/trec-ft"], token="s3cret")                 # a FastAPI app (tests, ASGI hosts)
+    serve(["runs/trec-ft", "hub/"], port=8080)                       # uvicorn on 127.0.0.1:8080
+
+Every route but the page, its static files and the health probes needs `Authorization: Bearer <token>`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from .auth import BearerAuth, is_loopback, resolve_token
+from .errors import ServeError, install_error_handlers
+from .limits import BodyLimit, Limits
+
+OPTIONAL_ROUTERS = ("routes_openai", "routes_v2", "page")
+"""Routers other modules provide (OpenAI, Open Inference Protocol v2, the page): included when present."""
+
+
+def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | None = None,
+             max_adapters: int | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+             registry: Any = None) -> Any:
+    """A FastAPI app serving every specialist the sources hold.
+
+    sources: bundle, lineage and hub folders.
+    token: the bearer token every protected route needs; None: no auth.
+    limits: the per-request limits (default: `Limits()`).
+    max_adapters: most LoRA adapters kept injected per base; the least recently used is reloaded when needed.
+    max_batch: most inputs one micro-batch runs together.
+    max_wait_ms: longest a request waits for others to share its batch.
+    registry: an already built registry (tests pass fakes); then `sources` is not read.
+    """
+    from fastapi import FastAPI
+
+    from .pool import BasePool
+    from .registry import Registry
+
+    limits = limits or Limits()
+    limits.apply_to_pil()
+    if registry is None:
+        registry = Registry(sources, limits=limits, pool=BasePool(max_adapters=max_adapters),
+                            max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+    app = FastAPI(title="headstart", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry = registry
+    app.state.limits = limits
+    app.state.auth = token is not None
+    install_error_handlers(app)
+    from .routes_models import router
+
+    app.include_router(router)
+    for name in OPTIONAL_ROUTERS:
+        if importlib.util.find_spec(f"{__package__}.{name}") is not None:
+            app.include_router(importlib.import_module(f"{__package__}.{name}").router)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BearerAuth, token=token)  # added last = outermost: no body is read before auth
+    return app
+
+
+def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_file: str | None = None,
+          no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = None,
+          max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0, max_text_chars: int = 20_000,
+          max_image_pixels: int = 40_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
+          log_level: str = "info") -> None:
+    """Serve specialists over HTTP: predict, OpenAI-compatible, Open Inference Protocol v2, and a page to try them.
+
+    sources: bundle, lineage and hub folders; every specialist in them is served under its id.
+    host: the address to bind (a loopback one unless --allow-remote).
+    port: the port to listen on.
+    token_file: the bearer token's file (default ~/.headstart-token; created with a new token, mode 0600, if missing).
+    no_auth: serve without a token (only on a loopback host).
+    allow_remote: allow binding a non-loopback host (auth stays on).
+    max_adapters: most LoRA adapters kept loaded per base (least recently used ones are reloaded when asked).
+    max_batch: most inputs run together in one micro-batch.
+    max_wait_ms: longest a request waits for others to join its micro-batch.
+    max_inputs: most inputs one request may carry.
+    max_body_mb: largest request body, in MB.
+    max_text_chars: longest text input, in characters.
+    max_image_pixels: largest image, width x height.
+    timeout_s: longest a request may take before a 504.
+    max_new_tokens: most tokens one generation may produce.
+    log_level: uvicorn's log level (critical, error, warning, info, debug).
+    """
+    import uvicorn
+
+    if not is_loopback(host) and not allow_remote:
+        raise ServeError(f"{host} is reachable from other machines: pass allow_remote=True (--allow-remote) to "
+                         "bind it, or bind 127.0.0.1")
+    if allow_remote and no_auth:
+        raise ServeError("--allow-remote needs auth: drop --no-auth")
+    token = resolve_token(host, token_file, no_auth)
+    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_text_chars=max_text_chars,
+                    max_image_pixels=max_image_pixels, max_batch=max_inputs, timeout_s=timeout_s,
+                    max_new_tokens=max_new_tokens)
+    logging.basicConfig(level=logging.INFO)
+    app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters, max_batch=max_batch,
+                   max_wait_ms=max_wait_ms)
+    print(f"serving {len(app.state.registry.ids())} specialist(s) on http://{host}:{port}/ "
+          f"({'auth on' if token else 'no auth'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,151 @@
+"""What one request may ask of the server: body bytes, text length, image pixels, batch size, time.
+
+Every limit is checked before the model runs, and a request over one gets a 4xx naming the limit.
+The image pixel limit also sets PIL's decompression-bomb threshold, so a tiny PNG that claims a
+huge canvas is refused by PIL before it allocates the canvas.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from typing import Any, Awaitable, TypeVar
+
+from .errors import ApiError, error_body
+
+T = TypeVar("T")
+
+
+@dataclass
+class Limits:
+    """The per-request limits of one server."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body (413 beyond it), counted as it arrives, whatever Content-Length claims."""
+    max_text_chars: int = 20_000
+    """Longest text input, in characters (413 beyond it)."""
+    max_image_pixels: int = 40_000_000
+    """Largest decoded image, width x height (413 beyond it)."""
+    max_batch: int = 64
+    """Most inputs one request may carry (413 beyond it)."""
+    timeout_s: float = 60.0
+    """Longest a request may take to answer (504 beyond it)."""
+    max_new_tokens: int = 512
+    """Most tokens one generation may produce (requests asking more are capped)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_text_chars", "max_image_pixels", "max_batch", "max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be above 0, got {self.timeout_s}")
+
+    def apply_to_pil(self) -> None:
+        """PIL refuses (DecompressionBombError) images over twice MAX_IMAGE_PIXELS and warns over it."""
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def check_batch(self, inputs: list[Any]) -> None:
+        if not inputs:
+            raise ApiError(422, "empty_input", "`inputs` is an empty list: send at least one input")
+        if len(inputs) > self.max_batch:
+            raise ApiError(413, "batch_too_large", f"{len(inputs)} inputs in one request; the limit is {self.max_batch}")
+
+    def check_texts(self, inputs: Any) -> list[str]:
+        """`inputs` as a list of non-empty strings within the length limit."""
+        texts = inputs if isinstance(inputs, list) else [inputs]
+        self.check_batch(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ApiError(422, "invalid_input", f"input {i} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ApiError(422, "empty_input", f"input {i} is an empty text")
+            if len(text) > self.max_text_chars:
+                raise ApiError(413, "text_too_long", f"input {i} has {len(text)} characters; the limit is "
+                                                     f"{self.max_text_chars}")
+        return texts
+
+    def decode_image(self, data: bytes, what: str = "the body"):
+        """Bytes -> an RGB PIL image within the pixel limit, or a 4xx naming the problem."""
+        from PIL import Image, UnidentifiedImageError
+
+        if not data:
+            raise ApiError(422, "empty_input", f"{what} holds no image bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > self.max_image_pixels:
+                    raise ApiError(413, "image_too_large", f"{what} is {width}x{height} pixels; the limit is "
+                                                           f"{self.max_image_pixels} pixels")
+                return img.convert("RGB")
+        except ApiError:
+            raise
+        except Image.DecompressionBombError:
+            raise ApiError(413, "image_too_large", f"{what} claims more than {self.max_image_pixels} pixels") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+            raise ApiError(422, "invalid_image", f"{what} is not a readable image (PNG, JPEG, ...)") from None
+
+    def decode_base64_image(self, text: Any, what: str):
+        """A base64 string (or a `data:image/...;base64,` URL) -> a PIL image."""
+        if not isinstance(text, str):
+            raise ApiError(422, "invalid_input", f"{what} must be a base64 string, not a {type(text).__name__}")
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "invalid_image", f"{what} is not valid base64") from None
+        return self.decode_image(data, what)
+
+    async def within_time(self, work: Awaitable[T]) -> T:
+        """Await `work`, or answer 504 after `timeout_s`."""
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"the answer took longer than {self.timeout_s:g} s") from None
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before the route reads it all (pure ASGI, so
+    streamed responses such as server-sent events pass through untouched)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                return await _reply(send, 400, "invalid_request", "Content-Length is not a number")
+            if too_big:
+                return await _reply(send, 413, "body_too_large", f"the body is over {self.max_bytes} bytes")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, "body_too_large", f"the body is over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _reply(send, status: int, code: str, message: str) -> None:
+    import json
+
+    body = json.dumps(error_body(code, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

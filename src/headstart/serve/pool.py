@@ -1,0 +1,220 @@
+"""One loaded base per (base name, weights sha256), shared by every specialist over it.
+
+What a specialist adds to its base decides how it shares it:
+- a head on the untouched base (probe, prototype, zeroshot): `bundle.commands.load(folder, base=shared)`;
+- a LoRA adapter + head (lora, setfit with lora): its adapter is injected into the shared base under its
+  own name (PEFT), and selected with `set_adapter` before each forward; a probe on the same base runs
+  inside `disable_adapter()`. Adapter selection and the forward happen under the base's lock, so two
+  requests never see each other's adapter. At most `max_adapters` adapters stay injected per base; the
+  least recently used one is deleted and reloaded from its bundle on its next request;
+- a generator (sft/dpo adapter on a causal LM): `LMSpecialist.load(folder, base=shared)`, run under the lock;
+- anything that changes the base's weights (finetune, scratch, adabn, qlora) gets a base of its own.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..core.errors import BundleError
+
+
+class SharedBase:
+    """A loaded base, its lock, and the LoRA adapters injected into it (by name, least recently used first)."""
+
+    def __init__(self, key: tuple[str, str], backbone: Any, max_adapters: int | None = None):
+        self.key = key
+        self.backbone = backbone
+        self.lock = threading.RLock()
+        """Held around adapter selection + forward: PEFT's active adapter is state of the shared modules."""
+        self.peft = None
+        """The PeftModel wrapping `backbone` once a LoRA classifier joins (adapters live in its modules)."""
+        self.max_adapters = max_adapters
+        self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self.known: dict[str, Path] = {}
+        self.loads = 0
+        """Adapter loads so far, reloads after eviction included."""
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Register a LoRA adapter (loaded now, and again whenever it is needed after an eviction)."""
+        with self.lock:
+            self.known[name] = adapter_dir
+            self._ensure_loaded(name)
+
+    def _ensure_loaded(self, name: str) -> None:
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return
+        from peft import PeftModel
+
+        folder = str(self.known[name])
+        with warnings.catch_warnings():  # peft warns when a second adapter joins modules that hold one
+            warnings.simplefilter("ignore")
+            if self.peft is None:
+                self.backbone.name_or_path = self.backbone.info.name
+                self.peft = PeftModel.from_pretrained(self.backbone, folder, adapter_name=name)
+            else:
+                self.peft.load_adapter(folder, adapter_name=name)
+        if self.backbone.kind == "image":  # PEFT's new convs are NCHW; image bases run channels_last
+            self.peft.to(memory_format=torch.channels_last)
+        self.peft.eval()
+        self.loaded[name] = self.known[name]
+        self.loads += 1
+        while self.max_adapters and len(self.loaded) > self.max_adapters:
+            evicted, _ = self.loaded.popitem(last=False)  # never the one just loaded: it is last
+            self.peft.delete_adapter(evicted)
+
+    def exclusive(self, work: Callable[[], Any]) -> Any:
+        """`work()` alone on this base (generators select their own adapter inside)."""
+        with self.lock, torch.inference_mode():
+            return work()
+
+    def run(self, adapter: str | None, work: Callable[[], Any]) -> Any:
+        """`work()` with adapter `adapter` active (None: the bare base, every adapter off), under the lock."""
+        with self.lock, torch.inference_mode():
+            if self.peft is None:
+                return work()
+            if adapter is None:
+                with self.peft.disable_adapter():
+                    return work()
+            self._ensure_loaded(adapter)
+            self.peft.set_adapter(adapter)
+            return work()
+
+
+class ClassifierRunner:
+    """Runs one classifier: probabilities and body features, on its shared (or own) base."""
+
+    def __init__(self, model: Any, classes: list[str], base: SharedBase, adapter: str | None, shares: str):
+        self.model = model.eval()
+        self.classes = classes
+        self.base = base
+        self.adapter = adapter
+        self.shares = shares
+        """How it sits on its base: "head" (untouched shared base), "lora" (adapter in the shared base), "own"."""
+
+    def probabilities(self, items: list[Any]) -> torch.Tensor:
+        """Class probabilities [N, C] (items: strings or PIL images, as the base takes)."""
+        def forward() -> torch.Tensor:
+            return self.model(**self.model.collate(items, False)).float().softmax(-1)
+        return self.base.run(self.adapter, forward)
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """What the head reads: the body's features [N, D] (the base, with this specialist's adapter if any)."""
+        def forward() -> torch.Tensor:
+            return self.model.backbone(**self.model.collate(texts, False)).float()
+        return self.base.run(self.adapter, forward)
+
+
+class BasePool:
+    """Loads each base once and hands out runners over it.
+
+    >>> pool = BasePool(max_adapters=8)
+    >>> runner = pool.classifier(Path("runs/trec-lora"), manifest)
+    >>> runner.probabilities(["Who wrote Hamlet ?"])
+    """
+
+    def __init__(self, max_adapters: int | None = None):
+        self.max_adapters = max_adapters
+        self.bases: dict[tuple[str, str], SharedBase] = {}
+        self._names = 0
+
+    def shared_base(self, manifest: dict[str, Any]) -> SharedBase:
+        from ..bases import load_base
+
+        key = (manifest["base"]["name"], manifest["base"].get("sha256", ""))
+        if key not in self.bases:
+            self.bases[key] = SharedBase(key, load_base(key[0]), self.max_adapters)
+        return self.bases[key]
+
+    def classifier(self, folder: Path, manifest: dict[str, Any]) -> ClassifierRunner:
+        """A runner for the classifier bundle `folder`, sharing its base when the bundle allows."""
+        from ..bundle.commands import load
+
+        way = _sharing(folder, manifest)
+        if way == "own":
+            spec = load(folder)
+            own = SharedBase(("own", str(folder)), spec.model.base)
+            return ClassifierRunner(spec.model, spec.classes, own, None, "own")
+        base = self.shared_base(manifest)
+        if way == "head" and _input_size_matches(manifest, base.backbone):
+            spec = load(folder, base=base.backbone)
+            return ClassifierRunner(spec.model, spec.classes, base, None, "head")
+        if way == "lora":
+            return self._lora_classifier(folder, manifest, base)
+        spec = load(folder)  # trained at another input size than the shared base runs at
+        return ClassifierRunner(spec.model, spec.classes, SharedBase(("own", str(folder)), spec.model.base), None, "own")
+
+    def _lora_classifier(self, folder: Path, manifest: dict[str, Any], base: SharedBase) -> ClassifierRunner:
+        from ..bundle.classifier import Specialist, _head_state, _pick_head
+        from ..bundle.format import check_base, read_trained
+        from ..methods.base import SpecialistModel
+
+        check_base(manifest, base.backbone.info.sha256)
+        Specialist.vet_adapter_folders(folder, manifest)
+        _, classes = _pick_head(folder, manifest, None)
+        head = _head_state(folder, manifest, _pick_head(folder, manifest, None)[0], read_trained(folder))
+        self._names += 1
+        name = f"a{self._names}"
+        base.add_adapter(name, Specialist.adapter_folder(folder, manifest))
+        model = SpecialistModel(base.peft, len(classes), normalize="center" in head)
+        own = {"head." + k: v for k, v in model.head.state_dict().items()}
+        if "center" in head:
+            own["center"] = model.center
+        try:
+            if set(head) != set(own):
+                raise KeyError(f"stored {sorted(head)}, expected {sorted(own)}")
+            with torch.no_grad():
+                for key, value in head.items():
+                    if own[key].shape != value.shape:
+                        raise RuntimeError(f"{key} is {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+                    own[key].copy_(value)
+        except (RuntimeError, KeyError) as e:
+            raise BundleError(f"{folder}: its head does not fit its base ({' '.join(str(e).split())[:200]})") from None
+        return ClassifierRunner(model, classes, base, name, "lora")
+
+    def generator(self, folder: Path, manifest: dict[str, Any]) -> tuple[Any, SharedBase]:
+        """(LMSpecialist, the base it runs on): a shared causal LM unless the bundle quantises its own."""
+        from ..bundle.commands import load
+
+        if manifest["method"]["name"] == "qlora":  # runs on its own 4-bit copy of the base
+            spec = load(folder)
+            return spec, SharedBase(("own", str(folder)), spec.model)
+        base = self.shared_base(manifest)
+        return load(folder, base=base.backbone), base
+
+    def stats(self) -> dict[str, Any]:
+        """Loaded bases and adapters (the /ready route and the benchmark report these)."""
+        return {"bases": [{"name": k[0], "sha256": k[1], "adapters_loaded": len(b.loaded),
+                           "adapters_known": len(b.known), "adapter_loads": b.loads} for k, b in self.bases.items()]}
+
+
+def _sharing(folder: Path, manifest: dict[str, Any]) -> str:
+    """"head", "lora" or "own": how a classifier bundle can sit on a shared base."""
+    from ..bundle.format import read_trained
+    from ..methods.registry import make_method
+
+    method_name = manifest["method"]["name"]
+    try:
+        method = make_method(method_name, **manifest["method"]["config"])
+    except Exception:  # the load itself reports a broken method config in one line
+        return "own"
+    adapters = manifest.get("adapters", {})
+    if method.frozen_base and not adapters:
+        return "head"
+    lora = method_name == "lora" or (method_name == "setfit" and manifest["method"]["config"].get("lora"))
+    if lora and len(adapters) == 1:
+        stored = read_trained(folder)
+        if all(k.startswith("head.") or k == "center" for k in stored):
+            return "lora"
+    return "own"
+
+
+def _input_size_matches(manifest: dict[str, Any], backbone: Any) -> bool:
+    size = manifest.get("preprocessing", {}).get("input_size")
+    return not size or backbone.kind != "image" or size == backbone.info.preprocessing.get("input_size")

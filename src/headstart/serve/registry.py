@@ -1,0 +1,108 @@
+"""What the server serves: every specialist found in the folders given at start, by id.
+
+Sources: a bundle folder (id = its folder name), a lineage folder (its current version, id = the lineage
+folder's name), a hub folder (it has `index.json`: every entry, id = the entry's name). Requests name a
+specialist only by id; no path from a request ever reaches the file system.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import HeadstartError
+from .errors import ServeError, UnknownSpecialist
+from .limits import Limits
+from .pool import BasePool
+from .served import Served
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+HUB_INDEX = "index.json"
+
+
+def hub_entries(hub: Path) -> list[dict[str, Any]]:
+    """The entries of a hub folder, each with `name` and `path` (the bundle folder)."""
+    try:
+        from ..hub import entries  # helper B's reader, when present
+    except ImportError:
+        entries = None
+    if entries is not None:
+        return [{**e, "path": Path(e["path"])} for e in entries(hub)]
+    try:
+        index = json.loads((hub / HUB_INDEX).read_text())
+    except (OSError, ValueError) as e:
+        raise ServeError(f"{hub}: unreadable {HUB_INDEX} ({' '.join(str(e).split())[:120]})") from None
+    rows = index.get("entries", index.get("bundles", [])) if isinstance(index, dict) else index
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise ServeError(f"{hub}: {HUB_INDEX} holds no list of entries with a name")
+    return [{**r, "path": hub / str(r.get("path", r["name"]))} for r in rows]
+
+
+def find_specialists(sources: list[str | Path]) -> list[tuple[str, Path, str]]:
+    """(id, bundle folder, the source it came from) for every specialist the sources hold."""
+    from ..bundle.lineage import is_lineage, resolve_bundle
+
+    found = []
+    for source in map(Path, sources):
+        if not source.is_dir():
+            raise ServeError(f"{source}: no such folder (give bundle, lineage or hub folders)")
+        if (source / HUB_INDEX).is_file():
+            root = source.resolve()
+            for entry in hub_entries(source):
+                path = Path(entry["path"])
+                if not path.resolve().is_relative_to(root):
+                    raise ServeError(f"{source}: entry {entry['name']!r} points outside the hub ({path})")
+                found.append((str(entry["name"]), path, str(source)))
+        elif is_lineage(source) or (source / "manifest.json").is_file():
+            found.append((source.resolve().name, resolve_bundle(source), str(source)))
+        else:
+            raise ServeError(f"{source}: not a bundle (no manifest.json), a lineage or a hub (no {HUB_INDEX})")
+    return found
+
+
+class Registry:
+    """The served specialists by id, all loaded at start (a broken bundle stops the start, not a request).
+
+    >>> registry = Registry(["runs/trec-ft", "hub/"])
+    >>> registry.ids()
+    ['ants', 'trec-ft']
+    """
+
+    def __init__(self, sources: list[str | Path], *, limits: Limits | None = None, pool: BasePool | None = None,
+                 max_batch: int = 32, max_wait_s: float = 0.005):
+        self.limits = limits or Limits()
+        self.pool = pool or BasePool()
+        self.sources = [str(s) for s in sources]
+        self._served: dict[str, Served] = {}
+        origin: dict[str, str] = {}
+        for spec_id, folder, source in find_specialists(sources):
+            if not ID_PATTERN.match(spec_id):
+                raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
+                                 "up to 100; rename the folder or hub entry)")
+            if spec_id in origin:
+                raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
+                                 "(rename one folder or hub entry)")
+            origin[spec_id] = source
+            try:
+                self._served[spec_id] = Served.load(spec_id, folder, self.pool, self.limits, max_batch, max_wait_s)
+            except HeadstartError as e:
+                raise ServeError(f"cannot serve {spec_id!r} ({source}): {' '.join(str(e).split())}") from None
+        if not self._served:
+            raise ServeError("no specialists to serve: the sources hold no bundles")
+
+    def ids(self) -> list[str]:
+        return sorted(self._served)
+
+    def get(self, specialist_id: str) -> Served:
+        """The specialist served under `specialist_id`; UnknownSpecialist (a 404) otherwise."""
+        served = self._served.get(specialist_id)
+        if served is None:
+            raise UnknownSpecialist(specialist_id, self.ids())
+        return served
+
+    def __iter__(self):
+        return iter(self._served[i] for i in self.ids())
+
+    def __len__(self) -> int:
+        return len(self._served)
