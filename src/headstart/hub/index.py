@@ -125,8 +125,9 @@ def rebuild(folder: Path, rehash: bool = False, recorded: dict[str, dict] | None
         try:
             check_name(name, "folder")
             old = previous.get(name)
-            same = old is not None and old.get("manifest_sha256") == sha256_of(child / MANIFEST) \
-                and set(old.get("files", {})) == {rel for rel, _ in bundle_files(child)}
+            # Same manifest, same bundle: its recorded hashes stand (a file changed, lost or added since is
+            # caught by `pull`, not silently re-recorded); a new manifest is a new bundle, hashed afresh.
+            same = old is not None and old.get("manifest_sha256") == sha256_of(child / MANIFEST)
             files = (recorded or {}).get(name) or (old["files"] if same else None)
             entries.append(entry_of(child, name, files))
         except (HeadstartError, OSError) as e:

@@ -44,7 +44,7 @@ def add(bundle: str | Path, hub: str | Path, name: str | None = None, replace: b
         raise HubError(f"{given}: no such bundle folder")
     source = resolve_bundle(given)
     read_manifest(source)  # a damaged or foreign folder is refused before anything is copied
-    name = check_name(name or given.resolve().name)
+    name = check_name(given.resolve().name if name is None else name)
     folder = hub_folder(hub, create=True)
     target = folder / name
     recover_interrupted_swap(target)
