@@ -1,11 +1,16 @@
-"""A fake registry with the server's documented `Served` interface, for router tests that need no model.
+"""A fake registry with the server's documented `Served` interface, for router tests that need no model,
+and `serving`, a real uvicorn on 127.0.0.1 that always stops by itself.
 
 The routers under test see only `app.state.registry` (ids / get) and `app.state.limits`; these fakes
 answer deterministically so the wire format (OpenAI, Open Inference Protocol v2) is checked exactly.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Iterator
 
 from fastapi import FastAPI
 
@@ -70,3 +75,34 @@ def fake_app(router, limits: Limits | None = None) -> tuple[FastAPI, FakeRegistr
     app.state.registry = registry
     app.state.limits = limits or Limits(max_text_chars=200, max_batch=4, max_new_tokens=16)
     return app, registry
+
+
+@contextlib.contextmanager
+def serving(app, max_life_s: float = 300.0, startup_timeout: float = 60.0) -> Iterator[str]:
+    """`app` on uvicorn at 127.0.0.1 on a free port, in a thread; yields its base URL.
+
+    It stops on exit, and by itself after `max_life_s` whatever the test does (a timer asks it to exit)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; uvicorn serves this very socket (no race)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    watchdog = threading.Timer(max_life_s, lambda: setattr(server, "should_exit", True))
+    watchdog.daemon = True
+    thread.start()
+    watchdog.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            assert thread.is_alive(), "the server stopped while starting"
+            assert time.monotonic() < deadline, f"the server did not start in {startup_timeout} s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        watchdog.cancel()
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop within 30 s"

@@ -168,3 +168,98 @@ def test_malformed_json_and_non_object_bodies(fake):
     r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(r, 400, "invalid_request", "JSON")
     assert_openai_error(client.post("/v1/embeddings", json=[1, 2]), 400, "invalid_request")
+
+
+# ---- the real app, the official client ---------------------------------------------------------------
+from bundle_fixtures import probe_bundle, sft_bundle, sft_files  # noqa: E402,F401  (fixtures are found by name)
+
+TOKEN = "test-token-0123456789abcdef"
+QUESTION = [{"role": "user", "content": "What is the colour of snow?"}]
+
+
+@pytest.fixture(scope="module")
+def real_app(sft_bundle, probe_bundle):
+    from headstart.serve.app import make_app
+    from headstart.serve.limits import Limits
+
+    return make_app([sft_bundle, probe_bundle], token=TOKEN, limits=Limits(max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def openai_client(real_app):
+    """The official client, unchanged, on a real uvicorn at 127.0.0.1 (stopped after the module)."""
+    import httpx
+    import openai
+    from serve_fakes import serving
+
+    with serving(real_app) as url, httpx.Client(trust_env=False, timeout=60) as http:
+        yield openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, http_client=http, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def direct_answer(sft_bundle):
+    """What the bundle answers greedily in-process, to compare with what the server sends."""
+    import headstart
+
+    spec = headstart.load(sft_bundle)
+    return lambda prompt, n: spec.generate(prompt, temperature=0, max_new_tokens=n)
+
+
+def test_full_app_routes_and_auth(real_app):
+    client = TestClient(real_app)
+    assert client.get("/v1/models").status_code == 401  # the token is required here...
+    assert client.get("/v2/health/live").status_code == 200  # ...but not on the protocol's probes
+    ids = [m["id"] for m in client.get("/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()["data"]]
+    assert ids == ["sft", "spec"]
+
+
+def test_openai_client_chat_non_stream_and_stream(openai_client, direct_answer):
+    expected = direct_answer(QUESTION, 6)
+    reply = openai_client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=6, temperature=0)
+    assert reply.model == "sft" and reply.object == "chat.completion"
+    (choice,) = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and 0 <= reply.usage.completion_tokens <= 6
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    chunks = list(openai_client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=6, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_openai_client_completions(openai_client, direct_answer):
+    prompt = "What is the colour of coal?"
+    reply = openai_client.completions.create(model="sft", prompt=prompt, max_tokens=5, temperature=0)
+    assert reply.choices[0].text == direct_answer(prompt, 5)
+    assert reply.usage.prompt_tokens > 0
+
+
+def test_openai_client_embeddings(openai_client):
+    texts = ["goal team match", "pizza soup bread"]
+    floats = openai_client.embeddings.create(model="spec", input=texts, encoding_format="float")
+    packed = openai_client.embeddings.create(model="spec", input=texts, encoding_format="base64")
+    assert [d.index for d in floats.data] == [0, 1] and floats.usage.prompt_tokens > 0
+    vectors = [d.embedding for d in floats.data]
+    assert len(vectors[0]) == len(vectors[1]) > 1 and vectors[0] != vectors[1]
+    for a, b in zip(vectors, (d.embedding for d in packed.data)):  # asked for base64, the client hands it over
+        decoded = struct.unpack(f"<{len(a)}f", base64.b64decode(b))
+        assert decoded == pytest.approx(a, rel=1e-6, abs=1e-6)  # float32 on the wire either way
+    single = openai_client.embeddings.create(model="spec", input=texts[0])  # the client's default encoding
+    assert single.data[0].embedding == pytest.approx(vectors[0], rel=1e-4, abs=1e-5)
+
+
+def test_openai_client_raises_its_own_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        openai_client.chat.completions.create(model="nope", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="not a text generator"):
+        openai_client.chat.completions.create(model="spec", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="n=3"):
+        openai_client.chat.completions.create(model="sft", messages=QUESTION, n=3)
+    with pytest.raises(openai.AuthenticationError):
+        openai_client.with_options(api_key="wrong-token-0123456789").models.list()
