@@ -125,3 +125,54 @@ def test_malformed_json_and_unknown_model(fake):
     r = client.post("/v2/models/clf/infer", content=b"{oops", headers={"content-type": "application/json"})
     assert_v2_error(r, 400, "JSON")
     assert_v2_error(client.post("/v2/models/nope/infer", json=texts("x")), 404, "nope")
+
+
+# ---- the real app over real tiny bundles ---------------------------------------------------------------
+from bundle_fixtures import INPUTS, QUIET, probe_bundle  # noqa: E402,F401  (fixtures are found by name)
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def image_bundle(tiny_image_folder, tmp_path_factory):
+    import headstart
+
+    out = tmp_path_factory.mktemp("v2-image") / "shapes"
+    headstart.fit(tiny_image_folder, base="tiny-image", method="probe", out=out, **QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real(probe_bundle, image_bundle):
+    from headstart.serve.app import make_app
+
+    return TestClient(make_app([probe_bundle, image_bundle], token=TOKEN))
+
+
+def test_real_text_classifier_matches_the_bundle(real, probe_bundle):
+    import headstart
+
+    spec = headstart.load(probe_bundle)
+    assert real.get("/v2/health/ready").json() == {"ready": True}  # a probe: no token needed
+    assert real.get("/v2/models/spec").status_code == 401  # everything else needs it
+    meta = real.get("/v2/models/spec", headers=AUTH).json()
+    assert meta["parameters"]["labels"] == list(spec.classes)
+    body = real.post("/v2/models/spec/infer", headers=AUTH, json=texts(*INPUTS)).json()
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["label"]["data"] == spec.predict(INPUTS)
+    assert out["probabilities"]["data"] == pytest.approx(spec.predict_proba(INPUTS).flatten().tolist(), abs=1e-5)
+    assert out["probabilities"]["shape"] == [len(INPUTS), len(spec.classes)]
+
+
+def test_real_image_classifier_takes_base64_files(real, image_bundle, tiny_image_folder):
+    import headstart
+
+    paths = sorted((tiny_image_folder / "val" / "red").glob("*.png"))[:2]
+    data = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    request = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": data}],
+               "parameters": {"top_k": 2}}
+    body = real.post("/v2/models/shapes/infer", headers=AUTH, json=request).json()
+    out = {o["name"]: o for o in body["outputs"]}
+    expected = headstart.load(image_bundle).predict([str(p) for p in paths])
+    assert out["label"]["shape"] == [2, 2] and out["label"]["data"][::2] == expected
