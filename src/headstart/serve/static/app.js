@@ -76,22 +76,40 @@ function showError(err) {
 function formatValue(value) {
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(4);
   if (Array.isArray(value)) return value.map(formatValue).join(", ");
-  if (value && typeof value === "object") {
-    if (typeof value.name === "string") return value.name;
-    return Object.entries(value).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
-  }
+  if (value && typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
   return value === null || value === undefined ? "" : String(value);
 }
+
+const SHOWN_LABELS = 12;
+// What a user wants to know first, in this order; `describe` says each one in words.
+const FACTS = {
+  task: (m) => m.task,
+  base: (m) => {
+    const base = m.base || {};
+    if (typeof base === "string") return base;
+    const size = typeof base.params === "number" ? `, ${(base.params / 1e6).toFixed(1)}M params` : "";
+    return base.name ? `${base.name}${base.kind ? ` (${base.kind}${size})` : ""}` : "";
+  },
+  method: (m) => formatValue(m.method),
+  labels: (m) => {
+    const labels = m.labels || [];
+    const more = labels.length > SHOWN_LABELS ? `, … (${labels.length} in all)` : "";
+    return labels.slice(0, SHOWN_LABELS).join(", ") + more;
+  },
+  // Scalars only: per-class tables would drown the headline numbers.
+  metrics: (m) => Object.entries(m.metrics || {}).filter(([, v]) => typeof v !== "object")
+    .map(([k, v]) => `${k} ${formatValue(v)}`).join(", "),
+  created: (m) => m.created,
+};
 
 function renderFacts(model) {
   const list = document.createElement("dl");
   list.className = "facts";
-  for (const [key, value] of Object.entries(model)) {
-    if (key === "id" || key === "card" || value === null || value === undefined || value === "") continue;
-    const dt = document.createElement("dt");
-    dt.textContent = key;
-    const dd = document.createElement("dd");
-    dd.textContent = formatValue(value);
+  for (const [key, describe] of Object.entries(FACTS)) {
+    const text = describe(model);
+    if (!text) continue;
+    const dt = Object.assign(document.createElement("dt"), { textContent: key });
+    const dd = Object.assign(document.createElement("dd"), { textContent: text });
     dd.dataset.fact = key;
     list.append(dt, dd);
   }

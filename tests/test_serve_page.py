@@ -1,0 +1,336 @@
+"""The page to try a specialist, in a real headless Chromium (Debian's `chromium` driven by Playwright).
+
+The real server (uvicorn on 127.0.0.1, a free port, `make_app`) serves tiny bundles fit here; the
+browser loads the page, types the token, classifies a text and a photo, and the labels and scores it
+shows must be the bundle's own `predict`. No browser is ever downloaded: Playwright drives the system
+`chromium` by `executable_path`. Without chromium or Playwright the test skips with the reason, except
+under CI, where it fails: a browser test that silently skips in CI is not a test.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import headstart
+from bundle_fixtures import sft_bundle, sft_files  # noqa: F401  (fixtures are found by name)
+from headstart.bundle.commands import load, predict
+
+QUIET = {"progress": False, "log": lambda s: None}
+TOKEN = "page-test-token-0123456789"
+WAIT_MS = 30_000
+"""Every browser wait is bounded: a page that never answers fails the test, it does not hang it."""
+TOP_K = 3
+
+
+# ---- the browser ------------------------------------------------------------------------------
+
+def _missing_browser() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed (pip install -e '.[test]')"
+    if shutil.which("chromium") is None:
+        return "Debian's chromium is not installed (apt-get install -y chromium; make test does it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _missing_browser()
+    if missing:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{missing}: under CI the browser test must run, not skip")
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # Never `playwright install`: the system chromium, no download.
+        chromium = p.chromium.launch(executable_path=shutil.which("chromium"), timeout=WAIT_MS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@contextlib.contextmanager
+def open_page(browser, base_url: str):
+    """A fresh tab (its own sessionStorage) that records every URL it asks for."""
+    context = browser.new_context()
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.requested = []
+    page.on("request", lambda request: page.requested.append(request.url))
+    page.console_errors = []
+    # Chromium logs every 4xx as "Failed to load resource"; those the test provokes on purpose.
+    page.on("console", lambda msg: msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            and page.console_errors.append(msg.text))
+    page.on("pageerror", lambda exc: page.console_errors.append(str(exc)))
+    try:
+        page.goto(base_url + "/")
+        yield page
+    finally:
+        context.close()
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving(app, startup_timeout: float = 60.0):
+    """Run `app` on uvicorn at 127.0.0.1 on a free port in a thread; stop it on exit (bounded)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; uvicorn serves this very socket (no race)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            assert thread.is_alive(), "the server stopped while starting"
+            assert time.monotonic() < deadline, f"the server did not start in {startup_timeout} s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop within 30 s"
+
+
+def server_app(sources: list[Path], token: str | None):
+    from headstart.serve.app import make_app
+
+    return make_app(sources, token=token)
+
+
+# ---- what the page shows ----------------------------------------------------------------------
+
+def connect(page, token: str) -> None:
+    """The page asks for the token once; a wrong one is refused and asked again."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#token-form")).to_be_visible()
+    page.get_by_label("Access token").fill("not-the-token")
+    page.get_by_role("button", name="Connect").click()
+    expect(page.locator("#status")).to_contain_text("Token refused")
+    page.get_by_label("Access token").fill(token)
+    page.get_by_role("button", name="Connect").click()
+    expect(page.locator("#token-form")).to_be_hidden()
+
+
+def pick(page, specialist_id: str, ids: list[str]) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#models .model")).to_have_count(len(ids))
+    page.locator(f'#models input[value="{specialist_id}"]').check()
+    expect(page.locator("#work-title")).to_have_text(specialist_id)
+    expect(page.locator("#facts [data-fact=task]")).not_to_be_empty()
+
+
+def shown_top(page, k: int) -> list[tuple[str, float]]:
+    """The (label, score) bars, best first, once the answer is there."""
+    from playwright.sync_api import expect
+
+    rows = page.locator("#results li")
+    expect(rows).to_have_count(k)
+    return [(li.get_attribute("data-label"), float(li.get_attribute("data-score"))) for li in rows.all()]
+
+
+def classify_text(page, text: str) -> list[tuple[str, float]]:
+    page.get_by_label("Text to classify").fill(text)
+    page.locator("#text-top-k").fill(str(TOP_K))
+    page.locator("#text-form").get_by_role("button", name="Classify").click()
+    return shown_top(page, TOP_K)
+
+
+def choose_image(page, path: Path) -> list[tuple[str, float]]:
+    """The file picker: choosing a file classifies it at once."""
+    page.locator("#image-top-k").fill(str(TOP_K))
+    page.locator("#image-input").set_input_files(str(path))
+    return shown_top(page, TOP_K)
+
+
+def drop_image(page, path: Path, mime: str) -> list[tuple[str, float]]:
+    """The drop zone: a real `drop` event carrying a File, as a dragged file makes."""
+    page.locator("#results li").first.wait_for(state="detached")  # set by the caller: no stale bars
+    page.evaluate("""([bytes, name, type]) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], name, {type}));
+        document.getElementById("drop-zone").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", [list(path.read_bytes()), path.name, mime])
+    return shown_top(page, TOP_K)
+
+
+def expected_top(bundle, x, k: int = TOP_K) -> list[tuple[str, float]]:
+    """The bundle's own answer, loaded apart from the server."""
+    return [(r["label"], r["score"]) for r in predict(bundle, [x], top_k=k)[0]["top"]]
+
+
+def assert_same_top(shown, expected) -> None:
+    assert [label for label, _ in shown] == [label for label, _ in expected], (shown, expected)
+    for (_, got), (_, want) in zip(shown, expected):
+        assert abs(got - want) <= 2e-3, (shown, expected)
+
+
+def assert_stayed_home(page, base_url: str) -> None:
+    """No CDN, no network: every request went to the server that served the page (or a blob preview)."""
+    elsewhere = [u for u in page.requested if not (u.startswith(base_url + "/") or u.startswith("blob:"))]
+    assert not elsewhere, elsewhere
+    assert not page.console_errors, page.console_errors
+
+
+# ---- tiny bundles (tier 2) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bundles(tiny_text_csv, tiny_image_folder, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("page-bundles")
+    headstart.fit(tiny_text_csv, base="tiny-text", method="probe", out=root / "topics", **QUIET)
+    headstart.fit(tiny_image_folder, base="tiny-image", method="probe", out=root / "colours", **QUIET)
+    return {"topics": root / "topics", "colours": root / "colours"}
+
+
+def test_page_classifies_text_and_images_like_the_bundle(browser, tiny_bundles, tiny_image_folder):
+    from playwright.sync_api import expect
+
+    text, png = "goal team referee today", tiny_image_folder / "val" / "red" / "red_0.png"
+    ids = sorted(tiny_bundles)
+    specs = {name: load(path) for name, path in tiny_bundles.items()}
+    with serving(server_app(list(tiny_bundles.values()), token=TOKEN)) as base_url, \
+            open_page(browser, base_url) as page:
+        connect(page, TOKEN)
+
+        pick(page, "topics", ids)
+        expect(page.locator("#facts [data-fact=task]")).to_have_text("text-classification")
+        assert_same_top(classify_text(page, text), expected_top(specs["topics"], text))
+
+        pick(page, "colours", ids)
+        expect(page.get_by_label("Text to classify")).to_be_hidden()
+        assert_same_top(choose_image(page, png), expected_top(specs["colours"], str(png)))
+        page.locator("#results").evaluate("el => el.replaceChildren()")
+        green = tiny_image_folder / "val" / "green" / "green_1.png"
+        assert_same_top(drop_image(page, green, "image/png"), expected_top(specs["colours"], str(green)))
+
+        # The server's own words for a file that is no image, and no stale bars beside them.
+        import httpx
+
+        junk = tiny_image_folder / "train" / "red" / "x.jpg"  # random bytes
+        refusal = httpx.post(f"{base_url}/models/colours/predict", content=junk.read_bytes(), timeout=30,
+                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/jpeg"})
+        assert 400 <= refusal.status_code < 500, refusal.text
+        page.locator("#image-input").set_input_files(str(junk))
+        expect(page.locator("#error")).to_have_text(refusal.json()["error"]["message"])
+        expect(page.locator("#results li")).to_have_count(0)
+        assert_stayed_home(page, base_url)
+
+
+def test_page_remembers_the_token_for_the_tab_and_needs_none_without_auth(browser, tiny_bundles):
+    from playwright.sync_api import expect
+
+    with serving(server_app([tiny_bundles["topics"]], token=TOKEN)) as base_url, \
+            open_page(browser, base_url) as page:
+        connect(page, TOKEN)
+        page.reload()  # same tab: sessionStorage keeps the token, the page does not ask again
+        expect(page.locator("#models .model")).to_have_count(1)
+        expect(page.locator("#token-form")).to_be_hidden()
+    with serving(server_app([tiny_bundles["topics"]], token=None)) as base_url, \
+            open_page(browser, base_url) as page:
+        expect(page.locator("#models .model")).to_have_count(1)
+        expect(page.locator("#token-form")).to_be_hidden()
+        # A lone specialist is picked at once; every control has a label (keyboard and screen readers).
+        expect(page.locator("#work-title")).to_have_text("topics")
+        unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, textarea, select")]
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute("aria-label"))
+            .map(el => el.id || el.name)""")
+        assert not unlabelled, unlabelled
+        assert_stayed_home(page, base_url)
+
+
+def test_page_streams_a_chat_with_a_generator(browser, sft_bundle, tiny_bundles):
+    """The chat box reads /v1/chat/completions as SSE and shows the same answer the server gives whole;
+    a question to a generator goes nowhere near /predict."""
+    import httpx
+    from playwright.sync_api import expect
+
+    sources = [sft_bundle, tiny_bundles["topics"]]
+    with serving(server_app(sources, token=None)) as base_url, open_page(browser, base_url) as page:
+        pick(page, sft_bundle.name, sorted([sft_bundle.name, "topics"]))
+        expect(page.locator("#facts [data-fact=task]")).to_have_text("text-generation")
+        expect(page.get_by_label("Text to classify")).to_be_hidden()
+        page.get_by_label("Max tokens").fill("6")
+        page.get_by_label("Message").fill("What is the colour of snow?")
+        page.get_by_label("Message").press("Enter")  # Enter sends, as in any chat box
+        answer = page.locator('#chat-log .turn[data-role=assistant][data-done=true] .text')
+        expect(answer).to_have_count(1)
+        expect(page.locator("#error")).to_be_empty()
+        whole = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+            "model": sft_bundle.name, "max_tokens": 6,
+            "messages": [{"role": "user", "content": "What is the colour of snow?"}]}).json()
+        assert answer.text_content(), "the greedy tiny generator writes 6 tokens, not nothing"
+        assert answer.text_content() == whole["choices"][0]["message"]["content"]
+        expect(page.locator("#chat-send")).to_be_enabled()
+        assert [u for u in page.requested if "/predict" in u] == []
+        assert_stayed_home(page, base_url)
+
+
+# ---- real bases on slices of real data (tier 3) ---------------------------------------------------
+
+def _trec_slice(data_root: Path, out: Path, per_class: int) -> Path:
+    """The first `per_class` questions of each coarse TREC class, train and test."""
+    import csv
+
+    out.mkdir(parents=True)
+    for split, n in (("train", per_class), ("test", per_class // 2)):
+        with open(data_root / "trec" / f"{split}.csv", newline="", encoding="utf-8") as f:
+            rows, seen = [], {}
+            for row in csv.DictReader(f):
+                if seen.get(row["label"], 0) < n:
+                    seen[row["label"]] = seen.get(row["label"], 0) + 1
+                    rows.append((row["text"], row["label"]))
+        with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    return out
+
+
+def _hymenoptera_slice(data_root: Path, out: Path, per_class: int) -> Path:
+    """The first `per_class` photos of ants and bees per split (sorted names: the same every run)."""
+    for split, n in (("train", per_class), ("val", per_class // 2)):
+        for cls in ("ants", "bees"):
+            (out / split / cls).mkdir(parents=True)
+            for photo in sorted((data_root / "hymenoptera" / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(photo, out / split / cls / photo.name)
+    return out
+
+
+@pytest.mark.real
+def test_page_with_real_specialists_on_real_data(browser, data_root, tmp_path):
+    """minilm-l6 on TREC questions and efficientnet-lite0 on ants and bees: a typed question and a
+    real photo (one the probe never saw) show the bundle's own top labels."""
+    bundles = {"trec": tmp_path / "trec", "ants-bees": tmp_path / "ants-bees"}
+    headstart.fit(_trec_slice(data_root, tmp_path / "trec-data", per_class=20), base="minilm-l6",
+                  method="probe", out=bundles["trec"], **QUIET)
+    headstart.fit(_hymenoptera_slice(data_root, tmp_path / "hym-data", per_class=16), base="efficientnet-lite0",
+                  method="probe", out=bundles["ants-bees"], **QUIET)
+    question = "Who wrote the novel Moby Dick ?"
+    photo = sorted((data_root / "hymenoptera" / "val" / "bees").glob("*.jpg"))[-1]
+    specs = {name: load(path) for name, path in bundles.items()}
+    with serving(server_app(list(bundles.values()), token=TOKEN)) as base_url, \
+            open_page(browser, base_url) as page:
+        connect(page, TOKEN)
+        pick(page, "trec", sorted(bundles))
+        assert_same_top(classify_text(page, question), expected_top(specs["trec"], question))
+        pick(page, "ants-bees", sorted(bundles))
+        page.locator("#image-top-k").fill("2")
+        page.locator("#image-input").set_input_files(str(photo))
+        assert_same_top(shown_top(page, 2), expected_top(specs["ants-bees"], str(photo), k=2))
+        assert_stayed_home(page, base_url)
