@@ -265,5 +265,9 @@ COMMANDS: list[Command | Group] = [
             "runs/fed\n  headstart federate --client shard0.csv --server-address 127.0.0.1:9092")),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
         "out": Flag("out", ("--out",), required=True)}, json=""),
+    Command("serve", "headstart.serve.app:serve", show.nothing, json="", interrupted="", examples=(
+        "Examples:\n  headstart serve runs/ants runs/trec-ft hub/ --port 8080 --token-file ~/.headstart-token\n"
+        "  curl -H \"Authorization: Bearer $(cat ~/.headstart-token)\" -d '{\"inputs\": \"Who wrote Hamlet ?\"}' "
+        "127.0.0.1:8080/models/trec-ft/predict")),
     HUB,
 ]
