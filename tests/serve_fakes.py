@@ -28,26 +28,40 @@ class FakeServed:
         self.card = ""
         self.calls: list[tuple[Any, dict]] = []
         self.fail_stream = False
+        self.fail_with: Exception | None = None
+        """Raised by classify / embed / complete, and by `stream` when called (before any piece)."""
+
+    def _maybe_fail(self) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
 
     def facts(self) -> dict[str, Any]:
         return {"id": self.id, "task": self.task}
 
     async def classify(self, inputs: list, top_k: int) -> list[list[dict[str, Any]]]:
         self.calls.append((inputs, {"top_k": top_k}))
+        self._maybe_fail()
         # "tech" first, then "food", then "sport": a fixed ranking whose scores sum to 1
         ranked = [{"label": "tech", "score": 0.7}, {"label": "food", "score": 0.2}, {"label": "sport", "score": 0.1}]
         return [ranked[:top_k] for _ in inputs]
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         self.calls.append((texts, {}))
+        self._maybe_fail()
         return [[float(len(t)), 0.5, -1.0] for t in texts]
 
     async def complete(self, prompt: Any, **options: Any) -> str:
         self.calls.append((prompt, options))
+        self._maybe_fail()
         return ANSWER
 
-    async def stream(self, prompt: Any, **options: Any):
+    def stream(self, prompt: Any, **options: Any):
+        """Like the real one: refusals are raised when called, the pieces come when iterated."""
         self.calls.append((prompt, options))
+        self._maybe_fail()
+        return self._pieces()
+
+    async def _pieces(self):
         for i, piece in enumerate(PIECES):
             if self.fail_stream and i == 2:
                 raise RuntimeError("secret internal detail")

@@ -119,6 +119,22 @@ def test_a_failure_mid_stream_is_an_error_event_without_internals(fake):
     assert "error" in events[-2] and "secret" not in json.dumps(events[-2])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_refusals_and_failures_while_answering_keep_the_openai_shape(fake, stream):
+    from headstart.core.errors import DataError
+    from headstart.serve.errors import ApiError
+
+    client, registry = fake
+    request = {"model": "gen", "messages": USER, "stream": stream}
+    registry.get("gen").fail_with = ApiError(413, "text_too_long", "the messages exceed 9 characters")
+    assert_openai_error(client.post("/v1/chat/completions", json=request), 413, "text_too_long", "exceed 9")
+    registry.get("gen").fail_with = DataError("bad input\nsecond line")
+    assert_openai_error(client.post("/v1/chat/completions", json=request), 422, "invalid_input", "bad input")
+    registry.get("gen").fail_with = RuntimeError("secret internal detail")
+    error = assert_openai_error(client.post("/v1/chat/completions", json=request), 500, "internal")
+    assert "secret" not in error["message"]
+
+
 def test_embeddings_float_and_base64(fake):
     client, registry = fake
     body = client.post("/v1/embeddings", json={"model": "clf", "input": ["ab", "abcd"]}).json()

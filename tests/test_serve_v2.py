@@ -120,6 +120,17 @@ def test_bad_infer_requests_get_protocol_errors(fake, request_body, status, need
     assert_v2_error(client.post("/v2/models/clf/infer", json=request_body), status, needle)
 
 
+def test_failures_while_answering_keep_the_protocol_shape(fake):
+    from headstart.core.errors import LabelError
+
+    client, registry = fake
+    registry.get("clf").fail_with = LabelError("unknown label")
+    assert_v2_error(client.post("/v2/models/clf/infer", json=texts("x")), 422, "unknown label")
+    registry.get("clf").fail_with = RuntimeError("secret internal detail")
+    message = assert_v2_error(client.post("/v2/models/clf/infer", json=texts("x")), 500)
+    assert "secret" not in message
+
+
 def test_malformed_json_and_unknown_model(fake):
     client, _ = fake
     r = client.post("/v2/models/clf/infer", content=b"{oops", headers={"content-type": "application/json"})

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
+from ..core.errors import HeadstartError
 from . import openai_shapes as shapes
 from .openai_shapes import RequestProblem
 
@@ -51,6 +52,11 @@ class OpenAIRoute(APIRoute):
                 return _error(400, _validation_message(e), "invalid_request")
             except ApiError as e:
                 return _error(e.status, e.message, e.code)
+            except HeadstartError as e:  # a problem of the input found while answering, as the app says it
+                return _error(422, " ".join(str(e).split())[:300], "invalid_input")
+            except Exception:  # logged with its traceback here; the client learns nothing internal
+                log.exception("unexpected error answering %s %s", request.method, request.url.path)
+                return _error(500, "the server failed to answer this request; its log says why", "internal")
         return handle
 
 
@@ -185,7 +191,9 @@ async def _answer(request: Request, served: Any, body: dict[str, Any], prompt: s
     stream_options = body.get("stream_options") or {}
     if body.get("stream"):
         include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
-        events = _sse_events(served, prompt, options, stops, chat=chat, include_usage=include_usage)
+        # Opened here, before the response starts: a prompt or option the specialist refuses is still a 4xx.
+        pieces = served.stream(prompt, **options)
+        events = _sse_events(served, pieces, prompt, options, stops, chat=chat, include_usage=include_usage)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     cutter = shapes.StopCutter(stops)
@@ -208,8 +216,8 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse_events(served: Any, prompt: str | list[dict], options: dict[str, Any], stops: list[str], *,
-                      chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _sse_events(served: Any, pieces: AsyncIterator[str], prompt: str | list[dict], options: dict[str, Any],
+                      stops: list[str], *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's stream: one event per text piece, a last one with the finish reason, then `data: [DONE]`.
 
     A failure after the response started cannot change its status any more: it is sent as an
@@ -227,7 +235,6 @@ async def _sse_events(served: Any, prompt: str | list[dict], options: dict[str, 
     try:
         if chat:
             yield piece("", first=True)
-        pieces = served.stream(prompt, **options)
         try:
             async for text in pieces:
                 safe = cutter.feed(text)

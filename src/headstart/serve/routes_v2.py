@@ -21,6 +21,7 @@ The version segment is accepted for compatibility; a bundle has one version, nam
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -29,8 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from ..core.errors import HeadstartError
 from .errors import ApiError
 from .limits import Limits
+
+log = logging.getLogger("headstart.serve")
 
 VERSION = "1"
 CLASSIFIER_OUTPUTS = ("label", "score", "probabilities")
@@ -54,6 +58,12 @@ class V2Route(APIRoute):
                 message = ("the request body is not valid JSON" if first.get("type") == "json_invalid"
                            else f"{where}: {first.get('msg', 'invalid')}")
                 return JSONResponse({"error": message}, status_code=400)
+            except HeadstartError as e:  # a problem of the input found while answering, as the app says it
+                return JSONResponse({"error": " ".join(str(e).split())[:300]}, status_code=422)
+            except Exception:  # logged with its traceback here; the client learns nothing internal
+                log.exception("unexpected error answering %s %s", request.method, request.url.path)
+                return JSONResponse({"error": "the server failed to answer this request; its log says why"},
+                                    status_code=500)
         return handle
 
 
