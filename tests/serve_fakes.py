@@ -27,7 +27,7 @@ class FakeServed:
         self.manifest = {"classes": LABELS} if kind == "classifier" else {"task": "sft"}
         self.card = ""
         self.calls: list[tuple[Any, dict]] = []
-        self.fail_stream = False
+        self.fail_stream: bool | Exception = False
         self.fail_with: Exception | None = None
         """Raised by classify / embed / complete, and by `stream` when called (before any piece)."""
 
@@ -63,8 +63,8 @@ class FakeServed:
 
     async def _pieces(self):
         for i, piece in enumerate(PIECES):
-            if self.fail_stream and i == 2:
-                raise RuntimeError("secret internal detail")
+            if self.fail_stream and i == 2:  # True: an unexpected failure; an exception: that one
+                raise self.fail_stream if isinstance(self.fail_stream, Exception) else RuntimeError("secret detail")
             yield piece
 
 

@@ -111,12 +111,18 @@ def test_completions_non_stream_and_stream(fake):
 
 
 def test_a_failure_mid_stream_is_an_error_event_without_internals(fake):
+    from headstart.serve.errors import ApiError
+
     client, registry = fake
     registry.get("gen").fail_stream = True
     events = sse_events(client.post("/v1/chat/completions", json={"model": "gen", "messages": USER,
                                                                    "stream": True}).text)
     assert events[-1] == "[DONE]"
     assert "error" in events[-2] and "secret" not in json.dumps(events[-2])
+    registry.get("gen").fail_stream = ApiError(504, "timeout", "no text for 60 s")
+    events = sse_events(client.post("/v1/chat/completions", json={"model": "gen", "messages": USER,
+                                                                   "stream": True}).text)
+    assert events[-2]["error"]["code"] == "timeout" and events[-2]["error"]["message"] == "no text for 60 s"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -257,8 +257,16 @@ async def _sse_events(served: Any, pieces: AsyncIterator[str], prompt: str | lis
         if include_usage:
             use = shapes.usage(_prompt_tokens(served, prompt, count), completion_tokens)
             yield _sse(shapes.usage_chunk(rid, served.id, created, obj, use))
-    except Exception as e:  # the status line is gone: report in the stream, log the details here
-        log.exception("stream for %s failed", served.id)
-        message = str(getattr(e, "message", "")) or "generation failed; see the server log"
-        yield _sse(shapes.error_body(message, str(getattr(e, "code", "internal")), "server_error"))
+    except Exception as e:  # the status line is gone: report in the stream (OpenAI does the same)
+        yield _sse(_stream_error(served, e))
     yield "data: [DONE]\n\n"
+
+
+def _stream_error(served: Any, e: Exception) -> dict[str, Any]:
+    """The error event for a failure mid-stream: a refusal's own message, else nothing internal."""
+    if isinstance(e, ApiError):
+        return shapes.error_body(e.message, e.code, "invalid_request_error" if e.status < 500 else "server_error")
+    if isinstance(e, HeadstartError):
+        return shapes.error_body(" ".join(str(e).split())[:300], "invalid_input")
+    log.exception("stream for %s failed", served.id)
+    return shapes.error_body("generation failed; the server's log says why", "internal", "server_error")
