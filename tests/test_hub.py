@@ -154,6 +154,15 @@ def test_a_tampered_byte_refuses_the_pull_and_leaves_nothing(filled, tmp_path, f
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no half-written leftovers
 
 
+def test_rehash_accepts_what_is_on_disk_now(filled, tmp_path):
+    card = filled / "words" / "README.md"
+    card.write_text(card.read_text() + "\nEdited in the hub.\n")
+    with pytest.raises(HubError, match="README.md.*altered"):
+        hub.pull("words", filled, tmp_path / "out")
+    hub.rebuild_index(filled, rehash=True)
+    assert (hub.pull("words", filled, tmp_path / "out") / "README.md").read_text().endswith("Edited in the hub.\n")
+
+
 def test_a_missing_file_refuses_the_pull(filled, tmp_path):
     (filled / "words" / "README.md").unlink()
     hub.rebuild_index(filled)
@@ -296,3 +305,42 @@ def test_cli_round_trip(bundles, tmp_path):
     helped = headstart_cmd("hub", "--help")
     for sub in ("add", "list", "search", "show", "pull", "remove", "push"):
         assert f"\n    {sub} " in helped.stdout, sub
+
+
+def test_cli_serve_answers_for_a_hub(filled, tmp_path):
+    """`headstart serve HUB` serves every hub entry by name (loopback, a free port, stopped by the test)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import BIN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "token"
+    proc = subprocess.Popen([str(BIN / "headstart"), "serve", str(filled), "--port", str(port), "--token-file",
+                             str(token), "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 90, None
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/models",
+                                                 headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except (OSError, ValueError):
+                time.sleep(0.5)
+        assert body is not None, proc.stderr.read()[-2000:] if proc.poll() is not None else "no answer in 90 s"
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+        assert {m["id"] for m in body["models"]} == {"words", "colours"}, body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -163,7 +163,7 @@ HUB = Group("hub", "Share specialists through a hub folder: add, list, search, s
     Command("list", "headstart.hub.local:list_entries", show.hub_entries, flags={"hub": HUB_FLAG},
             json="print the entries as a JSON list"),
     Command("search", "headstart.hub.local:search", show.hub_entries, flags={"hub": HUB_FLAG},
-            json="print the matching entries as a JSON list", value_errors=True),
+            json="print the matching entries as a JSON list"),
     Command("show", "headstart.hub.local:show", show.hub_show, flags={"hub": HUB_FLAG},
             json="print the facts, metrics, card and files as JSON"),
     Command("pull", "headstart.hub.local:pull", show.hub_pulled, flags={
