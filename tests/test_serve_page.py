@@ -190,6 +190,30 @@ def assert_stayed_home(page, base_url: str) -> None:
     assert not page.console_errors, page.console_errors
 
 
+# ---- the routes alone (no browser) ---------------------------------------------------------------
+
+def test_page_and_assets_are_open_and_nothing_else_is_served(tiny_bundles):
+    """The page and its assets need no token (the page asks for it); only the named assets exist; the
+    Content-Security-Policy keeps the page on its own server."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(server_app([tiny_bundles["topics"]], token=TOKEN))
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
+        assert f"/static/{name}" in page.text
+        assert "http://" not in asset.text and "https://" not in asset.text, f"{name} names another server"
+    for path in ("/static/index.html", "/static/page.py", "/static/..%2Fpage.py", "/static/%2e%2e/app.py"):
+        refused = client.get(path)
+        assert refused.status_code == 404, path
+        assert "error" in refused.json(), path
+    assert client.get("/models").status_code == 401  # the API itself stays behind the token
+
+
 # ---- tiny bundles (tier 2) ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -212,7 +236,10 @@ def test_page_classifies_text_and_images_like_the_bundle(browser, tiny_bundles, 
 
         pick(page, "topics", ids)
         expect(page.locator("#facts [data-fact=task]")).to_have_text("text-classification")
+        button = page.locator("#text-form").get_by_role("button", name="Classify")
+        before = button.bounding_box()
         assert_same_top(classify_text(page, text), expected_top(specs["topics"], text))
+        assert button.bounding_box() == before, "the answer moved the controls (a layout jump)"
 
         pick(page, "colours", ids)
         expect(page.get_by_label("Text to classify")).to_be_hidden()
