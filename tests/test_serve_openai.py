@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -233,6 +234,8 @@ def test_full_app_routes_and_auth(real_app):
     assert client.get("/v2/health/live").status_code == 200  # ...but not on the protocol's probes
     ids = [m["id"] for m in client.get("/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()["data"]]
     assert ids == ["sft", "spec"]
+    created = client.get("/v1/models/sft", headers={"Authorization": f"Bearer {TOKEN}"}).json()["created"]
+    assert abs(created - time.time()) < 3600  # when the bundle was written, in Unix seconds
 
 
 def test_openai_client_chat_non_stream_and_stream(openai_client, direct_answer):

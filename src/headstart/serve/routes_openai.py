@@ -15,6 +15,7 @@ client raises `openai.BadRequestError` / `NotFoundError` with the message; this 
 """
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import time
@@ -134,14 +135,24 @@ def _prompt_tokens(served: Any, prompt: str | list[dict], count: Callable[[str],
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Every specialist this server holds, as OpenAI model objects (`id` = specialist id)."""
-    created = int(getattr(request.app.state, "started", time.time()))
-    return {"object": "list", "data": [shapes.model_object(i, created) for i in request.app.state.registry.ids()]}
+    registry = request.app.state.registry
+    return {"object": "list", "data": [_model(registry.get(i)) for i in registry.ids()]}
 
 
 @router.get("/v1/models/{model_id}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     served = _served(request, model_id)
-    return shapes.model_object(served.id, int(getattr(request.app.state, "started", time.time())))
+    return _model(served)
+
+
+def _model(served: Any) -> dict[str, Any]:
+    """OpenAI's model object; `created` is when the bundle was written (its manifest's UTC stamp), else 0."""
+    stamp = served.manifest.get("created")
+    try:
+        created = int(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")))
+    except (TypeError, ValueError):
+        created = 0
+    return shapes.model_object(served.id, created)
 
 
 @router.post("/v1/embeddings")
