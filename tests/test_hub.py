@@ -344,3 +344,17 @@ def test_cli_serve_answers_for_a_hub(filled, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_command_group_lists_its_subcommands_and_alone_prints_its_help(capsys):
+    from headstart.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "hub       Share specialists through a hub folder" in capsys.readouterr().out
+    assert main(["hub"]) == 2  # a group without a subcommand: its help, and a usage error's status
+    out = capsys.readouterr().out
+    assert "headstart hub [-h] COMMAND" in out and "search    Find the hub's specialists" in out
+    with pytest.raises(SystemExit) as e:
+        main(["hub", "nope"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def entry_of(folder: Path, name: str, files: dict[str, dict] | None = None) -> d
 
 
 def rebuild_index(hub: str | Path, rehash: bool = False) -> dict[str, Any]:
-    """Rebuild the hub's index.json from the manifests of the bundle folders in it, and return it.
+    """Rebuild a hub's index.json from its bundles' manifests, naming the folders it skips. Returns the index.
 
     hub: the hub folder.
     rehash: record every file's sha256 as it is on disk now (default: keep the hashes recorded when

@@ -30,7 +30,7 @@ CARD = "README.md"
 
 
 def add(bundle: str | Path, hub: str | Path, name: str | None = None, replace: bool = False) -> dict[str, Any]:
-    """Copy a bundle into the hub as `<hub>/<name>/` and index it; return its index entry.
+    """Copy a bundle into a hub as `<hub>/<name>/` and index it. Returns its index entry.
 
     bundle: the bundle folder (a lineage folder adds its current version).
     hub: the hub folder (created when missing).
@@ -110,7 +110,7 @@ def show(name: str, hub: str | Path) -> dict[str, Any]:
 
 
 def pull(name: str, hub: str | Path | None, out: str | Path, replace: bool = False) -> Path:
-    """Copy a specialist out of a hub, checking every file's sha256 against the index; return the folder.
+    """Copy a specialist out of a hub (or `hf:owner/repo`), checking every file's sha256. Returns the folder.
 
     name: the specialist's name in the hub, or `hf:owner/repo` for a Hugging Face Hub repository.
     hub: the hub folder (not needed for `hf:` names).
@@ -133,7 +133,7 @@ def pull(name: str, hub: str | Path | None, out: str | Path, replace: bool = Fal
 
 
 def remove(name: str, hub: str | Path) -> dict[str, Any]:
-    """Remove a specialist from a hub; return the entry it had.
+    """Remove a specialist from a hub. Returns the entry it had.
 
     name: the specialist's name in the hub.
     hub: the hub folder.
