@@ -139,7 +139,7 @@ def test_malformed_json_and_unknown_model(fake):
 
 
 # ---- the real app over real tiny bundles ---------------------------------------------------------------
-from bundle_fixtures import INPUTS, QUIET, probe_bundle  # noqa: E402,F401  (fixtures are found by name)
+from bundle_fixtures import INPUTS, QUIET, probe_bundle, sft_bundle, sft_files  # noqa: E402,F401  (by name)
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -155,10 +155,10 @@ def image_bundle(tiny_image_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real(probe_bundle, image_bundle):
+def real(probe_bundle, image_bundle, sft_bundle):
     from headstart.serve.app import make_app
 
-    return TestClient(make_app([probe_bundle, image_bundle], token=TOKEN))
+    return TestClient(make_app([probe_bundle, image_bundle, sft_bundle], token=TOKEN))
 
 
 def test_real_text_classifier_matches_the_bundle(real, probe_bundle):
@@ -187,3 +187,14 @@ def test_real_image_classifier_takes_base64_files(real, image_bundle, tiny_image
     out = {o["name"]: o for o in body["outputs"]}
     expected = headstart.load(image_bundle).predict([str(p) for p in paths])
     assert out["label"]["shape"] == [2, 2] and out["label"]["data"][::2] == expected
+
+
+def test_real_generator_text_output_matches_the_bundle(real, sft_bundle):
+    import headstart
+
+    prompt = "What is the colour of grass?"
+    expected = headstart.load(sft_bundle).generate(prompt, temperature=0, max_new_tokens=5)
+    request = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [prompt]}],
+               "parameters": {"max_tokens": 5, "temperature": 0}}
+    body = real.post("/v2/models/sft/infer", headers=AUTH, json=request).json()
+    assert body["outputs"] == [{"name": "text_output", "datatype": "BYTES", "shape": [1], "data": [expected]}]
