@@ -174,6 +174,7 @@ def test_embeddings_float_and_base64(fake):
     ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x" * 201}]}, 413,
      "input_too_long", "200"),
     ("/v1/completions", {"model": "gen", "prompt": ["a", "b"]}, 400, "unsupported_parameter", "one prompt"),
+    ("/v1/completions", {"model": "gen", "prompt": "x", "stream": "yes"}, 400, "invalid_request", "stream"),
     ("/v1/completions", {"model": "gen", "prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
     ("/v1/embeddings", {"model": "gen", "input": "x"}, 400, "model_not_embedding", "text-generation"),
     ("/v1/embeddings", {"model": "clf", "input": ["a"] * 5}, 413, "batch_too_large", "at most 4"),

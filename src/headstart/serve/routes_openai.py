@@ -200,6 +200,8 @@ async def _answer(request: Request, served: Any, body: dict[str, Any], prompt: s
     options = shapes.generation_options(body, limits.max_new_tokens)
     stops = shapes.stop_strings(body)
     stream_options = body.get("stream_options") or {}
+    if body.get("stream") not in (None, True, False):
+        raise RequestProblem("stream must be true or false", param="stream")
     if body.get("stream"):
         include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
         # Opened here, before the response starts: a prompt or option the specialist refuses is still a 4xx.
