@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,9 @@ def runs(tiny_text_csv, tiny_image_folder, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     headstart.fit(tiny_text_csv, base="tiny-text", method="probe", out=root / "topic-probe", **QUIET)
     for seed, name in ((0, "topic-lora-a"), (1, "topic-lora-b")):
-        headstart.fit(tiny_text_csv, base="tiny-text", method="lora", epochs=2, lr=0.05, seed=seed,
-                      out=root / name, **QUIET)
+        # A short fit from a random head: probabilities far from 0 and 1, so a wrong adapter shows.
+        headstart.fit(tiny_text_csv, base="tiny-text", method="lora", epochs=1, lr=0.01, head_init="random",
+                      seed=seed, out=root / name, **QUIET)
     headstart.fit(tiny_image_folder, base="tiny-image", method="probe", out=root / "colours", **QUIET)
     return root
 
@@ -127,3 +129,170 @@ def test_health_and_ready(client):
     assert client.get("/health").json() == {"status": "ok"}  # no token needed
     r = client.get("/ready", headers=AUTH)
     assert r.status_code == 200 and r.json()["ready"] and r.json()["models"] == 4
+
+
+# ---- one base, many specialists ------------------------------------------------------------
+def test_one_base_is_loaded_once_and_shared(client):
+    registry = client.app.state.registry
+    names = sorted(key[0] for key in registry.pool.bases)
+    assert names == ["tiny-image", "tiny-text"]  # three text specialists, one text base
+    text_base = next(b for k, b in registry.pool.bases.items() if k[0] == "tiny-text")
+    backbones = {id(registry.get(i).runner.model.base) for i in ("topic-probe", "topic-lora-a", "topic-lora-b")}
+    assert backbones == {id(text_base.backbone)}
+    assert len(text_base.loaded) == 2
+
+
+async def _interleaved(registry, order, rounds=6):
+    calls = [registry.get(name).classify([TEXTS[(r + j) % len(TEXTS)]], top_k=3)
+             for r in range(rounds) for j, name in enumerate(order)]
+    return await asyncio.gather(*calls)
+
+
+def test_lora_specialists_on_one_base_answer_interleaved_requests_as_each_does_alone(client, runs, monkeypatch):
+    registry = client.app.state.registry
+    order = ["topic-lora-a", "topic-lora-b", "topic-probe"]
+    alone = {name: expected_rows(runs / name, TEXTS, top_k=3) for name in order}
+    labels = {name: [row[0][0] for row in rows] for name, rows in alone.items()}
+    assert labels["topic-lora-a"] != labels["topic-lora-b"]  # the adapters differ, so a mix-up would show
+    peft = registry.get("topic-lora-a").runner.base.peft
+    switch = peft.set_adapter
+
+    def slow_switch(name):  # widen the window between selecting an adapter and the forward
+        switch(name)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(peft, "set_adapter", slow_switch)  # without the base's lock, answers get mixed up
+    for _ in range(3):
+        answers = asyncio.run(_interleaved(registry, order))
+        for r in range(6):
+            for j, name in enumerate(order):
+                assert_rows_match(answers[r * len(order) + j], [alone[name][(r + j) % len(TEXTS)]])
+
+
+def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs):
+    app = make_app([runs / "topic-lora-a", runs / "topic-lora-b"], token=None, max_adapters=1)
+    base = next(iter(app.state.registry.pool.bases.values()))
+    assert len(base.loaded) == 1 and base.loads == 2
+    alone = {n: expected_rows(runs / n, TEXTS[:2], top_k=3) for n in ("topic-lora-a", "topic-lora-b")}
+    with TestClient(app) as c:
+        for name in ("topic-lora-a", "topic-lora-b", "topic-lora-a", "topic-lora-b"):
+            r = c.post(f"/models/{name}/predict", json={"inputs": TEXTS[:2], "parameters": {"top_k": 3}})
+            assert_rows_match(r.json(), alone[name])
+            assert list(base.loaded) == [app.state.registry.get(name).runner.adapter]
+    assert base.loads == 6  # every switch reloaded the evicted adapter
+    assert c.app.state.registry.pool.stats()["bases"][0]["adapters_loaded"] == 1
+
+
+def test_concurrent_requests_share_micro_batches(client, runs):
+    served = client.app.state.registry.get("topic-probe")
+    batcher = served._classify_batcher
+    before = batcher.batches_run
+
+    async def burst():
+        return await asyncio.gather(*[served.classify([t], top_k=1) for t in TEXTS * 6])
+
+    answers = asyncio.run(burst())
+    assert batcher.batches_run - before <= 3  # 30 requests in a few batches, not 30 forward passes
+    want = expected_rows(runs / "topic-probe", TEXTS * 6, top_k=1)
+    assert_rows_match([a[0] for a in answers], want)
+
+
+def test_micro_batcher_splits_large_requests_and_keeps_order():
+    from headstart.serve.batching import MicroBatcher
+
+    sizes = []
+
+    def double(xs):
+        sizes.append(len(xs))
+        return [2 * x for x in xs]
+
+    batcher = MicroBatcher(double, max_batch=4, max_wait_s=0.001)
+
+    async def go():
+        return await asyncio.gather(batcher.submit(list(range(10))), batcher.submit([100, 101]))
+
+    first, second = asyncio.run(go())
+    assert first == [2 * x for x in range(10)] and second == [200, 202]
+    assert max(sizes) <= 4 and sum(sizes) == 12
+
+
+# ---- auth ------------------------------------------------------------------------------------
+def test_every_route_but_health_needs_the_token(client):
+    for method, path in (("get", "/models"), ("get", "/models/topic-probe"), ("get", "/ready"),
+                         ("post", "/models/topic-probe/predict"), ("get", "/nowhere")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = getattr(client, method)(path, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert client.get("/health").status_code == 200
+
+
+def test_token_file_is_generated_private_and_reused(tmp_path):
+    from headstart.serve.auth import resolve_token
+
+    path = tmp_path / "sub" / "token"
+    said = []
+    token = resolve_token("127.0.0.1", path, say=said.append)
+    assert len(token) >= 32 and str(path) in said[0]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert resolve_token("127.0.0.1", path) == token
+    os.chmod(path, 0o644)
+    with pytest.raises(ServeError, match="chmod 600"):
+        resolve_token("127.0.0.1", path)
+
+
+def test_no_auth_only_on_a_loopback_host(tmp_path):
+    from headstart.serve.app import serve
+    from headstart.serve.auth import resolve_token
+
+    assert resolve_token("127.0.0.1", no_auth=True) is None
+    assert resolve_token("::1", no_auth=True) is None
+    with pytest.raises(ServeError, match="loopback"):
+        resolve_token("0.0.0.0", no_auth=True)
+    with pytest.raises(ServeError, match="allow_remote"):
+        serve([str(tmp_path)], host="0.0.0.0", token_file=str(tmp_path / "t"))
+    with pytest.raises(ServeError, match="needs auth"):
+        serve([str(tmp_path)], host="0.0.0.0", allow_remote=True, no_auth=True)
+
+
+# ---- start-up errors ---------------------------------------------------------------------------
+def test_duplicate_ids_and_broken_bundles_stop_the_start_in_one_line(runs, tmp_path):
+    other = tmp_path / "elsewhere" / "topic-probe"
+    shutil.copytree(runs / "topic-probe", other)
+    with pytest.raises(ServeError) as e:
+        make_app([runs / "topic-probe", other], token=None)
+    assert "two sources give the id 'topic-probe'" in one_line(e)
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "topic-probe", broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ServeError) as e:
+        make_app([broken], token=None)
+    assert "broken" in one_line(e)
+    with pytest.raises(ServeError, match="not a bundle"):
+        make_app([tmp_path / "elsewhere"], token=None)
+    with pytest.raises(ServeError, match="no such folder"):
+        make_app([tmp_path / "missing"], token=None)
+    bad_name = tmp_path / "has space"
+    shutil.copytree(runs / "topic-probe", bad_name)
+    with pytest.raises(ServeError, match="cannot be an id"):
+        make_app([bad_name], token=None)
+
+
+def test_lineage_and_hub_folders_are_sources(runs, tmp_path, monkeypatch):
+    from headstart.bundle.lineage import Lineage
+    from headstart.hub import add
+
+    hub = tmp_path / "hub"
+    add(runs / "colours", hub, name="hub-colours")
+    lineage = tmp_path / "topic"
+    shutil.copytree(runs / "topic-probe", lineage)
+    versions = Lineage.open(lineage)
+    staged = versions.stage()
+    headstart.load(lineage).save(staged)
+    assert versions.commit(staged, {"strategy": "naive"}) == 2  # now a lineage folder serving v2
+    app = make_app([hub, lineage], token=None)
+    assert app.state.registry.ids() == ["hub-colours", "topic"]
+    from headstart.serve import registry
+
+    monkeypatch.setattr(registry, "hub_entries", lambda _: [{"name": "evil", "path": hub / ".." / ".." / "etc"}])
+    with pytest.raises(ServeError, match="outside the hub"):
+        make_app([hub], token=None)

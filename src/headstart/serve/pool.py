@@ -67,7 +67,9 @@ class SharedBase:
         self.loads += 1
         while self.max_adapters and len(self.loaded) > self.max_adapters:
             evicted, _ = self.loaded.popitem(last=False)  # never the one just loaded: it is last
-            self.peft.delete_adapter(evicted)
+            with warnings.catch_warnings():  # "adapter X was active, now Y": the next run selects its own
+                warnings.simplefilter("ignore")
+                self.peft.delete_adapter(evicted)
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
         """`work()` alone on this base (generators select their own adapter inside)."""
