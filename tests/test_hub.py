@@ -201,6 +201,14 @@ def test_junk_folders_are_skipped_and_counted_never_a_crash(bundles, filled):
     assert {e["name"] for e in hub.entries(filled)} == {"words", "colours", "again"}
 
 
+def test_a_kill_mid_replace_is_undone_on_the_next_read(filled):
+    (filled / "words").rename(filled / ".words.old-999999-x")  # moved aside, the new copy never swapped in
+    (filled / ".words.tmp-999999-y").mkdir()  # a dead writer's half copy
+    assert {e["name"] for e in hub.list_entries(filled)} == {"words", "colours"}
+    assert (filled / "words" / "manifest.json").is_file()
+    assert [p.name for p in filled.iterdir() if p.name.startswith(".")] == []
+
+
 def test_entries_for_the_server_and_a_hand_copied_bundle(bundles, filled):
     shutil.copytree(bundles["text"], filled / "by-hand")  # the index notices a folder it does not list
     rows = {e["name"]: e for e in hub.entries(filled)}

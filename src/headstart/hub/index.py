@@ -31,6 +31,7 @@ FORMAT = "headstart-hub"
 FORMAT_VERSION = 1
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A specialist id: the hub's folder name and the server's id (no separators, so no path traversal)."""
+_SWAP_LEFTOVER = re.compile(r"\.(.+)\.(?:old|tmp)-\d+-.*")
 HEADLINE = ("accuracy", "macro_f1", "eval_loss", "eval_perplexity", "reward_accuracy", "examples", "split")
 
 
@@ -121,7 +122,6 @@ def rebuild(folder: Path, rehash: bool = False, recorded: dict[str, dict] | None
     entries, skipped = [], []
     for name in sorted(_folders(folder)):
         child = folder / name
-        recover_interrupted_swap(child)
         try:
             check_name(name, "folder")
             old = previous.get(name)
@@ -161,7 +161,10 @@ def find_entry(hub: str | Path, name: str) -> dict[str, Any]:
 
 
 def _folders(folder: Path) -> set[str]:
-    """The hub's entry folders: every folder but hidden ones (swap leftovers `.<name>.tmp-*`)."""
+    """The hub's entry folders: every folder but hidden ones, after undoing what a kill mid-`add --replace`
+    or mid-`remove` left (a swap leftover `.<name>.old-<pid>-*` is a whole previous version: core.storage)."""
+    for leftover in {m.group(1) for c in folder.iterdir() if (m := _SWAP_LEFTOVER.fullmatch(c.name))}:
+        recover_interrupted_swap(folder / leftover)
     return {c.name for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")}
 
 
