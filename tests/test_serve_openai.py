@@ -8,6 +8,7 @@ import struct
 import time
 
 import pytest
+from bundle_fixtures import probe_bundle, sft_bundle, sft_files  # noqa: F401  (fixtures are found by name)
 from fastapi.testclient import TestClient
 from serve_fakes import ANSWER, fake_app
 
@@ -195,7 +196,6 @@ def test_malformed_json_and_non_object_bodies(fake):
 
 
 # ---- the real app, the official client ---------------------------------------------------------------
-from bundle_fixtures import probe_bundle, sft_bundle, sft_files  # noqa: E402,F401  (fixtures are found by name)
 
 TOKEN = "test-token-0123456789abcdef"
 QUESTION = [{"role": "user", "content": "What is the colour of snow?"}]

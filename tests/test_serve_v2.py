@@ -1,11 +1,12 @@
 """Open Inference Protocol v2: health, metadata and infer in the protocol's shapes, over a fake registry,
-then a real tiny-text probe bundle behind the real app."""
+then real tiny-text, tiny-image and tiny-llm bundles behind the real app."""
 from __future__ import annotations
 
 import base64
 import io
 
 import pytest
+from bundle_fixtures import INPUTS, QUIET, probe_bundle, sft_bundle, sft_files  # noqa: F401  (fixtures by name)
 from fastapi.testclient import TestClient
 from PIL import Image
 from serve_fakes import ANSWER, LABELS, fake_app
@@ -139,7 +140,6 @@ def test_malformed_json_and_unknown_model(fake):
 
 
 # ---- the real app over real tiny bundles ---------------------------------------------------------------
-from bundle_fixtures import INPUTS, QUIET, probe_bundle, sft_bundle, sft_files  # noqa: E402,F401  (by name)
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
