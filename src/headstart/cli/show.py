@@ -129,7 +129,14 @@ def generate(answer: str | None, args: Namespace) -> None:
 
 
 def export(out, args: Namespace) -> None:
-    print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    if getattr(args, "onnx", False):
+        print(f"wrote {out} and its preprocessing contract {out}.json (runs with onnxruntime: "
+              f"`headstart predict {out} ...`)", file=sys.stderr)
+    elif getattr(args, "merged", True):
+        print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
+    else:
+        print(f"wrote {out} (a PEFT adapter folder: peft.PeftModel.from_pretrained(base, {str(out)!r}))",
+              file=sys.stderr)
 
 
 def nothing(result: Any, args: Namespace) -> None:
