@@ -236,10 +236,15 @@ def test_page_classifies_text_and_images_like_the_bundle(browser, tiny_bundles, 
 
         pick(page, "topics", ids)
         expect(page.locator("#facts [data-fact=task]")).to_have_text("text-classification")
+        expect(page.locator("#facts [data-fact=metrics]")).to_contain_text("accuracy")
+        page.get_by_text("Model card").click()  # the card, as the bundle's README has it
+        card_title = (tiny_bundles["topics"] / "README.md").read_text().strip().splitlines()[0]
+        expect(page.locator("#card")).to_contain_text(card_title)
         button = page.locator("#text-form").get_by_role("button", name="Classify")
-        before = button.bounding_box()
+        where = "el => { const r = el.getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY]; }"
+        before = button.evaluate(where)  # page coordinates: scrolling does not count as a jump
         assert_same_top(classify_text(page, text), expected_top(specs["topics"], text))
-        assert button.bounding_box() == before, "the answer moved the controls (a layout jump)"
+        assert button.evaluate(where) == before, "the answer moved the controls (a layout jump)"
 
         pick(page, "colours", ids)
         expect(page.get_by_label("Text to classify")).to_be_hidden()

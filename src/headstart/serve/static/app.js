@@ -74,7 +74,7 @@ function showError(err) {
 }
 
 function formatValue(value) {
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(4);
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(4)));
   if (Array.isArray(value)) return value.map(formatValue).join(", ");
   if (value && typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
   return value === null || value === undefined ? "" : String(value);
@@ -162,13 +162,15 @@ async function selectModel(id) {
   renderFacts(listed);
   const mode = modeOf(listed);
   for (const name of ["text", "image", "chat"]) $(`${name}-form`).hidden = name !== mode;
-  $("card-box").hidden = true;
+  // The card box is there from the start and closed: its text arriving moves nothing.
+  $("card").textContent = "Loading…";
+  $("card-box").hidden = false;
   try {
     const details = await (await api(`/models/${encodeURIComponent(id)}`)).json();
     if (state.current !== listed) return;  // another specialist was picked meanwhile
-    renderFacts({ ...listed, ...details });
-    $("card").textContent = details.card || "";
-    $("card-box").hidden = !details.card;
+    // The listed headline metrics stay: the full set (timings, memory) would bury accuracy.
+    renderFacts({ ...details, metrics: listed.metrics || details.metrics });
+    $("card").textContent = details.card || "This specialist has no model card.";
   } catch (err) { showError(err); }
 }
 
