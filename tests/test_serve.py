@@ -296,3 +296,112 @@ def test_lineage_and_hub_folders_are_sources(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "hub_entries", lambda _: [{"name": "evil", "path": hub / ".." / ".." / "etc"}])
     with pytest.raises(ServeError, match="outside the hub"):
         make_app([hub], token=None)
+
+
+# ---- bad input: a 4xx naming the problem, never a 500 -------------------------------------------
+BAD_REQUESTS = [  # (path, request kwargs, status, code)
+    ("/models/nobody/predict", {"json": {"inputs": "x"}}, 404, "unknown_model"),
+    ("/models/topic-probe/predict", {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+     400, "invalid_json"),
+    ("/models/topic-probe/predict", {"json": {"inputs": ""}}, 422, "empty_input"),
+    ("/models/topic-probe/predict", {"json": {"inputs": []}}, 422, "empty_input"),
+    ("/models/topic-probe/predict", {"json": {"inputs": "x" * 20_001}}, 413, "text_too_long"),
+    ("/models/topic-probe/predict", {"json": {"inputs": ["ok"] * 65}}, 413, "batch_too_large"),
+    ("/models/topic-probe/predict", {"json": {"inputs": 42}}, 422, "invalid_input"),
+    ("/models/topic-probe/predict", {"json": {"inputs": ["ok", None]}}, 422, "invalid_input"),
+    ("/models/topic-probe/predict", {"json": {"text": "no inputs"}}, 422, "invalid_request"),
+    ("/models/topic-probe/predict", {"json": ["a list"]}, 422, "invalid_request"),
+    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "invalid_parameter"),
+    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": {"top_k": "3"}}}, 422, "invalid_parameter"),
+    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": [1]}}, 422, "invalid_parameter"),
+    ("/models/topic-probe/predict", {"content": png_bytes(), "headers": {"Content-Type": "image/png"}},
+     415, "unsupported_media_type"),
+    ("/models/topic-probe/predict", {"content": b"x", "headers": {"Content-Type": "application/xml"}},
+     415, "unsupported_media_type"),
+    ("/models/colours/predict", {"content": b"\\x89PNG not really", "headers": {"Content-Type": "image/png"}},
+     422, "invalid_image"),
+    ("/models/colours/predict", {"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 422, "empty_input"),
+    ("/models/colours/predict", {"json": {"inputs": "%%% not base64"}}, 422, "invalid_image"),
+    ("/models/colours/predict", {"json": {"inputs": base64.b64encode(b"hello").decode()}}, 422, "invalid_image"),
+    ("/models/colours/predict", {"json": {"inputs": 3.5}}, 422, "invalid_input"),
+    ("/models/colours/predict?top_k=many", {"content": png_bytes(), "headers": {"Content-Type": "image/png"}},
+     422, "invalid_parameter"),
+    ("/models/colours/predict", {"content": b"--x\\r\\nbroken", "headers": {"Content-Type": "multipart/form-data"}},
+     400, "invalid_multipart"),
+    ("/models/..%2F..%2Fetc%2Fpasswd/predict", {"json": {"inputs": "x"}}, 404, None),
+    ("/models/../../etc/passwd", {"json": {"inputs": "x"}}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,kwargs,status,code", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_naming_the_problem(client, path, kwargs, status, code):
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    r = client.post(path, headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert code is None or error["code"] == code
+    assert error["message"] and "Traceback" not in error["message"] and "\\n" not in error["message"]
+
+
+def test_wrong_method_and_unknown_route_are_json_4xx(client):
+    r = client.get("/models/topic-probe/predict", headers=AUTH)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = client.get("/no/such/route", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/models/nobody", headers=AUTH)
+    assert r.status_code == 404 and "topic-probe" in r.json()["error"]["message"]
+
+
+def test_limits_on_body_pixels_and_time(runs, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after: make_app sets it
+    tight = Limits(max_body_bytes=2000, max_image_pixels=1000, timeout_s=0.001)
+    with TestClient(make_app([runs / "colours"], token=None, limits=tight)) as c:
+        r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=b"\\0" * 5000)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        for size in ((40, 40), (100, 100)):  # over the limit; over twice the limit (PIL's bomb check)
+            r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=size))
+            assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
+        r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=(20, 20)))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_unexpected_errors_are_a_500_without_detail(client, monkeypatch, caplog):
+    served = client.app.state.registry.get("topic-probe")
+    client = TestClient(client.app, raise_server_exceptions=False)  # answer as a real server does
+
+    def broken(items):
+        raise RuntimeError("secret internal detail /etc/shadow")
+
+    monkeypatch.setattr(served._classify_batcher, "run_batch", broken)
+    r = client.post("/models/topic-probe/predict", headers=AUTH, json={"inputs": "goal"})
+    assert r.status_code == 500 and r.json() == {"error": {"code": "internal", "message": r.json()["error"]["message"]}}
+    assert "secret" not in r.text and "secret internal detail" in caplog.text
+
+
+def test_fuzzed_requests_never_get_a_5xx(client):
+    import random
+
+    rng = random.Random(15)
+    paths = ["/models/topic-probe/predict", "/models/colours/predict", "/models/topic-lora-a/predict",
+             "/models/%2e%2e%2f%2e%2e/predict", "/models/..%2F..%2Fetc/predict", "/models/%00/predict",
+             "/models/" + "a" * 300 + "/predict", "/models/topic-probe", "/models", "/ready"]
+    types = ["application/json", "image/png", "image/jpeg", "multipart/form-data; boundary=xx", "text/plain",
+             "application/octet-stream", "", "application/x-www-form-urlencoded", "video/mp4"]
+    payloads = [lambda: rng.randbytes(rng.randrange(0, 3000)),
+                lambda: json.dumps({"inputs": rng.choice([None, 1, [], {}, [[1]], "x" * 30_000, [""], True])}).encode(),
+                lambda: json.dumps({"inputs": "ok", "parameters": {"top_k": rng.choice([-1, 0, 1e9, None, "x", [2]])}}).encode(),
+                lambda: b'{"inputs": "' + bytes(rng.randrange(256) for _ in range(50)) + b'"}',
+                lambda: b"[" * 5000 + b"]" * 5000,
+                lambda: json.dumps({"inputs": base64.b64encode(rng.randbytes(200)).decode()}).encode()]
+    statuses = []
+    for _ in range(300):
+        method = rng.choice(["post", "post", "post", "get", "put", "delete"])
+        kwargs = {"headers": {**AUTH, "Content-Type": rng.choice(types)}}
+        if method in ("post", "put"):
+            kwargs["content"] = rng.choice(payloads)()
+        r = client.request(method.upper(), rng.choice(paths), **kwargs)
+        statuses.append(r.status_code)
+        assert r.status_code < 500 or r.status_code == 504, (r.status_code, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()) == {"error"}
+    assert sum(400 <= s < 500 for s in statuses) > 200

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Any, Awaitable, TypeVar
 
@@ -71,12 +72,15 @@ class Limits:
 
     def decode_image(self, data: bytes, what: str = "the body"):
         """Bytes -> an RGB PIL image within the pixel limit, or a 4xx naming the problem."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         if not data:
             raise ApiError(422, "empty_input", f"{what} holds no image bytes")
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                img = Image.open(io.BytesIO(data))
+            with img:
                 width, height = img.size
                 if width * height > self.max_image_pixels:
                     raise ApiError(413, "image_too_large", f"{what} is {width}x{height} pixels; the limit is "
@@ -86,7 +90,7 @@ class Limits:
             raise
         except Image.DecompressionBombError:
             raise ApiError(413, "image_too_large", f"{what} claims more than {self.max_image_pixels} pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        except Exception:  # UnidentifiedImageError, OSError, struct.error, ...: PIL's decoders raise many kinds
             raise ApiError(422, "invalid_image", f"{what} is not a readable image (PNG, JPEG, ...)") from None
 
     def decode_base64_image(self, text: Any, what: str):
