@@ -154,9 +154,12 @@ def classify_text(page, text: str) -> list[tuple[str, float]]:
 
 
 def choose_image(page, path: Path) -> list[tuple[str, float]]:
-    """The file picker: choosing a file classifies it at once."""
+    """The file picker, reached by keyboard (Tab order, then Space); choosing a file classifies it at once."""
     page.locator("#image-top-k").fill(str(TOP_K))
-    page.locator("#image-input").set_input_files(str(path))
+    page.locator("#image-input").focus()
+    with page.expect_file_chooser(timeout=WAIT_MS) as chooser:
+        page.keyboard.press(" ")
+    chooser.value.set_files(str(path))
     return shown_top(page, TOP_K)
 
 
@@ -246,6 +249,10 @@ def test_page_classifies_text_and_images_like_the_bundle(browser, tiny_bundles, 
         assert_same_top(classify_text(page, text), expected_top(specs["topics"], text))
         assert button.evaluate(where) == before, "the answer moved the controls (a layout jump)"
 
+        # By keyboard: the arrow keys move between specialists (native radio buttons).
+        page.locator('#models input[value="topics"]').focus()
+        page.keyboard.press("ArrowUp")
+        expect(page.locator("#work-title")).to_have_text("colours")
         pick(page, "colours", ids)
         expect(page.get_by_label("Text to classify")).to_be_hidden()
         assert_same_top(choose_image(page, png), expected_top(specs["colours"], str(png)))
