@@ -405,3 +405,109 @@ def test_fuzzed_requests_never_get_a_5xx(client):
         if r.status_code >= 400:
             assert set(r.json()) == {"error"}
     assert sum(400 <= s < 500 for s in statuses) > 200
+
+
+# ---- generators and embeddings (the interface the OpenAI and v2 routers use) ----------------------
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory):
+    """Two ids over one tiny-llm sft bundle (copied): two adapters in one shared causal LM."""
+    from bundle_fixtures import LLM_FAST
+
+    root = tmp_path_factory.mktemp("gen")
+    rows = [{"instruction": f"What is the colour of {x}?", "output": c}
+            for x, c in [("snow", "white"), ("grass", "green"), ("coal", "black")] * 3]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    headstart.fit(root / "train.jsonl", base="tiny-llm", method="lora", task="sft", eval=root / "train.jsonl",
+                  out=root / "colour-chat", **QUIET, **LLM_FAST)
+    shutil.copytree(root / "colour-chat", root / "colour-chat-2")
+    return root
+
+
+def test_generators_share_their_base_and_stream_what_they_complete(generators, runs):
+    app = make_app([generators / "colour-chat", generators / "colour-chat-2", runs / "topic-probe"], token=None)
+    registry = app.state.registry
+    chat, chat2 = registry.get("colour-chat"), registry.get("colour-chat-2")
+    assert (chat.task, chat.kind) == ("text-generation", "generator")
+    assert [k[0] for k in registry.pool.bases] == ["tiny-llm", "tiny-text"]
+    alone = headstart.load(generators / "colour-chat").generate("What is the colour of snow?", temperature=0.0,
+                                                                 max_new_tokens=6)
+
+    async def both():
+        pieces = [p async for p in chat.stream("What is the colour of snow?", temperature=0.0, max_new_tokens=6)]
+        whole = await chat2.complete([{"role": "user", "content": "What is the colour of snow?"}],
+                                     temperature=0.0, max_new_tokens=6)
+        return pieces, whole
+
+    pieces, whole = asyncio.run(both())
+    assert "".join(pieces) == alone == whole
+    with TestClient(app) as c:
+        r = c.post("/models/colour-chat/predict", json={"inputs": "hi"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+        assert c.get("/models/colour-chat").json()["task"] == "text-generation"
+
+
+def test_wrong_calls_on_the_served_interface_are_api_errors(generators, runs):
+    from headstart.serve.errors import ApiError
+
+    app = make_app([generators / "colour-chat", runs / "topic-probe"], token=None)
+    chat, probe = (app.state.registry.get(i) for i in ("colour-chat", "topic-probe"))
+    for call in (lambda: asyncio.run(chat.classify(["x"], 1)), lambda: asyncio.run(chat.embed(["x"])),
+                 lambda: probe.stream("x"), lambda: chat.stream(""), lambda: chat.stream([{"role": "x"}]),
+                 lambda: chat.stream("x", max_new_tokens=0), lambda: chat.stream("x", beams=3),
+                 lambda: asyncio.run(probe.classify([png_bytes()], 1))):
+        with pytest.raises(ApiError) as e:
+            call()
+        assert 400 <= e.value.status < 500 and e.value.message
+
+
+def test_embeddings_are_the_features_the_head_reads(client, runs):
+    served = client.app.state.registry.get("topic-probe")
+    vectors = asyncio.run(served.embed(TEXTS[:2]))
+    spec = headstart.load(runs / "topic-probe")
+    import torch
+
+    with torch.no_grad():
+        want = spec.model.backbone(**spec.model.collate(TEXTS[:2], False))
+    assert len(vectors) == 2 and len(vectors[0]) == want.shape[1]
+    assert torch.allclose(torch.tensor(vectors), want, atol=1e-5)
+
+
+# ---- a real server -------------------------------------------------------------------------------
+def test_real_uvicorn_on_loopback_serves_with_a_generated_token(runs, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = tmp_path / "token"
+    code = (f"from headstart.serve import serve; serve([{str(runs / 'topic-probe')!r}], port={port}, "
+            f"token_file={str(token_file)!r}, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # up to 60 s to start
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.25)
+        token = token_file.read_text().strip()
+        assert os.stat(token_file).st_mode & 0o777 == 0o600
+        assert httpx.get(f"{url}/models", timeout=10).status_code == 401
+        r = httpx.post(f"{url}/models/topic-probe/predict", headers={"Authorization": f"Bearer {token}"},
+                       content=json.dumps({"inputs": TEXTS[0]}), timeout=30)  # curl -d: form-urlencoded
+        assert r.status_code == 200 and r.json()[0]["label"] == headstart.load(runs / "topic-probe").predict(TEXTS[:1])[0]
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert f"auth token written to {token_file}" in out

@@ -18,13 +18,14 @@ function withToken(headers) {
   return token ? { ...headers, Authorization: `Bearer ${token}` } : { ...headers };
 }
 
-// The server's own words: {"error": {"code", "message"}} (FastAPI's {"detail"} as a fallback).
+// The server's own words: {"error": {"code", "message"}} (v2's {"error": "..."}, FastAPI's {"detail"} too).
 async function errorFrom(resp) {
   let message = `${resp.status} ${resp.statusText}`.trim();
   let code;
   try {
     const body = await resp.json();
     if (body && body.error && body.error.message) { message = body.error.message; code = body.error.code; }
+    else if (body && typeof body.error === "string") message = body.error;  // Open Inference Protocol v2
     else if (body && typeof body.detail === "string") message = body.detail;
   } catch (_) { /* not JSON: the status line says it */ }
   return new ServerError(resp.status, message, code);
@@ -76,7 +77,9 @@ function showError(err) {
 function formatValue(value) {
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(4)));
   if (Array.isArray(value)) return value.map(formatValue).join(", ");
-  if (value && typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
+  if (value && typeof value === "object") {
+    return Object.entries(value).map(([k, v]) => `${k} ${formatValue(v)}`).join(", ");
+  }
   return value === null || value === undefined ? "" : String(value);
 }
 
