@@ -172,16 +172,24 @@ def _parity(model: nn.Module, sample: tuple, path: Path) -> float:
 def _quantize(path: Path, out: Path) -> Path:
     import logging
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Weights of MatMul/Gemm in int8, activations quantized on the fly: the recipe onnxruntime and
-    # sentence-transformers use for BERT-class encoders on CPU. onnxruntime logs a pre-processing hint
-    # on the root logger at every call (it concerns static quantization): hidden.
-    root = logging.getLogger()
+    # Only the encoder's weight MatMuls, per output channel: measured on a minilm-l6 trec LoRA bundle,
+    # 99.2% label agreement (per-tensor: 88.8%). The head stays float: a probe head's weights are large
+    # (norm ~90 over features of norm ~6), so int8 there alone moved logits by ~1 and flipped 10% of
+    # labels. Listing the nodes also keeps onnxruntime off the head's Gemm, which it quantizes even
+    # when told to exclude it.
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    encoder = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+               and not n.name.startswith("/model/head/")]
+    root = logging.getLogger()  # onnxruntime logs a hint about static quantization at every call: hidden
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=encoder)
     finally:
         root.setLevel(level)
     return out
