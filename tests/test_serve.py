@@ -511,3 +511,48 @@ def test_real_uvicorn_on_loopback_serves_with_a_generated_token(runs, tmp_path):
             proc.kill()
             out, _ = proc.communicate()
     assert f"auth token written to {token_file}" in out
+
+
+# ---- real bases, real data ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_runs(data_root, tmp_path_factory) -> Path:
+    """A minilm-l6 trec probe and an efficientnet-lite0 hymenoptera probe, fit on small slices."""
+    import csv
+
+    root = tmp_path_factory.mktemp("real")
+    (root / "trec").mkdir()
+    for split, n in (("train", 240), ("test", 40)):
+        with open(data_root / "trec" / f"{split}.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))[:n]
+        with open(root / "trec" / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    for split, n in (("train", 12), ("val", 4)):
+        for cls in ("ants", "bees"):
+            target = root / "hymenoptera" / split / cls
+            target.mkdir(parents=True)
+            for photo in sorted((data_root / "hymenoptera" / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(photo, target / photo.name)
+    headstart.fit(root / "trec", base="minilm-l6", method="probe", out=root / "trec-probe", **QUIET)
+    headstart.fit(root / "hymenoptera", base="efficientnet-lite0", method="probe", out=root / "ants", **QUIET)
+    return root
+
+
+@pytest.mark.real
+def test_real_text_and_photo_get_the_bundles_own_labels(real_runs, data_root):
+    questions = ["Who wrote Hamlet ?", "How far is the Moon from the Earth ?", "What is the capital of Peru ?",
+                 "Why is the sky blue ?"]
+    photos = sorted((data_root / "hymenoptera" / "val" / "bees").glob("*.jpg"))[-2:] + \
+        sorted((data_root / "hymenoptera" / "val" / "ants").glob("*.jpg"))[-2:]
+    trec, ants = headstart.load(real_runs / "trec-probe"), headstart.load(real_runs / "ants")
+    with TestClient(make_app([real_runs / "trec-probe", real_runs / "ants"], token=TOKEN)) as c:
+        r = c.post("/models/trec-probe/predict", headers=AUTH, json={"inputs": questions, "parameters": {"top_k": 3}})
+        assert r.status_code == 200, r.text
+        assert [row[0]["label"] for row in r.json()] == trec.predict(questions)
+        for photo, want in zip(photos, ants.predict([str(p) for p in photos])):
+            r = c.post("/models/ants/predict", headers={**AUTH, "Content-Type": "image/jpeg"},
+                       content=photo.read_bytes())
+            assert r.status_code == 200 and r.json()[0]["label"] == want, r.text
+        facts = {m["id"]: m for m in c.get("/models", headers=AUTH).json()["models"]}
+        assert facts["ants"]["task"] == "image-classification" and facts["trec-probe"]["base"]["name"] == "minilm-l6"
