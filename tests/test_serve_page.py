@@ -48,8 +48,10 @@ def browser():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"{missing}: under CI the browser test must run, not skip")
         pytest.skip(missing)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # `expect` has its own 5 s default: too short for a real base on two busy cores, still bounded.
+    expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as p:
         # Never `playwright install`: the system chromium, no download.
         chromium = p.chromium.launch(executable_path=shutil.which("chromium"), timeout=WAIT_MS)
