@@ -8,7 +8,8 @@ DATA ?= ../shared/data
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 1073741824
 
-.PHONY: install demo test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: install demo test bench clean chromium
 
 install: $(VENV)/.installed $(SMOLLM2)
 
@@ -32,7 +33,11 @@ demo: install
 	$(BIN)/headstart fit $(DATA)/hymenoptera --base efficientnet-lite0 --method probe --image-size 288 --out runs/demo-ants-probe
 	$(BIN)/headstart info runs/demo-ants-probe
 
-test: install
+# The page's browser test drives Debian's chromium through Playwright (never `playwright install`: no download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q
 
 bench: install
