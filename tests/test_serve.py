@@ -1,13 +1,13 @@
-"""The server core: registry, shared bases, LoRA adapter selection, micro-batching, auth, limits, errors.
+"""The server core: registry, shared bases, LoRA adapter selection, micro-batching, generators, a real uvicorn.
 
 Most tests drive the app in process with FastAPI's TestClient over tiny random bases; one starts real
-uvicorn on 127.0.0.1; the `real` ones classify real text and a real photo with real bases.
+uvicorn on 127.0.0.1; the `real` one classifies real text and real photos with real bases.
+(Auth, limits and bad input: tests/test_serve_safety.py.)
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import shutil
@@ -16,59 +16,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 import headstart
-from bundle_fixtures import QUIET, one_line  # noqa: F401
+from bundle_fixtures import QUIET, one_line
 from headstart.serve.app import make_app
 from headstart.serve.errors import ServeError
-from headstart.serve.limits import Limits
-
-TOKEN = "test-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TEXTS = ["goal team match", "pizza soup bread", "laptop code chip", "my very apple today", "goal pizza chip"]
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_text_csv, tiny_image_folder, tmp_path_factory) -> Path:
-    """runs/: a text probe, two text LoRA specialists (different seeds), an image probe."""
-    root = tmp_path_factory.mktemp("runs")
-    headstart.fit(tiny_text_csv, base="tiny-text", method="probe", out=root / "topic-probe", **QUIET)
-    for seed, name in ((0, "topic-lora-a"), (1, "topic-lora-b")):
-        # A short fit from a random head: probabilities far from 0 and 1, so a wrong adapter shows.
-        headstart.fit(tiny_text_csv, base="tiny-text", method="lora", epochs=1, lr=0.01, head_init="random",
-                      seed=seed, out=root / name, **QUIET)
-    headstart.fit(tiny_image_folder, base="tiny-image", method="probe", out=root / "colours", **QUIET)
-    return root
-
-
-@pytest.fixture(scope="module")
-def client(runs) -> TestClient:
-    app = make_app([runs / n for n in ("topic-probe", "topic-lora-a", "topic-lora-b", "colours")], token=TOKEN)
-    with TestClient(app) as c:
-        yield c
-
-
-def png_bytes(colour=(200, 30, 30), size=(48, 48), fmt="PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def expected_rows(folder: Path, inputs, top_k: int = 2):
-    """What the bundle answers alone, loaded the ordinary way (its own base)."""
-    spec = headstart.load(folder)
-    probs = spec.predict_proba(inputs)
-    k = min(top_k, len(spec.classes))
-    return [[(spec.classes[i], float(s)) for s, i in zip(*[t.tolist() for t in p.topk(k)])] for p in probs]
-
-
-def assert_rows_match(got, want, tol=1e-4):
-    assert len(got) == len(want)
-    for g_row, w_row in zip(got, want):
-        assert [g["label"] for g in g_row] == [w[0] for w in w_row]
-        for g, w in zip(g_row, w_row):
-            assert abs(g["score"] - w[1]) < tol
+from serve_fixtures import (  # noqa: F401  (fixtures are found by name)
+    AUTH, TEXTS, TOKEN, assert_rows_match, client, expected_rows, png_bytes, runs)
 
 
 # ---- the documented routes -----------------------------------------------------------------
@@ -216,44 +170,6 @@ def test_micro_batcher_splits_large_requests_and_keeps_order():
     assert max(sizes) <= 4 and sum(sizes) == 12
 
 
-# ---- auth ------------------------------------------------------------------------------------
-def test_every_route_but_health_needs_the_token(client):
-    for method, path in (("get", "/models"), ("get", "/models/topic-probe"), ("get", "/ready"),
-                         ("post", "/models/topic-probe/predict"), ("get", "/nowhere")):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-            r = getattr(client, method)(path, headers=headers)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-    assert client.get("/health").status_code == 200
-
-
-def test_token_file_is_generated_private_and_reused(tmp_path):
-    from headstart.serve.auth import resolve_token
-
-    path = tmp_path / "sub" / "token"
-    said = []
-    token = resolve_token("127.0.0.1", path, say=said.append)
-    assert len(token) >= 32 and str(path) in said[0]
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    assert resolve_token("127.0.0.1", path) == token
-    os.chmod(path, 0o644)
-    with pytest.raises(ServeError, match="chmod 600"):
-        resolve_token("127.0.0.1", path)
-
-
-def test_no_auth_only_on_a_loopback_host(tmp_path):
-    from headstart.serve.app import serve
-    from headstart.serve.auth import resolve_token
-
-    assert resolve_token("127.0.0.1", no_auth=True) is None
-    assert resolve_token("::1", no_auth=True) is None
-    with pytest.raises(ServeError, match="loopback"):
-        resolve_token("0.0.0.0", no_auth=True)
-    with pytest.raises(ServeError, match="allow_remote"):
-        serve([str(tmp_path)], host="0.0.0.0", token_file=str(tmp_path / "t"))
-    with pytest.raises(ServeError, match="needs auth"):
-        serve([str(tmp_path)], host="0.0.0.0", allow_remote=True, no_auth=True)
-
-
 # ---- start-up errors ---------------------------------------------------------------------------
 def test_duplicate_ids_and_broken_bundles_stop_the_start_in_one_line(runs, tmp_path):
     other = tmp_path / "elsewhere" / "topic-probe"
@@ -296,115 +212,6 @@ def test_lineage_and_hub_folders_are_sources(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "hub_entries", lambda _: [{"name": "evil", "path": hub / ".." / ".." / "etc"}])
     with pytest.raises(ServeError, match="outside the hub"):
         make_app([hub], token=None)
-
-
-# ---- bad input: a 4xx naming the problem, never a 500 -------------------------------------------
-BAD_REQUESTS = [  # (path, request kwargs, status, code)
-    ("/models/nobody/predict", {"json": {"inputs": "x"}}, 404, "unknown_model"),
-    ("/models/topic-probe/predict", {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
-     400, "invalid_json"),
-    ("/models/topic-probe/predict", {"json": {"inputs": ""}}, 422, "empty_input"),
-    ("/models/topic-probe/predict", {"json": {"inputs": []}}, 422, "empty_input"),
-    ("/models/topic-probe/predict", {"json": {"inputs": "x" * 20_001}}, 413, "text_too_long"),
-    ("/models/topic-probe/predict", {"json": {"inputs": ["ok"] * 65}}, 413, "batch_too_large"),
-    ("/models/topic-probe/predict", {"json": {"inputs": 42}}, 422, "invalid_input"),
-    ("/models/topic-probe/predict", {"json": {"inputs": ["ok", None]}}, 422, "invalid_input"),
-    ("/models/topic-probe/predict", {"json": {"text": "no inputs"}}, 422, "invalid_request"),
-    ("/models/topic-probe/predict", {"json": ["a list"]}, 422, "invalid_request"),
-    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": {"top_k": 0}}}, 422, "invalid_parameter"),
-    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": {"top_k": "3"}}}, 422, "invalid_parameter"),
-    ("/models/topic-probe/predict", {"json": {"inputs": "x", "parameters": [1]}}, 422, "invalid_parameter"),
-    ("/models/topic-probe/predict", {"content": png_bytes(), "headers": {"Content-Type": "image/png"}},
-     415, "unsupported_media_type"),
-    ("/models/topic-probe/predict", {"content": b"x", "headers": {"Content-Type": "application/xml"}},
-     415, "unsupported_media_type"),
-    ("/models/colours/predict", {"content": b"\\x89PNG not really", "headers": {"Content-Type": "image/png"}},
-     422, "invalid_image"),
-    ("/models/colours/predict", {"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 422, "empty_input"),
-    ("/models/colours/predict", {"json": {"inputs": "%%% not base64"}}, 422, "invalid_image"),
-    ("/models/colours/predict", {"json": {"inputs": base64.b64encode(b"hello").decode()}}, 422, "invalid_image"),
-    ("/models/colours/predict", {"json": {"inputs": 3.5}}, 422, "invalid_input"),
-    ("/models/colours/predict?top_k=many", {"content": png_bytes(), "headers": {"Content-Type": "image/png"}},
-     422, "invalid_parameter"),
-    ("/models/colours/predict", {"content": b"--x\\r\\nbroken", "headers": {"Content-Type": "multipart/form-data"}},
-     400, "invalid_multipart"),
-    ("/models/..%2F..%2Fetc%2Fpasswd/predict", {"json": {"inputs": "x"}}, 404, None),
-    ("/models/../../etc/passwd", {"json": {"inputs": "x"}}, 404, None),
-]
-
-
-@pytest.mark.parametrize("path,kwargs,status,code", BAD_REQUESTS)
-def test_bad_requests_get_a_4xx_naming_the_problem(client, path, kwargs, status, code):
-    headers = {**AUTH, **kwargs.pop("headers", {})}
-    r = client.post(path, headers=headers, **kwargs)
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert code is None or error["code"] == code
-    assert error["message"] and "Traceback" not in error["message"] and "\\n" not in error["message"]
-
-
-def test_wrong_method_and_unknown_route_are_json_4xx(client):
-    r = client.get("/models/topic-probe/predict", headers=AUTH)
-    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
-    r = client.get("/no/such/route", headers=AUTH)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = client.get("/models/nobody", headers=AUTH)
-    assert r.status_code == 404 and "topic-probe" in r.json()["error"]["message"]
-
-
-def test_limits_on_body_pixels_and_time(runs, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after: make_app sets it
-    tight = Limits(max_body_bytes=2000, max_image_pixels=1000, timeout_s=0.001)
-    with TestClient(make_app([runs / "colours"], token=None, limits=tight)) as c:
-        r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=b"\\0" * 5000)
-        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-        for size in ((40, 40), (100, 100)):  # over the limit; over twice the limit (PIL's bomb check)
-            r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=size))
-            assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
-        r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=(20, 20)))
-        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-
-
-def test_unexpected_errors_are_a_500_without_detail(client, monkeypatch, caplog):
-    served = client.app.state.registry.get("topic-probe")
-    client = TestClient(client.app, raise_server_exceptions=False)  # answer as a real server does
-
-    def broken(items):
-        raise RuntimeError("secret internal detail /etc/shadow")
-
-    monkeypatch.setattr(served._classify_batcher, "run_batch", broken)
-    r = client.post("/models/topic-probe/predict", headers=AUTH, json={"inputs": "goal"})
-    assert r.status_code == 500 and r.json() == {"error": {"code": "internal", "message": r.json()["error"]["message"]}}
-    assert "secret" not in r.text and "secret internal detail" in caplog.text
-
-
-def test_fuzzed_requests_never_get_a_5xx(client):
-    import random
-
-    rng = random.Random(15)
-    paths = ["/models/topic-probe/predict", "/models/colours/predict", "/models/topic-lora-a/predict",
-             "/models/%2e%2e%2f%2e%2e/predict", "/models/..%2F..%2Fetc/predict", "/models/%00/predict",
-             "/models/" + "a" * 300 + "/predict", "/models/topic-probe", "/models", "/ready"]
-    types = ["application/json", "image/png", "image/jpeg", "multipart/form-data; boundary=xx", "text/plain",
-             "application/octet-stream", "", "application/x-www-form-urlencoded", "video/mp4"]
-    payloads = [lambda: rng.randbytes(rng.randrange(0, 3000)),
-                lambda: json.dumps({"inputs": rng.choice([None, 1, [], {}, [[1]], "x" * 30_000, [""], True])}).encode(),
-                lambda: json.dumps({"inputs": "ok", "parameters": {"top_k": rng.choice([-1, 0, 1e9, None, "x", [2]])}}).encode(),
-                lambda: b'{"inputs": "' + bytes(rng.randrange(256) for _ in range(50)) + b'"}',
-                lambda: b"[" * 5000 + b"]" * 5000,
-                lambda: json.dumps({"inputs": base64.b64encode(rng.randbytes(200)).decode()}).encode()]
-    statuses = []
-    for _ in range(300):
-        method = rng.choice(["post", "post", "post", "get", "put", "delete"])
-        kwargs = {"headers": {**AUTH, "Content-Type": rng.choice(types)}}
-        if method in ("post", "put"):
-            kwargs["content"] = rng.choice(payloads)()
-        r = client.request(method.upper(), rng.choice(paths), **kwargs)
-        statuses.append(r.status_code)
-        assert r.status_code < 500 or r.status_code == 504, (r.status_code, r.text)
-        if r.status_code >= 400:
-            assert set(r.json()) == {"error"}
-    assert sum(400 <= s < 500 for s in statuses) > 200
 
 
 # ---- generators and embeddings (the interface the OpenAI and v2 routers use) ----------------------
