@@ -214,6 +214,28 @@ def test_lineage_and_hub_folders_are_sources(runs, tmp_path, monkeypatch):
         make_app([hub], token=None)
 
 
+def test_a_bundle_with_a_head_per_task_serves_each_head_over_one_adapter(runs, tiny_text_csv, tmp_path):
+    from conftest import text_rows, write_table
+    from headstart.combine.multitask import fit_multitask
+
+    food = tmp_path / "food"
+    for split, seed in (("train", 1), ("test", 2)):
+        write_table(food / f"{split}.csv", [(t, "yes" if y == "food" else "no") for t, y in text_rows(24, seed)])
+    fit_multitask({"topic": tiny_text_csv, "food": food}, method="lora", base="tiny-text", r=2, batch_size=8,
+                  epochs=1, seed=0, out=tmp_path / "multi", **QUIET)
+    app = make_app([tmp_path / "multi"], token=None)
+    registry = app.state.registry
+    assert registry.ids() == ["multi.food", "multi.topic"]
+    base = next(iter(registry.pool.bases.values()))
+    assert len(base.known) == 1  # both heads read one injected adapter
+    for head in ("food", "topic"):
+        served = registry.get(f"multi.{head}")
+        assert served.facts()["head"] == head
+        spec = headstart.load(tmp_path / "multi", head=head)
+        got = asyncio.run(served.classify(TEXTS, top_k=1))
+        assert [row[0]["label"] for row in got] == spec.predict(TEXTS)
+
+
 # ---- generators and embeddings (the interface the OpenAI and v2 routers use) ----------------------
 @pytest.fixture(scope="module")
 def generators(tmp_path_factory):

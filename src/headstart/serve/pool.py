@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..bundle.specialist import reraise_as_bundle_error
 from ..core.errors import BundleError
 
 
@@ -134,50 +135,44 @@ class BasePool:
             self.bases[key] = SharedBase(key, load_base(key[0]), self.max_adapters)
         return self.bases[key]
 
-    def classifier(self, folder: Path, manifest: dict[str, Any]) -> ClassifierRunner:
-        """A runner for the classifier bundle `folder`, sharing its base when the bundle allows."""
+    def classifier(self, folder: Path, manifest: dict[str, Any], head: str | None = None) -> ClassifierRunner:
+        """A runner for the classifier bundle `folder` (with head `head`, in a bundle with a head per task),
+        sharing its base when the bundle allows."""
         from ..bundle.commands import load
 
         way = _sharing(folder, manifest)
-        if way == "own":
-            spec = load(folder)
-            own = SharedBase(("own", str(folder)), spec.model.base)
-            return ClassifierRunner(spec.model, spec.classes, own, None, "own")
-        base = self.shared_base(manifest)
-        if way == "head" and _input_size_matches(manifest, base.backbone):
-            spec = load(folder, base=base.backbone)
-            return ClassifierRunner(spec.model, spec.classes, base, None, "head")
-        if way == "lora":
-            return self._lora_classifier(folder, manifest, base)
-        spec = load(folder)  # trained at another input size than the shared base runs at
+        if way != "own":
+            base = self.shared_base(manifest)
+            if way == "head" and _input_size_matches(manifest, base.backbone):
+                spec = load(folder, base=base.backbone, head=head)
+                return ClassifierRunner(spec.model, spec.classes, base, None, "head")
+            if way == "lora":
+                return self._lora_classifier(folder, manifest, base, head)
+        spec = load(folder, head=head)  # changes its base, or was trained at another image size than it runs at
         return ClassifierRunner(spec.model, spec.classes, SharedBase(("own", str(folder)), spec.model.base), None, "own")
 
-    def _lora_classifier(self, folder: Path, manifest: dict[str, Any], base: SharedBase) -> ClassifierRunner:
+    def _lora_classifier(self, folder: Path, manifest: dict[str, Any], base: SharedBase,
+                         head: str | None) -> ClassifierRunner:
         from ..bundle.classifier import Specialist, _head_state, _pick_head
         from ..bundle.format import check_base, read_trained
         from ..methods.base import SpecialistModel
 
         check_base(manifest, base.backbone.info.sha256)
         Specialist.vet_adapter_folders(folder, manifest)
-        _, classes = _pick_head(folder, manifest, None)
-        head = _head_state(folder, manifest, _pick_head(folder, manifest, None)[0], read_trained(folder))
-        self._names += 1
-        name = f"a{self._names}"
-        base.add_adapter(name, Specialist.adapter_folder(folder, manifest))
-        model = SpecialistModel(base.peft, len(classes), normalize="center" in head)
-        own = {"head." + k: v for k, v in model.head.state_dict().items()}
-        if "center" in head:
-            own["center"] = model.center
-        try:
-            if set(head) != set(own):
-                raise KeyError(f"stored {sorted(head)}, expected {sorted(own)}")
-            with torch.no_grad():
-                for key, value in head.items():
-                    if own[key].shape != value.shape:
-                        raise RuntimeError(f"{key} is {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-                    own[key].copy_(value)
-        except (RuntimeError, KeyError) as e:
-            raise BundleError(f"{folder}: its head does not fit its base ({' '.join(str(e).split())[:200]})") from None
+        head, classes = _pick_head(folder, manifest, head)
+        stored = _head_state(folder, manifest, head, read_trained(folder))
+        adapter_dir = Specialist.adapter_folder(folder, manifest)
+        # Two heads of one bundle share its adapter: it is injected once.
+        name = next((n for n, d in base.known.items() if d == adapter_dir), None)
+        if name is None:
+            self._names += 1
+            name = f"a{self._names}"
+            try:
+                base.add_adapter(name, adapter_dir)
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+                raise reraise_as_bundle_error(folder, f"its adapter {adapter_dir.name}/ does not fit its base", e) from None
+        model = SpecialistModel(base.peft, len(classes), normalize="center" in stored)
+        _copy_head(folder, model, stored)
         return ClassifierRunner(model, classes, base, name, "lora")
 
     def generator(self, folder: Path, manifest: dict[str, Any]) -> tuple[Any, SharedBase]:
@@ -194,6 +189,24 @@ class BasePool:
         """Loaded bases and adapters (the /ready route and the benchmark report these)."""
         return {"bases": [{"name": k[0], "sha256": k[1], "adapters_loaded": len(b.loaded),
                            "adapters_known": len(b.known), "adapter_loads": b.loads} for k, b in self.bases.items()]}
+
+
+def _copy_head(folder: Path, model: Any, stored: dict[str, torch.Tensor]) -> None:
+    """The bundle's head (and `center`, for cosine heads) into `model`; every name and shape must match."""
+    own = {"head." + k: v for k, v in model.head.state_dict().items()}
+    if "center" in stored:
+        own["center"] = model.center
+    problem = None
+    if set(stored) != set(own):
+        problem = f"it stores {sorted(stored)}, the head needs {sorted(own)}"
+    else:
+        problem = next((f"{k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in stored.items()
+                        if v.shape != own[k].shape), None)
+    if problem:
+        raise BundleError(f"{folder}: its head does not fit its base ({problem})")
+    with torch.no_grad():
+        for key, value in stored.items():
+            own[key].copy_(value)
 
 
 def _sharing(folder: Path, manifest: dict[str, Any]) -> str:

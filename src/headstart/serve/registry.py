@@ -39,8 +39,18 @@ def hub_entries(hub: Path) -> list[dict[str, Any]]:
     return [{**r, "path": hub / str(r.get("path", r["name"]))} for r in rows]
 
 
+def heads_to_serve(folder: Path) -> list[str | None]:
+    """[None] for a bundle with a default (or only) head; every head's name for a bundle with a head per
+    task and no default one (each is served as `<id>.<head>`)."""
+    from ..bundle.format import read_manifest
+    from ..bundle.manifest import DEFAULT
+
+    heads = read_manifest(folder).get("heads") or {}
+    return sorted(heads) if len(heads) > 1 and DEFAULT not in heads else [None]
+
+
 def find_specialists(sources: list[str | Path]) -> list[tuple[str, Path, str]]:
-    """(id, bundle folder, the source it came from) for every specialist the sources hold."""
+    """(id, bundle folder, the source it came from) for every bundle the sources hold."""
     from ..bundle.lineage import is_lineage, resolve_bundle
 
     found = []
@@ -76,20 +86,31 @@ class Registry:
         self.sources = [str(s) for s in sources]
         self._served: dict[str, Served] = {}
         origin: dict[str, str] = {}
-        for spec_id, folder, source in find_specialists(sources):
-            if not ID_PATTERN.match(spec_id):
-                raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
-                                 "up to 100; rename the folder or hub entry)")
-            if spec_id in origin:
-                raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
-                                 "(rename one folder or hub entry)")
-            origin[spec_id] = source
+        for bundle_id, folder, source in find_specialists(sources):
             try:
-                self._served[spec_id] = Served.load(spec_id, folder, self.pool, self.limits, max_batch, max_wait_s)
+                heads = heads_to_serve(folder)
             except HeadstartError as e:
-                raise ServeError(f"cannot serve {spec_id!r} ({source}): {' '.join(str(e).split())}") from None
+                raise ServeError(f"cannot serve {bundle_id!r} ({source}): {' '.join(str(e).split())}") from None
+            for head in heads:
+                spec_id = f"{bundle_id}.{head}" if head else bundle_id
+                self._add(spec_id, folder, source, head, origin, max_batch, max_wait_s)
         if not self._served:
             raise ServeError("no specialists to serve: the sources hold no bundles")
+
+    def _add(self, spec_id: str, folder: Path, source: str, head: str | None, origin: dict[str, str],
+             max_batch: int, max_wait_s: float) -> None:
+        if not ID_PATTERN.match(spec_id):
+            raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
+                             "up to 100; rename the folder or hub entry)")
+        if spec_id in origin:
+            raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
+                             "(rename one folder or hub entry)")
+        origin[spec_id] = source
+        try:
+            self._served[spec_id] = Served.load(spec_id, folder, self.pool, self.limits, max_batch, max_wait_s,
+                                                head)
+        except HeadstartError as e:
+            raise ServeError(f"cannot serve {spec_id!r} ({source}): {' '.join(str(e).split())}") from None
 
     def ids(self) -> list[str]:
         return sorted(self._served)

@@ -41,6 +41,8 @@ class Served:
         card = folder / "README.md"
         self.card = card.read_text(errors="replace") if card.is_file() else ""
         self.limits = limits
+        self.head: str | None = None
+        """The head (task) served, for a bundle with a head per task; None: its only or default head."""
         self.runner: ClassifierRunner | None = None
         self.generator = None
         self._generator_base = None
@@ -49,15 +51,17 @@ class Served:
 
     @classmethod
     def load(cls, specialist_id: str, folder: Path, pool: BasePool, limits: Limits, max_batch: int = 32,
-             max_wait_s: float = 0.005) -> "Served":
+             max_wait_s: float = 0.005, head: str | None = None) -> "Served":
+        """Load the bundle `folder` onto the pool's shared bases (`head`: one head of a head-per-task bundle)."""
         from ..bundle.format import read_manifest
 
         manifest = read_manifest(folder)
         served = cls(specialist_id, folder, manifest, limits)
+        served.head = head
         if served.kind == "generator":
             served.generator, served._generator_base = pool.generator(folder, manifest)
         else:
-            served.runner = pool.classifier(folder, manifest)
+            served.runner = pool.classifier(folder, manifest, head)
             served._classify_batcher = MicroBatcher(served.runner.probabilities, max_batch, max_wait_s)
             served._embed_batcher = MicroBatcher(served.runner.features, max_batch, max_wait_s)
         return served
@@ -76,7 +80,7 @@ class Served:
                 "method": self.manifest["method"]["name"], "labels": self.labels,
                 "metrics": {k: metrics[k] for k in HEADLINE_METRICS if k in metrics},
                 "shares_base": self.runner.shares if self.runner else "generator",
-                "created": self.manifest.get("created")}
+                "created": self.manifest.get("created"), **({"head": self.head} if self.head else {})}
 
     def details(self) -> dict[str, Any]:
         """`facts` + every metric (without the confusion matrix's bulk) + the model card."""
