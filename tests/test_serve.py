@@ -275,6 +275,22 @@ def test_generators_share_their_base_and_stream_what_they_complete(generators, r
         assert c.get("/models/colour-chat").json()["task"] == "text-generation"
 
 
+def test_a_probe_on_a_causal_lm_base_ignores_the_generators_adapters_there(generators, tmp_path):
+    from conftest import text_rows, write_table
+
+    data = tmp_path / "topic"
+    write_table(data / "train.csv", text_rows(30, seed=0))
+    write_table(data / "test.csv", text_rows(12, seed=1))
+    headstart.fit(data, base="tiny-llm", method="probe", out=tmp_path / "llm-probe", **QUIET)
+    app = make_app([generators / "colour-chat", tmp_path / "llm-probe"], token=None)
+    registry = app.state.registry
+    assert len(registry.pool.bases) == 1
+    chat, probe = registry.get("colour-chat"), registry.get("llm-probe")
+    chat.generator._activate()  # the generator's adapter is the active one in the shared modules
+    got = asyncio.run(probe.classify(TEXTS, top_k=2))
+    assert_rows_match(got, expected_rows(tmp_path / "llm-probe", TEXTS, top_k=2), tol=1e-4)
+
+
 def test_wrong_calls_on_the_served_interface_are_api_errors(generators, runs):
     from headstart.serve.errors import ApiError
 

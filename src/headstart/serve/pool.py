@@ -37,6 +37,8 @@ class SharedBase:
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Path] = OrderedDict()
         self.known: dict[str, Path] = {}
+        self.generator_models: list[Any] = []
+        """PeftModels of generators sharing this (causal-LM) base: their adapters sit in its modules too."""
         self.loads = 0
         """Adapter loads so far, reloads after eviction included."""
 
@@ -80,10 +82,12 @@ class SharedBase:
     def run(self, adapter: str | None, work: Callable[[], Any]) -> Any:
         """`work()` with adapter `adapter` active (None: the bare base, every adapter off), under the lock."""
         with self.lock, torch.inference_mode():
-            if self.peft is None:
+            # Any wrapper over these modules switches every LoRA layer in them off (PEFT's flag is per layer).
+            wrapper = self.peft if self.peft is not None else next(iter(self.generator_models), None)
+            if wrapper is None:
                 return work()
             if adapter is None:
-                with self.peft.disable_adapter():
+                with wrapper.disable_adapter():
                     return work()
             self._ensure_loaded(adapter)
             self.peft.set_adapter(adapter)
@@ -183,7 +187,9 @@ class BasePool:
             spec = load(folder)
             return spec, SharedBase(("own", str(folder)), spec.model)
         base = self.shared_base(manifest)
-        return load(folder, base=base.backbone), base
+        spec = load(folder, base=base.backbone)
+        base.generator_models.append(spec.model)
+        return spec, base
 
     def stats(self) -> dict[str, Any]:
         """Loaded bases and adapters (the /ready route and the benchmark report these)."""
