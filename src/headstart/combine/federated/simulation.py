@@ -65,8 +65,11 @@ def simulate(plan: Plan, shards: list[Shard], party: Party, test, *, workers: in
         return ShardClient(plain[int(context.node_config["partition-id"])], log=lambda _: None).to_client()
 
     use_gpu = _cuda()
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": (1.0 / workers) if use_gpu else 0.0},
-               "init_args": {"num_cpus": workers, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False,
+    # Ray sets each actor's OMP_NUM_THREADS to the CPUs it is given: one worker on a 2-core laptop
+    # would otherwise train on one thread while the other core idles.
+    per_worker = max(1, (os.cpu_count() or 1) // workers)
+    backend = {"client_resources": {"num_cpus": per_worker, "num_gpus": (1.0 / workers) if use_gpu else 0.0},
+               "init_args": {"num_cpus": per_worker * workers, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False,
                              "log_to_driver": progress, "logging_level": logging.ERROR}}
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences Ray's notice; no GPU is hidden
     run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
