@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import headstart
 from bundle_fixtures import QUIET, one_line
@@ -121,6 +122,19 @@ def test_lora_specialists_on_one_base_answer_interleaved_requests_as_each_does_a
         for r in range(6):
             for j, name in enumerate(order):
                 assert_rows_match(answers[r * len(order) + j], [alone[name][(r + j) % len(TEXTS)]])
+
+
+def test_an_image_lora_and_an_image_probe_share_one_base(runs, tiny_image_folder, tmp_path):
+    headstart.fit(tiny_image_folder, base="tiny-image", method="lora", epochs=1, lr=0.01, head_init="random",
+                  out=tmp_path / "colours-lora", **QUIET)
+    app = make_app([runs / "colours", tmp_path / "colours-lora"], token=None)
+    registry = app.state.registry
+    assert len(registry.pool.bases) == 1 and registry.get("colours-lora").facts()["shares_base"] == "lora"
+    photos = sorted((tiny_image_folder / "val").rglob("*.png"))[::5]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    for name, folder in (("colours-lora", tmp_path / "colours-lora"), ("colours", runs / "colours")):
+        got = asyncio.run(registry.get(name).classify(images, top_k=3))
+        assert_rows_match(got, expected_rows(folder, [str(p) for p in photos], top_k=3))
 
 
 def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs):

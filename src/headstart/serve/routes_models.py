@@ -84,7 +84,8 @@ def _from_json(body: bytes, served: Served, limits: Limits) -> tuple[list[Any], 
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ApiError(422, "invalid_parameter", '"parameters" must be an object')
-    top_k = parameters.get("top_k", 1)
+    top_k = parameters.get("top_k")
+    top_k = 1 if top_k is None else top_k  # HF: null means the default
     raw = payload["inputs"]
     single = not isinstance(raw, list)
     items = [raw] if single else raw
