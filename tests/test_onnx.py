@@ -218,3 +218,19 @@ def test_int8_on_a_real_minilm_bundle(tmp_path, data_root):
     accuracy = commands.evaluate(bundle, trec)["accuracy"]
     assert commands.evaluate(int8, trec)["accuracy"] >= accuracy - 0.01
     assert int8.stat().st_size < 0.7 * fp32.stat().st_size
+
+
+@pytest.mark.real
+def test_real_efficientnet_lite0_export_matches_on_hymenoptera(tmp_path, data_root):
+    """timm's tf_efficientnet_lite0 (TF "same" padding) traced at 224 px: the whole val split within 1e-4."""
+    data = data_root / "hymenoptera"
+    bundle = tmp_path / "ants"
+    headstart.fit(data, base="efficientnet-lite0", method="probe", out=bundle, **QUIET)
+    out = commands.export(bundle, tmp_path / "ants.onnx", onnx=True)
+    spec, onnx_spec = commands.load(bundle), commands.load(out)
+    files = sorted(str(p) for p in (data / "val").rglob("*") if p.is_file())
+    expected = np.concatenate([_torch_logits(spec, files[i:i + 32]) for i in range(0, len(files), 32)])
+    got = onnx_spec.outputs(files, batch_size=32)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert commands.evaluate(out, data)["accuracy"] == commands.evaluate(bundle, data)["accuracy"]
