@@ -52,6 +52,10 @@ def test_no_auth_only_on_a_loopback_host(tmp_path):
         serve([str(tmp_path)], host="0.0.0.0", token_file=str(tmp_path / "t"))
     with pytest.raises(ServeError, match="needs auth"):
         serve([str(tmp_path)], host="0.0.0.0", allow_remote=True, no_auth=True)
+    for bad in ({"port": 70000}, {"log_level": "loud"}, {"max_text_chars": 0}, {"max_batch": 0}):
+        with pytest.raises(ServeError):
+            serve([str(tmp_path)], token_file=str(tmp_path / "t"), **bad)
+    assert not (tmp_path / "t").exists()  # a refused start writes no token file
 
 
 # ---- bad input: a 4xx naming the problem, never a 500 -------------------------------------------

@@ -18,6 +18,7 @@ from .auth import BearerAuth, is_loopback, resolve_token
 from .errors import ServeError, install_error_handlers
 from .limits import BodyLimit, Limits
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 OPTIONAL_ROUTERS = ("routes_openai", "routes_v2", "page")
 """Routers other modules provide (OpenAI, Open Inference Protocol v2, the page): included when present."""
 
@@ -63,8 +64,8 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
 
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_file: str | None = None,
           no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = None,
-          max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0, max_text_chars: int = 20_000,
-          max_image_pixels: int = 40_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
+          max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0,
+          max_text_chars: int = 20_000, max_image_pixels: int = 40_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
           log_level: str = "info") -> None:
     """Serve specialists over HTTP: predict, OpenAI-compatible, Open Inference Protocol v2, and a page to try them.
 
@@ -87,15 +88,24 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
     """
     import uvicorn
 
+    if log_level not in LOG_LEVELS:
+        raise ServeError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    if not 0 <= port <= 65535:
+        raise ServeError(f"port must be between 0 and 65535, got {port}")
     if not is_loopback(host) and not allow_remote:
         raise ServeError(f"{host} is reachable from other machines: pass allow_remote=True (--allow-remote) to "
                          "bind it, or bind 127.0.0.1")
     if allow_remote and no_auth:
         raise ServeError("--allow-remote needs auth: drop --no-auth")
-    token = resolve_token(host, token_file, no_auth)
-    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_text_chars=max_text_chars,
-                    max_image_pixels=max_image_pixels, max_batch=max_inputs, timeout_s=timeout_s,
-                    max_new_tokens=max_new_tokens)
+    try:
+        limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_text_chars=max_text_chars,
+                        max_image_pixels=max_image_pixels, max_batch=max_inputs, timeout_s=timeout_s,
+                        max_new_tokens=max_new_tokens)
+    except ValueError as e:
+        raise ServeError(str(e)) from None
+    if max_batch < 1 or max_wait_ms < 0 or (max_adapters is not None and max_adapters < 1):
+        raise ServeError("need max_batch >= 1, max_wait_ms >= 0 and max_adapters >= 1")
+    token = resolve_token(host, token_file, no_auth)  # last: a refused start writes no token file
     logging.basicConfig(level=logging.INFO)
     app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters, max_batch=max_batch,
                    max_wait_ms=max_wait_ms)

@@ -35,7 +35,8 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> dict[str, Any]:
     """Ready once every specialist is loaded (the registry loads them all at start)."""
     registry = request.app.state.registry
-    return {"ready": True, "models": len(registry.ids()), **registry.pool.stats()}
+    pool = getattr(registry, "pool", None)  # a registry passed to make_app may have none
+    return {"ready": True, "models": len(registry.ids()), **(pool.stats() if pool else {})}
 
 
 @router.get("/models")
