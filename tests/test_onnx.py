@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import headstart
+from bundle_fixtures import sft_bundle, sft_files  # noqa: F401  (fixtures are found by name)
 from conftest import assert_clean_error, text_rows, write_table
 from conftest import headstart_cli as headstart_cmd
 from headstart.bundle import commands
@@ -151,6 +152,23 @@ def test_refusals_are_one_line_errors(bundles, tmp_path):
         commands.load(out)
     for error in (ConfigError, BundleError):
         assert issubclass(error, HeadstartError)
+
+
+def test_a_generator_bundle_is_refused_with_its_own_export_named(sft_bundle, tmp_path):
+    with pytest.raises(BundleError, match="generator bundle: --onnx writes classifiers"):
+        commands.export(sft_bundle, tmp_path / "x.onnx", onnx=True)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pipeline_task_names_each_kind(sft_bundle, bundles):
+    from headstart.bundle.format import read_manifest
+
+    assert commands.pipeline_task(read_manifest(sft_bundle)) == "text-generation"
+    assert commands.pipeline_task(read_manifest(bundles["text-probe"])) == "text-classification"
+    assert commands.pipeline_task(read_manifest(bundles["image-lora"])) == "image-classification"
+    assert commands.pipeline_task({"task": "dpo", "base": {"kind": "causal_lm"}}) == "text-generation"  # raw v1
+    with pytest.raises(BundleError, match="no pipeline task"):
+        commands.pipeline_task({"kind": "classifier", "base": {"kind": "audio"}})
 
 
 def test_runtime_never_imports_torch(bundles, tmp_path, tiny_text_csv, tiny_image_folder):
