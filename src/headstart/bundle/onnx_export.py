@@ -8,8 +8,8 @@
                       `tokenizers` + onnxruntime (`onnx_runtime.OnnxSpecialist`), never torch
 
 The network is traced with `torch.onnx.export(dynamo=False)`: the TorchScript path exports BERT
-and timm's EfficientNets (TF "same" padding becomes constant pads at the fixed image size) in well
-under a second; the dynamo path of torch 2.14 fails on BERT (with or without PEFT). Text inputs have
+and timm's EfficientNets (TF "same" padding becomes constant pads at the fixed image size) in a few
+seconds; the dynamo path of torch 2.14 fails on BERT (with or without PEFT). Text inputs have
 a dynamic batch and length; image inputs a dynamic batch at the bundle's image size.
 """
 from __future__ import annotations
