@@ -58,6 +58,18 @@ def test_no_auth_only_on_a_loopback_host(tmp_path):
     assert not (tmp_path / "t").exists()  # a refused start writes no token file
 
 
+def test_cli_refusals_are_one_line_and_write_no_token(runs, tmp_path):
+    from conftest import assert_clean_error, headstart_cli
+
+    token = tmp_path / "token"
+    assert_clean_error(headstart_cli("serve", tmp_path / "missing", "--token-file", token), "no such folder")
+    assert_clean_error(headstart_cli("serve", runs / "topic-probe", "--host", "0.0.0.0", "--token-file", token),
+                       "--allow-remote")
+    assert_clean_error(headstart_cli("serve", runs / "topic-probe", "--host", "10.0.0.1", "--no-auth",
+                                     "--allow-remote"), "needs auth")
+    assert not token.exists()
+
+
 # ---- bad input: a 4xx naming the problem, never a 500 -------------------------------------------
 BAD_REQUESTS = [  # (path, request kwargs, status, code)
     ("/models/nobody/predict", {"json": {"inputs": "x"}}, 404, "unknown_model"),

@@ -105,7 +105,10 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
         raise ServeError(str(e)) from None
     if max_batch < 1 or max_wait_ms < 0 or (max_adapters is not None and max_adapters < 1):
         raise ServeError("need max_batch >= 1, max_wait_ms >= 0 and max_adapters >= 1")
-    token = resolve_token(host, token_file, no_auth)  # last: a refused start writes no token file
+    from .registry import find_specialists
+
+    find_specialists(sources)  # a missing or foreign folder is refused before a token file is written
+    token = resolve_token(host, token_file, no_auth)
     logging.basicConfig(level=logging.INFO)
     app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters, max_batch=max_batch,
                    max_wait_ms=max_wait_ms)
