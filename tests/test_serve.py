@@ -162,6 +162,25 @@ def test_concurrent_requests_share_micro_batches(client, runs):
     assert_rows_match([a[0] for a in answers], want)
 
 
+def test_head_only_specialists_on_one_base_share_one_forward(runs, tmp_path):
+    for name in ("probe-2", "probe-3"):
+        shutil.copytree(runs / "topic-probe", tmp_path / name)
+    folders = [runs / "topic-probe", tmp_path / "probe-2", tmp_path / "probe-3", runs / "topic-lora-a"]
+    registry = make_app(folders, token=None).state.registry
+    probes = [registry.get(i) for i in ("topic-probe", "probe-2", "probe-3")]
+    batcher = probes[0]._classify_batcher
+    assert all(p._classify_batcher is batcher for p in probes)
+    assert registry.get("topic-lora-a")._classify_batcher is not batcher
+
+    async def burst():
+        return await asyncio.gather(*[p.classify([t], top_k=2) for t in TEXTS for p in probes])
+
+    answers = asyncio.run(burst())
+    assert batcher.batches_run == 1  # 15 requests to 3 specialists: one forward of the base
+    want = expected_rows(runs / "topic-probe", TEXTS, top_k=2)
+    assert_rows_match([a[0] for a in answers], [row for row in want for _ in probes])
+
+
 def test_micro_batcher_splits_large_requests_and_keeps_order():
     from headstart.serve.batching import MicroBatcher
 

@@ -37,6 +37,8 @@ class SharedBase:
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Path] = OrderedDict()
         self.known: dict[str, Path] = {}
+        self.head_batcher = None
+        """One MicroBatcher for every head-only specialist on this base: their requests share one base forward."""
         self.generator_models: list[Any] = []
         """PeftModels of generators sharing this (causal-LM) base: their adapters sit in its modules too."""
         self.loads = 0
@@ -78,6 +80,22 @@ class SharedBase:
         """`work()` alone on this base (generators select their own adapter inside)."""
         with self.lock, torch.inference_mode():
             return work()
+
+    def classify_heads(self, pairs: list[tuple["ClassifierRunner", Any]]) -> list[torch.Tensor]:
+        """Probabilities for (head-only specialist, input) pairs: one forward of the bare base for all the
+        inputs, then each specialist's head on its own rows (SpecialistModel.forward = classify(backbone))."""
+        def forward() -> list[torch.Tensor]:
+            features = self.backbone(**self.backbone.collate([x for _, x in pairs], False))
+            rows: dict[int, tuple[ClassifierRunner, list[int]]] = {}
+            for i, (runner, _) in enumerate(pairs):
+                rows.setdefault(id(runner), (runner, []))[1].append(i)
+            out: list[Any] = [None] * len(pairs)
+            for runner, index in rows.values():
+                probs = runner.model.classify(features[index]).float().softmax(-1)
+                for row, i in zip(probs, index):
+                    out[i] = row
+            return out
+        return self.run(None, forward)
 
     def run(self, adapter: str | None, work: Callable[[], Any]) -> Any:
         """`work()` with adapter `adapter` active (None: the bare base, every adapter off), under the lock."""

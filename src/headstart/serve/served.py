@@ -61,8 +61,13 @@ class Served:
         if served.kind == "generator":
             served.generator, served._generator_base = pool.generator(folder, manifest)
         else:
-            served.runner = pool.classifier(folder, manifest, head)
-            served._classify_batcher = MicroBatcher(served.runner.probabilities, max_batch, max_wait_s)
+            served.runner = runner = pool.classifier(folder, manifest, head)
+            if runner.shares == "head":  # batched with every head-only specialist on its base
+                if runner.base.head_batcher is None:
+                    runner.base.head_batcher = MicroBatcher(runner.base.classify_heads, max_batch, max_wait_s)
+                served._classify_batcher = runner.base.head_batcher
+            else:
+                served._classify_batcher = MicroBatcher(runner.probabilities, max_batch, max_wait_s)
             served._embed_batcher = MicroBatcher(served.runner.features, max_batch, max_wait_s)
         return served
 
@@ -104,6 +109,8 @@ class Served:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ApiError(422, "invalid_parameter", f"top_k must be a whole number of at least 1, got {top_k!r}")
         self.limits.check_batch(inputs)
+        if self.runner.shares == "head":
+            inputs = [(self.runner, x) for x in inputs]
         rows = await self.limits.within_time(self._classify_batcher.submit(inputs))
         k = min(top_k, len(self.runner.classes))
         out = []
