@@ -264,7 +264,7 @@ COMMANDS: list[Command | Group] = [
             "--method lora --out runs/fed\n  headstart federate ../shared/data/banking77 --server --clients 2 --out "
             "runs/fed\n  headstart federate --client shard0.csv --server-address 127.0.0.1:9092")),
     Command("export", "headstart.bundle.commands:export", show.export, flags={
-        "out": Flag("out", ("--out",), required=True)}, json=""),
+        "out": Flag("out", ("--out",), required=True), "head": HEAD_FLAG}, json=""),
     Command("serve", "headstart.serve.app:serve", show.nothing, json="", interrupted="", examples=(
         "Examples:\n  headstart serve runs/ants runs/trec-ft hub/ --port 8080 --token-file ~/.headstart-token\n"
         "  curl -H \"Authorization: Bearer $(cat ~/.headstart-token)\" -d '{\"inputs\": \"Who wrote Hamlet ?\"}' "
