@@ -129,9 +129,15 @@ def test_an_image_lora_and_an_image_probe_share_one_base(runs, tiny_image_folder
     assert len(registry.pool.bases) == 1 and registry.get("colours-lora").facts()["shares_base"] == "lora"
     photos = sorted((tiny_image_folder / "val").rglob("*.png"))[::5]
     images = [Image.open(p).convert("RGB") for p in photos]
-    for name, folder in (("colours-lora", tmp_path / "colours-lora"), ("colours", runs / "colours")):
-        got = asyncio.run(registry.get(name).classify(images, top_k=3))
-        assert_rows_match(got, expected_rows(folder, [str(p) for p in photos], top_k=3))
+    lora, probe = registry.get("colours-lora"), registry.get("colours")
+
+    async def both():  # one mixed batch: the LoRA's rows through its adapter convs, the probe's through none
+        return await asyncio.gather(lora.classify(images, top_k=3), probe.classify(images, top_k=3))
+
+    got_lora, got_probe = asyncio.run(both())
+    assert lora._classify_batcher.batches_run == 1
+    assert_rows_match(got_lora, expected_rows(tmp_path / "colours-lora", [str(p) for p in photos], top_k=3))
+    assert_rows_match(got_probe, expected_rows(runs / "colours", [str(p) for p in photos], top_k=3))
 
 
 def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs):
@@ -162,23 +168,36 @@ def test_concurrent_requests_share_micro_batches(client, runs):
     assert_rows_match([a[0] for a in answers], want)
 
 
-def test_head_only_specialists_on_one_base_share_one_forward(runs, tmp_path):
-    for name in ("probe-2", "probe-3"):
-        shutil.copytree(runs / "topic-probe", tmp_path / name)
-    folders = [runs / "topic-probe", tmp_path / "probe-2", tmp_path / "probe-3", runs / "topic-lora-a"]
-    registry = make_app(folders, token=None).state.registry
-    probes = [registry.get(i) for i in ("topic-probe", "probe-2", "probe-3")]
-    batcher = probes[0]._classify_batcher
-    assert all(p._classify_batcher is batcher for p in probes)
-    assert registry.get("topic-lora-a")._classify_batcher is not batcher
+def test_specialists_on_one_base_share_one_forward_each_row_through_its_adapter(runs, tmp_path):
+    shutil.copytree(runs / "topic-probe", tmp_path / "probe-2")
+    names = ["topic-probe", "probe-2", "topic-lora-a", "topic-lora-b"]
+    folders = {n: runs / n for n in names} | {"probe-2": tmp_path / "probe-2"}
+    registry = make_app(list(folders.values()), token=None).state.registry
+    served = [registry.get(n) for n in names]
+    batcher = served[0]._classify_batcher
+    assert all(s._classify_batcher is batcher for s in served)
 
     async def burst():
-        return await asyncio.gather(*[p.classify([t], top_k=2) for t in TEXTS for p in probes])
+        return await asyncio.gather(*[s.classify([t], top_k=3) for t in TEXTS for s in served])
 
     answers = asyncio.run(burst())
-    assert batcher.batches_run == 1  # 15 requests to 3 specialists: one forward of the base
-    want = expected_rows(runs / "topic-probe", TEXTS, top_k=2)
-    assert_rows_match([a[0] for a in answers], [row for row in want for _ in probes])
+    assert batcher.batches_run == 1  # 20 requests to 4 specialists (2 adapters, 2 heads): one forward
+    alone = {n: expected_rows(folders[n], TEXTS, top_k=3) for n in names}
+    assert_rows_match([a[0] for a in answers], [alone[n][t] for t in range(len(TEXTS)) for n in names])
+
+
+def test_a_batch_needing_more_adapters_than_the_budget_runs_in_turns(runs):
+    registry = make_app([runs / "topic-lora-a", runs / "topic-lora-b", runs / "topic-probe"], token=None,
+                        max_adapters=1).state.registry
+    served = [registry.get(n) for n in ("topic-lora-a", "topic-lora-b", "topic-probe")]
+
+    async def burst():
+        return await asyncio.gather(*[s.classify([t], top_k=3) for t in TEXTS[:3] for s in served])
+
+    answers = asyncio.run(burst())
+    alone = {s.id: expected_rows(runs / s.id, TEXTS[:3], top_k=3) for s in served}
+    assert_rows_match([a[0] for a in answers], [alone[s.id][t] for t in range(3) for s in served])
+    assert len(served[0].runner.base.loaded) == 1
 
 
 def test_micro_batcher_splits_large_requests_and_keeps_order():

@@ -37,8 +37,8 @@ class SharedBase:
         self.max_adapters = max_adapters
         self.loaded: OrderedDict[str, Path] = OrderedDict()
         self.known: dict[str, Path] = {}
-        self.head_batcher = None
-        """One MicroBatcher for every head-only specialist on this base: their requests share one base forward."""
+        self.batcher = None
+        """One MicroBatcher for every specialist sharing this base: their requests share one base forward."""
         self.generator_models: list[Any] = []
         """PeftModels of generators sharing this (causal-LM) base: their adapters sit in its modules too."""
         self.loads = 0
@@ -81,21 +81,46 @@ class SharedBase:
         with self.lock, torch.inference_mode():
             return work()
 
-    def classify_heads(self, pairs: list[tuple["ClassifierRunner", Any]]) -> list[torch.Tensor]:
-        """Probabilities for (head-only specialist, input) pairs: one forward of the bare base for all the
-        inputs, then each specialist's head on its own rows (SpecialistModel.forward = classify(backbone))."""
-        def forward() -> list[torch.Tensor]:
-            features = self.backbone(**self.backbone.collate([x for _, x in pairs], False))
-            rows: dict[int, tuple[ClassifierRunner, list[int]]] = {}
-            for i, (runner, _) in enumerate(pairs):
-                rows.setdefault(id(runner), (runner, []))[1].append(i)
-            out: list[Any] = [None] * len(pairs)
-            for runner, index in rows.values():
-                probs = runner.model.classify(features[index]).float().softmax(-1)
-                for row, i in zip(probs, index):
-                    out[i] = row
-            return out
-        return self.run(None, forward)
+    def classify_shared(self, pairs: list[tuple["ClassifierRunner", Any]]) -> list[torch.Tensor]:
+        """Probabilities for (specialist, input) pairs of specialists sharing this base (head-only or LoRA):
+        one base forward for the inputs, each row through its own adapter (PEFT's per-sample `adapter_names`;
+        "__base__" for head-only ones), then each specialist's head on its rows. More distinct adapters than
+        `max_adapters` are run in turns, so a batch never evicts an adapter it still needs."""
+        out: list[Any] = [None] * len(pairs)
+        with self.lock, torch.inference_mode():
+            for names in self._adapter_turns([runner.adapter for runner, _ in pairs]):
+                index = [i for i, (runner, _) in enumerate(pairs) if runner.adapter in names]
+                features = self._features([pairs[i][1] for i in index], [pairs[i][0].adapter for i in index])
+                rows: dict[int, tuple[ClassifierRunner, list[int]]] = {}
+                for at, i in enumerate(index):
+                    rows.setdefault(id(pairs[i][0]), (pairs[i][0], []))[1].append(at)
+                for runner, where in rows.values():
+                    probs = runner.model.classify(features[where]).float().softmax(-1)
+                    for row, at in zip(probs, where):
+                        out[index[at]] = row
+        return out
+
+    def _adapter_turns(self, adapters: list[str | None]) -> list[set[str | None]]:
+        distinct = list(dict.fromkeys(adapters))
+        named = [a for a in distinct if a is not None]
+        size = self.max_adapters or max(len(named), 1)
+        turns = [set(named[i:i + size]) for i in range(0, len(named), size)] or [set()]
+        if None in distinct:
+            turns[0].add(None)
+        return turns
+
+    def _features(self, items: list[Any], adapters: list[str | None]) -> torch.Tensor:
+        """The body's features [N, D], row i through adapter `adapters[i]` (None: the bare base). Lock held."""
+        batch = self.backbone.collate(items, False)
+        distinct = set(adapters)
+        if distinct == {None}:
+            return self.run(None, lambda: self.backbone(**batch))
+        for name in distinct - {None}:
+            self._ensure_loaded(name)
+        if len(distinct) == 1:
+            self.peft.set_adapter(adapters[0])
+            return self.peft(**batch)
+        return self.peft(**batch, adapter_names=[a or "__base__" for a in adapters])
 
     def run(self, adapter: str | None, work: Callable[[], Any]) -> Any:
         """`work()` with adapter `adapter` active (None: the bare base, every adapter off), under the lock."""

@@ -62,10 +62,10 @@ class Served:
             served.generator, served._generator_base = pool.generator(folder, manifest)
         else:
             served.runner = runner = pool.classifier(folder, manifest, head)
-            if runner.shares == "head":  # batched with every head-only specialist on its base
-                if runner.base.head_batcher is None:
-                    runner.base.head_batcher = MicroBatcher(runner.base.classify_heads, max_batch, max_wait_s)
-                served._classify_batcher = runner.base.head_batcher
+            if runner.shares in ("head", "lora"):  # batched with every specialist sharing its base
+                if runner.base.batcher is None:
+                    runner.base.batcher = MicroBatcher(runner.base.classify_shared, max_batch, max_wait_s)
+                served._classify_batcher = runner.base.batcher
             else:
                 served._classify_batcher = MicroBatcher(runner.probabilities, max_batch, max_wait_s)
             served._embed_batcher = MicroBatcher(served.runner.features, max_batch, max_wait_s)
@@ -109,7 +109,7 @@ class Served:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ApiError(422, "invalid_parameter", f"top_k must be a whole number of at least 1, got {top_k!r}")
         self.limits.check_batch(inputs)
-        if self.runner.shares == "head":
+        if self.runner.shares in ("head", "lora"):
             inputs = [(self.runner, x) for x in inputs]
         rows = await self.limits.within_time(self._classify_batcher.submit(inputs))
         k = min(top_k, len(self.runner.classes))
