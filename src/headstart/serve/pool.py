@@ -3,10 +3,11 @@
 What a specialist adds to its base decides how it shares it:
 - a head on the untouched base (probe, prototype, zeroshot): `bundle.commands.load(folder, base=shared)`;
 - a LoRA adapter + head (lora, setfit with lora): its adapter is injected into the shared base under its
-  own name (PEFT), and selected with `set_adapter` before each forward; a probe on the same base runs
-  inside `disable_adapter()`. Adapter selection and the forward happen under the base's lock, so two
-  requests never see each other's adapter. At most `max_adapters` adapters stay injected per base; the
-  least recently used one is deleted and reloaded from its bundle on its next request;
+  own name (PEFT). A batch mixing specialists runs the base once with PEFT's per-sample `adapter_names`
+  ("__base__" for head-only rows); a batch of one adapter selects it with `set_adapter`. Adapter selection
+  and the forward happen under the base's lock, so two requests never see each other's adapter. At most
+  `max_adapters` adapters stay injected per base; the least recently used one is deleted and reloaded
+  from its bundle on its next request;
 - a generator (sft/dpo adapter on a causal LM): `LMSpecialist.load(folder, base=shared)`, run under the lock;
 - anything that changes the base's weights (finetune, scratch, adabn, qlora) gets a base of its own.
 """
@@ -190,10 +191,10 @@ class BasePool:
         way = _sharing(folder, manifest)
         if way != "own":
             base = self.shared_base(manifest)
-            if way == "head" and _input_size_matches(manifest, base.backbone):
-                spec = load(folder, base=base.backbone, head=head)
-                return ClassifierRunner(spec.model, spec.classes, base, None, "head")
-            if way == "lora":
+            if _input_size_matches(manifest, base.backbone):
+                if way == "head":
+                    spec = load(folder, base=base.backbone, head=head)
+                    return ClassifierRunner(spec.model, spec.classes, base, None, "head")
                 return self._lora_classifier(folder, manifest, base, head)
         spec = load(folder, head=head)  # changes its base, or was trained at another image size than it runs at
         return ClassifierRunner(spec.model, spec.classes, SharedBase(("own", str(folder)), spec.model.base), None, "own")
