@@ -179,19 +179,25 @@ class Served:
         stop = threading.Event()
         done = object()
 
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down): stop generating
+                stop.set()
+
         def piece(text: str) -> None:
             if stop.is_set():
                 raise _Stopped()
-            loop.call_soon_threadsafe(queue.put_nowait, text)
+            put(text)
 
         def work() -> None:
             try:
                 self._generator_base.exclusive(lambda: self.generator.generate(prompt, stream=piece, **options))
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                put(done)
             except _Stopped:
                 pass
             except Exception as e:  # handed to the consumer, which re-raises it in the request
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                put(e)
 
         task = loop.run_in_executor(None, work)
         try:
