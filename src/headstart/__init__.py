@@ -23,6 +23,7 @@ _EXPORTS = {
     "fit": ".api", "load": ".api", "evaluate": ".api",
     "update": ".api", "history": ".api", "rollback": ".api", "diff": ".api",
     "merge": ".combine.merge", "federate": ".combine.federated.run", "adapt": ".experiments.adapt", "run_shots": ".experiments.shots", "rank": ".transfer.rank",
+    "serve": ".serve.app",
     "corrupt_folder": ".data.corrupt", "load_dataset": ".data",
     "list_bases": ".bases", "load_base": ".bases", "list_methods": ".methods.registry",
     "Specialist": ".bundle.classifier", "HeadstartError": ".core.errors",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .experiments.adapt import adapt  # noqa: F401
     from .experiments.shots import run_shots  # noqa: F401
     from .methods.registry import list_methods  # noqa: F401
+    from .serve.app import serve  # noqa: F401
     from .transfer.rank import rank  # noqa: F401
 
 

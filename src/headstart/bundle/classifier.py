@@ -174,7 +174,7 @@ class Specialist(BundleSpecialist):
 
         folder = Path(folder)
         manifest = cls.open_manifest(folder)
-        head_name, classes = _pick_head(folder, manifest, head)
+        head_name, classes = pick_head(folder, manifest, head)
         try:
             method = make_method(manifest["method"]["name"], **manifest["method"]["config"])
         except (HeadstartError, TypeError, ValueError) as e:
@@ -190,7 +190,7 @@ class Specialist(BundleSpecialist):
             # Classifier methods restore their adapter from the fixed folder (methods/lora, methods/setfit).
             raise BundleError(f"{folder}: classifier adapters are read from {ADAPTER_DIR}/, this bundle names "
                               f"{', '.join(sorted(manifest['adapters'].values()))}")
-        state = _head_state(folder, manifest, head_name, read_trained(folder))
+        state = head_state(folder, manifest, head_name, read_trained(folder))
         foreign = [k for k in state if not k.startswith(HEAD_PREFIX) and k != "center"]
         if base is not None and foreign:  # they would be copied into the base every specialist shares
             raise BundleError(f"{folder}: a frozen-base bundle holds base weights ({foreign[0]!r}); refused")
@@ -203,7 +203,9 @@ class Specialist(BundleSpecialist):
         return spec
 
 
-def _pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tuple[str, list[str]]:
+def pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tuple[str, list[str]]:
+    """The head to load (`head`, else the default one) and its classes; a bundle with a head per task and
+    no default refuses to guess."""
     heads = manifest["heads"]
     if head is None:
         if DEFAULT not in heads and len(heads) > 1:
@@ -215,7 +217,7 @@ def _pick_head(folder: Path, manifest: dict[str, Any], head: str | None) -> tupl
     return head, list(heads[head]["classes"])
 
 
-def _head_state(folder: Path, manifest: dict[str, Any], head: str, state: dict[str, torch.Tensor]) -> dict:
+def head_state(folder: Path, manifest: dict[str, Any], head: str, state: dict[str, torch.Tensor]) -> dict:
     """The stored state with head `head`'s tensors in place of the default head's."""
     entry = manifest["heads"][head]
     if "weights" not in entry:

@@ -201,14 +201,14 @@ class BasePool:
 
     def _lora_classifier(self, folder: Path, manifest: dict[str, Any], base: SharedBase,
                          head: str | None) -> ClassifierRunner:
-        from ..bundle.classifier import Specialist, _head_state, _pick_head
+        from ..bundle.classifier import Specialist, head_state, pick_head
         from ..bundle.format import check_base, read_trained
         from ..methods.base import SpecialistModel
 
         check_base(manifest, base.backbone.info.sha256)
         Specialist.vet_adapter_folders(folder, manifest)
-        head, classes = _pick_head(folder, manifest, head)
-        stored = _head_state(folder, manifest, head, read_trained(folder))
+        head, classes = pick_head(folder, manifest, head)
+        stored = head_state(folder, manifest, head, read_trained(folder))
         adapter_dir = Specialist.adapter_folder(folder, manifest)
         # Two heads of one bundle share its adapter: it is injected once.
         name = next((n for n, d in base.known.items() if d == adapter_dir), None)
