@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ import pytest
 import headstart
 from bundle_fixtures import sft_bundle, sft_files  # noqa: F401  (fixtures are found by name)
 from headstart.bundle.commands import load, predict
+from serve_fakes import serving
 
 QUIET = {"progress": False, "log": lambda s: None}
 TOKEN = "page-test-token-0123456789"
@@ -82,32 +80,6 @@ def open_page(browser, base_url: str):
 
 
 # ---- the server --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def serving(app, startup_timeout: float = 60.0):
-    """Run `app` on uvicorn at 127.0.0.1 on a free port in a thread; stop it on exit (bounded)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; uvicorn serves this very socket (no race)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while not server.started:
-            assert thread.is_alive(), "the server stopped while starting"
-            assert time.monotonic() < deadline, f"the server did not start in {startup_timeout} s"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop within 30 s"
-
 
 def server_app(sources: list[Path], token: str | None):
     from headstart.serve.app import make_app

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..core.errors import BundleError, DataError, HeadstartError, LabelError
+from ..core.errors import BundleError, HeadstartError, LabelError
 from ..core.metrics import classification_metrics
 from ..data import Dataset, load_dataset, load_eval_dataset, load_image, loader_for
 from ..methods.base import Method, SpecialistModel
 from .format import ADAPTER_DIR, check_base, read_safetensors, read_trained
 from .manifest import DEFAULT, HEADS_DIR
+from .inputs import prediction_inputs
 from .specialist import BundleSpecialist, reraise_as_bundle_error
 
 HEAD_PREFIX = "head."
@@ -68,7 +69,7 @@ class Specialist(BundleSpecialist):
         Features of a frozen base are read from the cache when there; `store_features=True` also adds
         the new ones (`evaluate` does, for a dataset's bounded, repeated splits; serving never should).
         """
-        xs = self._check_inputs(xs)
+        xs = prediction_inputs(xs, self.kind)
         if self.method.frozen_base and all(isinstance(x, str) for x in xs):
             # The base is untouched (probe, prototype): features cached at fit time serve here too.
             from ..engine.features import cached_features
@@ -109,16 +110,6 @@ class Specialist(BundleSpecialist):
         metrics = classification_metrics(pred, true, self.classes)
         metrics.update(split=split, skipped=len(data.skipped))
         return metrics
-
-    def _check_inputs(self, xs: Sequence[Any]) -> list[Any]:
-        if isinstance(xs, (str, Path)):
-            xs = [xs]
-        xs = [str(x) if isinstance(x, Path) else x for x in xs]
-        if self.kind == "image":
-            for x in xs:
-                if isinstance(x, str) and not Path(x).is_file():
-                    raise DataError(f"no such image file: {x}")
-        return xs
 
     # ---- bundle ----------------------------------------------------------------------------
     def trained_tensors(self) -> dict[str, torch.Tensor]:

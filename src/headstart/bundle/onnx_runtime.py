@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.errors import BundleError, DataError, LabelError
+from ..core.errors import BundleError, LabelError
 from ..core.storage import sha256_file
+from .inputs import prediction_inputs
 
 CONTRACT_FORMAT = "headstart-onnx"  # the same words as onnx_export's (that module imports torch)
 _FILTERS = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}  # PIL codes
@@ -65,7 +66,7 @@ class OnnxSpecialist:
     # ---- inference -------------------------------------------------------------------------
     def outputs(self, xs: Sequence[Any], batch_size: int = 64) -> np.ndarray:
         """The network's output [N, C] logits (classifier) or [N, D] embeddings (encoder)."""
-        xs = self._check_inputs(xs)
+        xs = prediction_inputs(xs, self.kind)
         width = len(self.classes) if self.contract["kind"] == "classifier" else self.contract["feature_dim"]
         out = [self.session.run(None, self._feed(xs[i:i + batch_size]))[0] for i in range(0, len(xs), batch_size)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, width), np.float32)
@@ -117,16 +118,6 @@ class OnnxSpecialist:
                     for name in self.contract["inputs"]}
         pixels = np.stack([image_tensor(x, self.contract["image"]) for x in chunk])
         return {self.contract["inputs"][0]: pixels}
-
-    def _check_inputs(self, xs: Sequence[Any]) -> list[Any]:
-        if isinstance(xs, (str, Path)):
-            xs = [xs]
-        xs = [str(x) if isinstance(x, Path) else x for x in xs]
-        if self.kind == "image":
-            for x in xs:
-                if isinstance(x, str) and not Path(x).is_file():
-                    raise DataError(f"no such image file: {x}")
-        return xs
 
     def _need_classifier(self, what: str) -> None:
         if self.contract["kind"] != "classifier":
