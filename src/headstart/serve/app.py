@@ -8,6 +8,7 @@ Every route but the page, its static files and the health probes needs `Authoriz
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -66,7 +67,7 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
           no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = None,
           max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0,
           max_text_chars: int = 20_000, max_image_pixels: int = 40_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
-          log_level: str = "info") -> None:
+          log_level: str = "info", ray: bool = False, replicas: int = 1) -> None:
     """Serve specialists over HTTP: predict, OpenAI-compatible, Open Inference Protocol v2, and a page to try them.
 
     sources: bundle, lineage and hub folders; every specialist in them is served under its id.
@@ -85,6 +86,8 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
     timeout_s: longest a request may take before a 504.
     max_new_tokens: most tokens one generation may produce.
     log_level: uvicorn's log level (critical, error, warning, info, debug).
+    ray: serve through Ray Serve (a local Ray; its proxy on host:port): each replica loads specialists on demand.
+    replicas: Ray Serve replicas (with --ray), each with its own copy of the bases.
     """
     import uvicorn
 
@@ -105,10 +108,20 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
         raise ServeError(str(e)) from None
     if max_batch < 1 or max_wait_ms < 0 or (max_adapters is not None and max_adapters < 1):
         raise ServeError("need max_batch >= 1, max_wait_ms >= 0 and max_adapters >= 1")
+    if replicas < 1:
+        raise ServeError(f"replicas must be at least 1, got {replicas}")
     from .registry import find_specialists
 
     find_specialists(sources)  # a missing or foreign folder is refused before a token file is written
     token = resolve_token(host, token_file, no_auth)
+    if ray:  # the same app in Ray Serve replicas (serve/ray_app.py); each reads the token file itself
+        try:
+            from .ray_app import run_on_ray
+        except ImportError as e:
+            raise ServeError(f"--ray needs Ray Serve (pip install 'ray[serve]'): {e}") from None
+        return run_on_ray(sources, host=host, port=port, replicas=replicas, token_file=token_file,
+                          no_auth=no_auth, max_adapters=max_adapters, max_batch=max_batch,
+                          max_wait_ms=max_wait_ms, limits=dataclasses.asdict(limits))
     logging.basicConfig(level=logging.INFO)
     app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters, max_batch=max_batch,
                    max_wait_ms=max_wait_ms)

@@ -1,0 +1,127 @@
+"""The server as a Ray Serve deployment (serve/ray_app.py): a local single-node Ray, one replica, two tiny
+specialists loaded on demand by `@serve.multiplexed`, over HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import headstart
+from bundle_fixtures import QUIET
+from headstart.serve.errors import ServeError
+
+pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow
+
+TOKEN = "ray-test-token-0123456789abcdef"
+TEXTS = ["goal team match", "pizza soup bread", "laptop code chip", "goal pizza chip"]
+WAIT_S = 90
+"""Longest any one wait (the deployment starting, a request) may take."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def within(seconds: float, work):
+    """`work()` in a thread, waited for at most `seconds` (Ray's own waits have no timeout)."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = work()
+        except BaseException as e:  # handed back to the test
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_text_csv, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ray-runs")
+    headstart.fit(tiny_text_csv, base="tiny-text", method="probe", out=root / "topic-probe", **QUIET)
+    # A LoRA specialist on the same base: it shares the replica's one base through its adapter.
+    headstart.fit(tiny_text_csv, base="tiny-text", method="lora", epochs=1, lr=0.01, head_init="random",
+                  seed=1, out=root / "topic-lora", **QUIET)
+    return {"topic-probe": root / "topic-probe", "topic-lora": root / "topic-lora"}
+
+
+def test_ray_replica_serves_each_specialist_as_it_predicts_and_loads_each_once(bundles, tmp_path):
+    import httpx
+    import ray
+    from ray import serve
+
+    from headstart.serve.ray_app import build
+
+    token_file = tmp_path / "token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, TOKEN.encode())
+    os.close(fd)
+    port = free_port()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build({"sources": [str(p) for p in bundles.values()], "replicas": 1, "token_file": str(token_file),
+                     "max_models_per_replica": 4})
+        handle = within(WAIT_S, lambda: serve.run(app, name="headstart", route_prefix="/"))
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=WAIT_S) as http:
+            assert http.get("/health").json() == {"status": "ok"}
+            assert http.get("/models").status_code == 401  # auth as in the main app
+            assert http.post("/models/topic-probe/predict", json={"inputs": TEXTS}).status_code == 401
+            assert http.post("/models/nope/predict", json={"inputs": TEXTS}, headers=auth).status_code == 404
+            for name, folder in bundles.items():
+                want = headstart.load(folder).predict(TEXTS)
+                # Twice by the id in the path, once by Ray's header (with another id in the path's place).
+                for _ in range(2):
+                    rows = http.post(f"/models/{name}/predict", json={"inputs": TEXTS}, headers=auth)
+                    assert rows.status_code == 200, rows.text
+                    assert [r[0]["label"] for r in rows.json()] == want
+                rows = http.post(f"/models/{name}/predict", json={"inputs": TEXTS},
+                                 headers={**auth, "serve_multiplexed_model_id": name})
+                assert [r[0]["label"] for r in rows.json()] == want
+            ready = http.get("/ready", headers=auth).json()
+            assert [b["name"] for b in ready["bases"]] == ["tiny-text"]  # one base in the replica, shared
+        loads = within(WAIT_S, lambda: handle.loads.remote().result(timeout_s=WAIT_S))
+        assert loads["multiplexed"] == {"topic-probe": 1, "topic-lora": 1}
+        assert loads["all"] == {"topic-probe": 1, "topic-lora": 1}
+    finally:
+        try:
+            within(WAIT_S, serve.shutdown)
+        finally:
+            ray.shutdown()
+
+
+def test_plan_refuses_what_the_registry_refuses(bundles, tmp_path):
+    from headstart.serve.ray_app import named_specialist, plan_specialists
+
+    assert sorted(plan_specialists(list(bundles.values()))) == ["topic-lora", "topic-probe"]
+    with pytest.raises(ServeError, match="two sources give the id"):
+        plan_specialists([bundles["topic-probe"], bundles["topic-probe"]])
+    with pytest.raises(ServeError, match="no such folder"):
+        plan_specialists([tmp_path / "missing"])
+    assert named_specialist({"path": "/models/a-b/predict", "headers": []}) == "a-b"
+    assert named_specialist({"path": "/v2/models/x/infer", "headers": []}) == "x"
+    assert named_specialist({"path": "/v1/chat/completions",
+                             "headers": [(b"serve_multiplexed_model_id", b"y")]}) == "y"
+    assert named_specialist({"path": "/models", "headers": []}) == ""
+
+
+def test_serve_refuses_zero_replicas(bundles):
+    from headstart.serve.app import serve as run_server
+
+    with pytest.raises(ServeError, match="replicas must be at least 1"):
+        run_server([str(bundles["topic-probe"])], ray=True, replicas=0, no_auth=True)
