@@ -83,6 +83,10 @@ def test_ray_replica_serves_each_specialist_as_it_predicts_and_loads_each_once(b
             assert http.get("/models").status_code == 401  # auth as in the main app
             assert http.post("/models/topic-probe/predict", json={"inputs": TEXTS}).status_code == 401
             assert http.post("/models/nope/predict", json={"inputs": TEXTS}, headers=auth).status_code == 404
+            # An OpenAI-style request names its specialist in the body: loaded through the multiplexer too.
+            vectors = http.post("/v1/embeddings", json={"model": "topic-lora", "input": TEXTS[:2]}, headers=auth)
+            assert vectors.status_code == 200, vectors.text
+            assert len(vectors.json()["data"]) == 2
             for name, folder in bundles.items():
                 want = headstart.load(folder).predict(TEXTS)
                 # Twice by the id in the path, once by Ray's header (with another id in the path's place).
@@ -98,6 +102,16 @@ def test_ray_replica_serves_each_specialist_as_it_predicts_and_loads_each_once(b
         loads = within(WAIT_S, lambda: handle.loads.remote().result(timeout_s=WAIT_S))
         assert loads["multiplexed"] == {"topic-probe": 1, "topic-lora": 1}
         assert loads["all"] == {"topic-probe": 1, "topic-lora": 1}
+        # Room for one specialist per replica: each new id drops the other, which is reloaded when named again.
+        app = build({"sources": [str(p) for p in bundles.values()], "token_file": str(token_file),
+                     "max_models_per_replica": 1})
+        handle = within(WAIT_S, lambda: serve.run(app, name="headstart", route_prefix="/"))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as http:
+            for name in ("topic-probe", "topic-lora", "topic-probe"):
+                rows = http.post(f"/models/{name}/predict", json={"inputs": TEXTS}, headers=auth)
+                assert [r[0]["label"] for r in rows.json()] == headstart.load(bundles[name]).predict(TEXTS)
+        loads = within(WAIT_S, lambda: handle.loads.remote().result(timeout_s=WAIT_S))
+        assert loads["multiplexed"] == {"topic-probe": 2, "topic-lora": 1}
     finally:
         try:
             within(WAIT_S, serve.shutdown)
@@ -118,6 +132,29 @@ def test_plan_refuses_what_the_registry_refuses(bundles, tmp_path):
     assert named_specialist({"path": "/v1/chat/completions",
                              "headers": [(b"serve_multiplexed_model_id", b"y")]}) == "y"
     assert named_specialist({"path": "/models", "headers": []}) == ""
+
+
+def test_the_model_named_in_a_body_is_read_and_the_body_handed_on_whole():
+    import asyncio
+
+    from headstart.serve.ray_app import model_in_body
+
+    async def read(messages):
+        queue = list(messages)
+
+        async def receive():
+            return queue.pop(0)
+        model, again = await model_in_body(receive)
+        first = await again()
+        return model, first
+
+    body = b'{"model": "trec-ft", "input": "x"}'
+    parts = [{"type": "http.request", "body": body[:9], "more_body": True},
+             {"type": "http.request", "body": body[9:], "more_body": False}]
+    assert asyncio.run(read(parts)) == ("trec-ft", {"type": "http.request", "body": body, "more_body": False})
+    assert asyncio.run(read([{"type": "http.request", "body": b"[1, 2]"}]))[0] == ""
+    assert asyncio.run(read([{"type": "http.request", "body": b"not json"}]))[0] == ""
+    assert asyncio.run(read([{"type": "http.disconnect"}])) == ("", {"type": "http.disconnect"})
 
 
 def test_serve_refuses_zero_replicas(bundles):

@@ -14,6 +14,7 @@ token from its file, so every replica needs the same paths (one machine, or a sh
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections import Counter
@@ -25,7 +26,7 @@ from ray import serve
 from ..core.errors import HeadstartError
 from .app import make_app
 from .auth import resolve_token
-from .errors import ServeError, UnknownSpecialist
+from .errors import ApiError, ServeError, UnknownSpecialist
 from .limits import Limits, _reply
 from .pool import BasePool
 from .registry import ID_PATTERN, find_specialists, heads_to_serve
@@ -36,7 +37,8 @@ MODEL_ID_HEADER = "serve_multiplexed_model_id"
 MAX_MODELS_PER_REPLICA = 16
 """Specialists one replica keeps loaded (least recently used ones are dropped; their base stays)."""
 NAMED_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)")
-"""Routes naming a specialist in the path: /models/{id}[/predict], /v2/models/{id}[/infer|/ready]."""
+"""Routes naming a specialist in the path: /models/{id}[/predict], /v2/models/{id}[/infer|/ready]; /v1/ POSTs
+name it in the JSON body's "model"."""
 
 
 def plan_specialists(sources: list[str | Path]) -> dict[str, tuple[Path, str | None]]:
@@ -68,7 +70,8 @@ class ReplicaRegistry:
     """The registry the routers see in a replica: every id known, a specialist loaded when first named.
 
     `hold`/`forget` mirror what `@serve.multiplexed` keeps loaded; `get` of an id it does not hold (a listing
-    route, a /v1 request without the header) loads that specialist for the one request.
+    route; one just dropped by a concurrent request's load) loads that specialist for the one request (cheap once
+    its base is in the pool: a manifest, a head, an adapter the pool already knows).
     """
 
     def __init__(self, sources: list[str | Path], *, limits: Limits, pool: BasePool, max_batch: int = 32,
@@ -136,13 +139,48 @@ class LoadNamedSpecialist:
         self.app, self.registry, self.load = app, registry, load
 
     async def __call__(self, scope, receive, send):
-        specialist_id = named_specialist(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        specialist_id = named_specialist(scope)
+        if not specialist_id and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            try:  # OpenAI-style bodies name the model inside: read it (the body limit still counts)
+                specialist_id, receive = await model_in_body(receive)
+            except ApiError as e:
+                return await _reply(send, e.status, e.code, e.message)
         if specialist_id and self.registry.knows(specialist_id):
             try:
                 await self.load(specialist_id)
             except ServeError as e:  # a bundle broken since start: this id fails, the others still serve
                 return await _reply(send, 503, "unavailable", str(e))
         await self.app(scope, receive, send)
+
+
+async def model_in_body(receive: Callable[[], Any]) -> tuple[str, Callable[[], Any]]:
+    """(the JSON body's "model", or "", and a `receive` that hands the route the same body again)."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the route sees it leave
+            async def gone() -> dict[str, Any]:
+                return message
+            return "", gone
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):  # not JSON, or not an object: the route answers that
+        model = None
+    return (model if isinstance(model, str) else ""), replay
 
 
 def named_specialist(scope: dict[str, Any]) -> str:
