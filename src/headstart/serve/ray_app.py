@@ -251,7 +251,8 @@ def build(args: dict[str, Any]) -> Any:
     YAML's: sources (list), replicas, and any of `Specialists`' arguments (token_file, max_models_per_replica,
     max_adapters, max_batch, max_wait_ms, limits)."""
     args = dict(args)
-    sources = [str(s) for s in args.pop("sources")]
+    # Absolute: replicas may run in another working directory than the one the paths were given in.
+    sources = [str(Path(s).expanduser().resolve()) for s in args.pop("sources")]
     plan_specialists(sources)  # a missing folder or a bad id stops here, not in every replica
     replicas = int(args.pop("replicas", 1))
     return Specialists.options(num_replicas=replicas).bind(sources, **args)
@@ -261,13 +262,25 @@ def run_on_ray(sources: list[str], *, host: str, port: int, replicas: int = 1, t
                no_auth: bool = False, **options: Any) -> None:
     """What `headstart serve --ray` runs: a local Ray, Serve's proxy on host:port, `replicas` replicas,
     until interrupted."""
+    import time
+
     import ray
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    app = build({"sources": sources, "replicas": replicas, "host": host, "token_file": token_file,
-                 "no_auth": no_auth, **options})
-    print(f"serving {len(plan_specialists(sources))} specialist(s) on http://{host}:{port}/ over Ray Serve "
-          f"({replicas} replica(s), {'auth on' if not no_auth else 'no auth'})", flush=True)
-    serve.run(app, name="headstart", route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = build({"sources": sources, "replicas": replicas, "host": host, "token_file": token_file,
+                     "no_auth": no_auth, **options})
+        serve.run(app, name="headstart", route_prefix="/")
+        print(f"serving {len(plan_specialists(sources))} specialist(s) on http://{host}:{port}/ over Ray Serve "
+              f"({replicas} replica(s), {'no auth' if no_auth else 'auth on'}); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:  # Ctrl-C: stop the deployment and the Ray this call started, no traceback
+        pass
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
