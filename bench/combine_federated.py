@@ -97,15 +97,17 @@ def centralised(scenario: dict, report: dict, args) -> float:
     return float(spec.manifest["metrics"]["accuracy"])
 
 
-def run_scenario(name: str, scenario: dict, args) -> dict:
+def run_scenario(name: str, scenario: dict, args, known: dict | None = None) -> dict:
+    """The scenario's row; `known` (--add): an earlier run's row whose baselines (alone, centralised) are kept."""
     from headstart.combine.federated import federate
 
-    row: dict = {"scenario": name, "clients": scenario["clients"], "split": scenario["split"], "rounds": args.rounds}
+    row: dict = dict(known or {"scenario": name, "clients": scenario["clients"], "split": scenario["split"],
+                               "rounds": args.rounds})
     for strategy in args.strategies:
         t0 = time.perf_counter()
         report = federate(scenario["data"], clients=scenario["clients"], split=scenario["split"], rounds=args.rounds,
                           base=args.base, method="lora", strategy=strategy, proximal_mu=args.mu,
-                          local_epochs=args.local_epochs, alone=strategy == args.strategies[0], seed=args.seed,
+                          local_epochs=args.local_epochs, alone="alone" not in row, seed=args.seed,
                           workers=args.workers, log=lambda line, tag=f"[{name} {strategy}]": print(tag, line.strip(), flush=True),
                           **args.options)
         row[strategy] = {"accuracy": report["accuracy"], "per_round": report["accuracy_per_round"],
@@ -115,8 +117,10 @@ def run_scenario(name: str, scenario: dict, args) -> dict:
         if "alone" in report:
             row["alone"], row["alone_mean"] = report["alone"], report["alone_mean"]
         print(f"  {name} {strategy}: {report['accuracy']:.4f} in {row[strategy]['wall_s']} s", flush=True)
-    t0 = time.perf_counter()
-    row["centralised"] = {"accuracy": centralised(scenario, report, args), "wall_s": round(time.perf_counter() - t0, 1)}
+    if "centralised" not in row:
+        t0 = time.perf_counter()
+        row["centralised"] = {"accuracy": centralised(scenario, report, args),
+                              "wall_s": round(time.perf_counter() - t0, 1)}
     return row
 
 
@@ -152,17 +156,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=None, help="train on the first N rows of every label")
     parser.add_argument("--test-per-class", type=int, default=None, help="test on the first N rows of every label")
+    parser.add_argument("--add", action="store_true",
+                        help="add these strategies to the results file's rows (same data and rounds), keeping its baselines")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 20)
     args.strategies = args.strategies.split(",")
     args.options = {"batch_size": 16, "epochs": 1} if args.quick else {}
     out = REPO / "bench" / "results" / ("combine_federated_quick.json" if args.quick else "combine_federated.json")
     results = {"settings": {k: v for k, v in vars(args).items()}, "scenarios": []}
+    if args.add and out.exists():
+        results = json.loads(out.read_text())
+        results["settings"]["strategies"] = sorted({*results["settings"]["strategies"], *args.strategies})
+    known = {row["scenario"]: row for row in results["scenarios"]}
     all_scenarios = scenarios(args.quick, args.per_class, args.test_per_class)
     for name in args.scenarios.split(","):
-        row = run_scenario(name, all_scenarios[name], args)
-        print(table(row, args.strategies), flush=True)
-        results["scenarios"].append(row)
+        row = run_scenario(name, all_scenarios[name], args, known.get(name))
+        print(table(row, [s for s in ("fedavg", "fedprox") if s in row]), flush=True)
+        results["scenarios"] = [r for r in results["scenarios"] if r["scenario"] != name] + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1, default=str))
