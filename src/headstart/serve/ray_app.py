@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 from collections import Counter
@@ -32,6 +33,7 @@ from .pool import BasePool
 from .registry import ID_PATTERN, find_specialists, heads_to_serve
 from .served import Served
 
+LOG = logging.getLogger(__name__)
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
 """Ray Serve's header naming the model of a request: its proxy routes by it, `@serve.multiplexed` loads by it."""
 MAX_MODELS_PER_REPLICA = 16
@@ -152,6 +154,9 @@ class LoadNamedSpecialist:
                 await self.load(specialist_id)
             except ServeError as e:  # a bundle broken since start: this id fails, the others still serve
                 return await _reply(send, 503, "unavailable", str(e))
+            except Exception:  # as the app's own handler does: the traceback in the log, none in the answer
+                LOG.exception("loading %r failed", specialist_id)
+                return await _reply(send, 500, "internal", "the server failed to answer this request; its log says why")
         await self.app(scope, receive, send)
 
 
