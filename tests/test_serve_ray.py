@@ -120,7 +120,8 @@ def test_ray_replica_serves_each_specialist_as_it_predicts_and_loads_each_once(b
 
 
 def test_plan_refuses_what_the_registry_refuses(bundles, tmp_path):
-    from headstart.serve.ray_app import named_specialist, plan_specialists
+    from headstart.serve.ray_app import named_specialist
+    from headstart.serve.registry import plan_specialists
 
     assert sorted(plan_specialists(list(bundles.values()))) == ["topic-lora", "topic-probe"]
     with pytest.raises(ServeError, match="two sources give the id"):

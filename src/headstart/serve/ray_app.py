@@ -30,7 +30,7 @@ from .auth import resolve_token
 from .errors import ApiError, ServeError, UnknownSpecialist
 from .limits import Limits, _reply
 from .pool import BasePool
-from .registry import ID_PATTERN, find_specialists, heads_to_serve
+from .registry import plan_specialists
 from .served import Served
 
 LOG = logging.getLogger(__name__)
@@ -41,31 +41,6 @@ MAX_MODELS_PER_REPLICA = 16
 NAMED_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)")
 """Routes naming a specialist in the path: /models/{id}[/predict], /v2/models/{id}[/infer|/ready]; /v1/ POSTs
 name it in the JSON body's "model"."""
-
-
-def plan_specialists(sources: list[str | Path]) -> dict[str, tuple[Path, str | None]]:
-    """{id: (bundle folder, head)} for every specialist the sources hold, checked as `Registry` checks them
-    (a foreign folder, a bad id or two sources giving one id stop the start), without loading any."""
-    plan: dict[str, tuple[Path, str | None]] = {}
-    origin: dict[str, str] = {}
-    for bundle_id, folder, source in find_specialists(sources):
-        try:
-            heads = heads_to_serve(folder)
-        except HeadstartError as e:
-            raise ServeError(f"cannot serve {bundle_id!r} ({source}): {' '.join(str(e).split())}") from None
-        for head in heads:
-            spec_id = f"{bundle_id}.{head}" if head else bundle_id
-            if not ID_PATTERN.match(spec_id):
-                raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
-                                 "up to 100; rename the folder or hub entry)")
-            if spec_id in origin:
-                raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
-                                 "(rename one folder or hub entry)")
-            origin[spec_id] = source
-            plan[spec_id] = (folder, head)
-    if not plan:
-        raise ServeError("no specialists to serve: the sources hold no bundles")
-    return plan
 
 
 class ReplicaRegistry:
@@ -94,7 +69,7 @@ class ReplicaRegistry:
 
     def load(self, specialist_id: str) -> Served:
         """Load one specialist onto the replica's shared bases (blocking: call it in a worker thread)."""
-        folder, head = self._plan[specialist_id]
+        folder, head, _ = self._plan[specialist_id]
         with self._load_lock:
             try:
                 served = Served.load(specialist_id, folder, self.pool, self.limits, self.max_batch,

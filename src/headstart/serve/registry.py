@@ -71,6 +71,32 @@ def find_specialists(sources: list[str | Path]) -> list[tuple[str, Path, str]]:
     return found
 
 
+def plan_specialists(sources: list[str | Path]) -> dict[str, tuple[Path, str | None, str]]:
+    """{id: (bundle folder, head, source)} for every specialist the sources hold, without loading any: a foreign
+    folder, a bad id or two sources giving one id stop the start (the in-process registry and Ray replicas
+    both start from this plan)."""
+    plan: dict[str, tuple[Path, str | None, str]] = {}
+    origin: dict[str, str] = {}
+    for bundle_id, folder, source in find_specialists(sources):
+        try:
+            heads = heads_to_serve(folder)
+        except HeadstartError as e:
+            raise ServeError(f"cannot serve {bundle_id!r} ({source}): {' '.join(str(e).split())}") from None
+        for head in heads:
+            spec_id = f"{bundle_id}.{head}" if head else bundle_id
+            if not ID_PATTERN.match(spec_id):
+                raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
+                                 "up to 100; rename the folder or hub entry)")
+            if spec_id in origin:
+                raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
+                                 "(rename one folder or hub entry)")
+            origin[spec_id] = source
+            plan[spec_id] = (folder, head, source)
+    if not plan:
+        raise ServeError("no specialists to serve: the sources hold no bundles")
+    return plan
+
+
 class Registry:
     """The served specialists by id, all loaded at start (a broken bundle stops the start, not a request).
 
@@ -85,32 +111,12 @@ class Registry:
         self.pool = pool or BasePool()
         self.sources = [str(s) for s in sources]
         self._served: dict[str, Served] = {}
-        origin: dict[str, str] = {}
-        for bundle_id, folder, source in find_specialists(sources):
+        for spec_id, (folder, head, source) in plan_specialists(sources).items():
             try:
-                heads = heads_to_serve(folder)
+                self._served[spec_id] = Served.load(spec_id, folder, self.pool, self.limits, max_batch, max_wait_s,
+                                                    head)
             except HeadstartError as e:
-                raise ServeError(f"cannot serve {bundle_id!r} ({source}): {' '.join(str(e).split())}") from None
-            for head in heads:
-                spec_id = f"{bundle_id}.{head}" if head else bundle_id
-                self._add(spec_id, folder, source, head, origin, max_batch, max_wait_s)
-        if not self._served:
-            raise ServeError("no specialists to serve: the sources hold no bundles")
-
-    def _add(self, spec_id: str, folder: Path, source: str, head: str | None, origin: dict[str, str],
-             max_batch: int, max_wait_s: float) -> None:
-        if not ID_PATTERN.match(spec_id):
-            raise ServeError(f"{source}: {spec_id!r} cannot be an id (letters, digits, '.', '_', '-'; "
-                             "up to 100; rename the folder or hub entry)")
-        if spec_id in origin:
-            raise ServeError(f"two sources give the id {spec_id!r}: {origin[spec_id]} and {source} "
-                             "(rename one folder or hub entry)")
-        origin[spec_id] = source
-        try:
-            self._served[spec_id] = Served.load(spec_id, folder, self.pool, self.limits, max_batch, max_wait_s,
-                                                head)
-        except HeadstartError as e:
-            raise ServeError(f"cannot serve {spec_id!r} ({source}): {' '.join(str(e).split())}") from None
+                raise ServeError(f"cannot serve {spec_id!r} ({source}): {' '.join(str(e).split())}") from None
 
     def ids(self) -> list[str]:
         return sorted(self._served)
