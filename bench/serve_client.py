@@ -118,8 +118,9 @@ async def drive(server: ServerProcess, jobs: list[dict[str, Any]], concurrency: 
             for job in queue:  # one iterator shared by the workers: each job is sent once
                 t0 = time.perf_counter()
                 try:
+                    content = _chunks(job["chunked"]) if "chunked" in job else job.get("content")
                     r = await client.request(job.get("method", "POST"), job["path"], json=job.get("json"),
-                                             content=job.get("content"), headers=job.get("headers"))
+                                             content=content, headers=job.get("headers"))
                     status, ok = r.status_code, r.status_code == 200 and isinstance(r.json(), list)
                 except (httpx.HTTPError, ValueError) as e:
                     status, ok = type(e).__name__, False
@@ -153,8 +154,16 @@ async def stream_chat(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return {"tokens": tokens, "pieces": pieces, "ttft_s": first, "wall_s": time.perf_counter() - t0}
 
 
-def fuzz_jobs(n: int, text_id: str, image_id: str, llm_id: str | None, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` malformed or refused requests over every route family; each must get a 4xx, never a 5xx."""
+PROTOCOL_PATHS = ("/v1/embeddings", "/v1/chat/completions", "/v1/completions")
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+
+
+def fuzz_jobs(n: int, text_id: str, image_id: str, llm_id: str | None, seed: int = 0,
+              max_body_bytes: int = DEFAULT_MAX_BODY) -> list[dict[str, Any]]:
+    """`n` malformed or refused requests over every route family; each must get a 4xx, never a 5xx.
+
+    Besides the `n` drawn ones, one chunked body (no Content-Length) just over `max_body_bytes` goes to
+    each protocol's route: the BodyLimit refuses it while it streams in (413)."""
     rng = random.Random(seed)
     ids = [text_id, image_id, "no-such-model", "..%2F..%2Fetc%2Fpasswd", "%00", "x" * 300, "é"]
 
@@ -188,8 +197,24 @@ def fuzz_jobs(n: int, text_id: str, image_id: str, llm_id: str | None, seed: int
                                      {"inputs": [{"name": "t", "shape": [2], "datatype": "FP32", "data": ["a"]}]}])},
         lambda: {"path": f"/models/{text_id}/predict", "content": b"--b\r\nbroken",
                  "headers": {"Content-Type": "multipart/form-data; boundary=b"}},
+        # Raw bytes, invalid UTF-8 inside JSON and JSON nested past the parser's recursion limit, on the
+        # OpenAI and v2 routes too (FastAPI wraps these parse failures; each must stay a 4xx).
+        lambda: {"path": rng.choice(protocol_paths), "content": rng.choice(hard_bodies)(),
+                 "headers": {"Content-Type": "application/json"}},
     ]
-    return [rng.choice(makers)() for _ in range(n)]
+    protocol_paths = [*PROTOCOL_PATHS, f"/v2/models/{text_id}/infer", f"/models/{text_id}/predict"]
+    hard_bodies = [noise, lambda: b'{"model": "\xff", "input": "\xfe"}', lambda: b"[" * 5000 + b"]" * 5000,
+                   lambda: b'{"a":' * 5000 + b"1" + b"}" * 5000]
+    oversize = [{"path": path, "chunked": max_body_bytes + 1, "headers": {"Content-Type": "application/json"}}
+                for path in protocol_paths]
+    return [rng.choice(makers)() for _ in range(n)] + oversize
+
+
+async def _chunks(total: int, size: int = 1 << 20):
+    """`total` bytes in pieces, sent with Transfer-Encoding: chunked (no Content-Length to refuse up front)."""
+    while total > 0:
+        yield b" " * min(size, total)
+        total -= size
 
 
 async def fuzz(server: ServerProcess, jobs: list[dict[str, Any]], concurrency: int = 8) -> dict[str, Any]:
@@ -200,8 +225,9 @@ async def fuzz(server: ServerProcess, jobs: list[dict[str, Any]], concurrency: i
         async def worker() -> None:
             for job in queue:
                 try:
+                    content = _chunks(job["chunked"]) if "chunked" in job else job.get("content")
                     r = await client.request(job.get("method", "POST"), job["path"], json=job.get("json"),
-                                             content=job.get("content"), headers=job.get("headers"))
+                                             content=content, headers=job.get("headers"))
                     statuses[r.status_code] += 1
                 except httpx.HTTPError as e:
                     statuses[type(e).__name__] += 1

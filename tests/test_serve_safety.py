@@ -156,7 +156,8 @@ def test_fuzzed_requests_never_get_a_5xx(client):
     rng = random.Random(15)
     paths = ["/models/topic-probe/predict", "/models/colours/predict", "/models/topic-lora-a/predict",
              "/models/%2e%2e%2f%2e%2e/predict", "/models/..%2F..%2Fetc/predict", "/models/%00/predict",
-             "/models/" + "a" * 300 + "/predict", "/models/topic-probe", "/models", "/ready"]
+             "/models/" + "a" * 300 + "/predict", "/models/topic-probe", "/models", "/ready",
+             "/v1/embeddings", "/v1/chat/completions", "/v1/completions", "/v2/models/topic-probe/infer"]
     types = ["application/json", "image/png", "image/jpeg", "multipart/form-data; boundary=xx", "text/plain",
              "application/octet-stream", "", "application/x-www-form-urlencoded", "video/mp4"]
     payloads = [lambda: rng.randbytes(rng.randrange(0, 3000)),
@@ -164,14 +165,21 @@ def test_fuzzed_requests_never_get_a_5xx(client):
                 lambda: json.dumps({"inputs": "ok", "parameters": {"top_k": rng.choice([-1, 0, 1e9, None, "x", [2]])}}).encode(),
                 lambda: b'{"inputs": "' + bytes(rng.randrange(256) for _ in range(50)) + b'"}',
                 lambda: b"[" * 5000 + b"]" * 5000,
+                lambda: b'{"a":' * 5000 + b"1" + b"}" * 5000,
+                lambda: b'{"model": "\xff", "input": "x"}',
+                lambda: json.dumps({"model": "topic-probe", "input": rng.choice(["x", [""], [[1]], None]),
+                                    "messages": rng.choice([None, [], [{"role": "user"}]]), "prompt": 1}).encode(),
                 lambda: json.dumps({"inputs": base64.b64encode(rng.randbytes(200)).decode()}).encode()]
+    # Every payload kind as JSON to every path first (the random draw alone may miss one), then random.
+    sweep = [("post", path, "application/json", payload) for path in paths for payload in payloads]
+    draws = [(rng.choice(["post", "post", "post", "get", "put", "delete"]), rng.choice(paths), rng.choice(types),
+              rng.choice(payloads)) for _ in range(300)]
     statuses = []
-    for _ in range(300):
-        method = rng.choice(["post", "post", "post", "get", "put", "delete"])
-        kwargs = {"headers": {**AUTH, "Content-Type": rng.choice(types)}}
+    for method, path, content_type, payload in sweep + draws:
+        kwargs = {"headers": {**AUTH, "Content-Type": content_type}}
         if method in ("post", "put"):
-            kwargs["content"] = rng.choice(payloads)()
-        r = client.request(method.upper(), rng.choice(paths), **kwargs)
+            kwargs["content"] = payload()
+        r = client.request(method.upper(), path, **kwargs)
         statuses.append(r.status_code)
         assert r.status_code < 500 or r.status_code == 504, (r.status_code, r.text)
         if r.status_code >= 400:
@@ -179,3 +187,28 @@ def test_fuzzed_requests_never_get_a_5xx(client):
     assert sum(400 <= s < 500 for s in statuses) > 200
 
 
+
+
+BAD_BODIES = {
+    "invalid UTF-8 in JSON": lambda: b'{"model": "\xff", "inputs": "\xfe"}',
+    "a list nested 5000 deep": lambda: b"[" * 5000 + b"]" * 5000,
+    "an object nested 5000 deep": lambda: b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    "a chunked body over the limit": lambda: (b"x" * 20_000 for _ in range(10)),  # no Content-Length
+}
+
+
+@pytest.mark.parametrize("path", ["/models/clf/predict", "/v1/embeddings", "/v1/chat/completions",
+                                  "/v1/completions", "/v2/models/clf/infer"])
+@pytest.mark.parametrize("body", list(BAD_BODIES))
+def test_bad_bodies_are_a_4xx_on_every_protocol(path, body):
+    from serve_fakes import FakeRegistry, FakeServed
+
+    registry = FakeRegistry([FakeServed("clf", "text-classification", "classifier")])
+    app = make_app([], token=None, limits=Limits(max_body_bytes=100_000), registry=registry)
+    c = TestClient(app, raise_server_exceptions=False)  # answer as a real server does
+    r = c.post(path, content=BAD_BODIES[body](), headers={"Content-Type": "application/json"})
+    expected = 413 if "chunked" in body else 400
+    assert r.status_code == expected, (r.status_code, r.text)
+    error = r.json()["error"]
+    message = error if isinstance(error, str) else error["message"]  # v2: a string; the others: an object
+    assert message and "Traceback" not in message and "parsing" not in message

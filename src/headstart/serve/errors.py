@@ -8,6 +8,7 @@ path or library message ever reaches a client.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import HeadstartError
@@ -48,38 +49,85 @@ def _printable(text: str, limit: int = 80) -> str:
     return clean if len(clean) <= limit else clean[:limit - 3] + "..."
 
 
+@dataclass
+class Refusal:
+    """What any error becomes before a protocol formats it: status, machine code, one-line message, field."""
+
+    status: int
+    code: str
+    message: str
+    param: str | None = None
+    validation: bool = False
+    """FastAPI's validation of the body: the app answers it 422, the OpenAI and v2 protocols 400."""
+
+
+INTERNAL_MESSAGE = "the server failed to answer this request; its log says why"
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def refusal_for(exc: BaseException, request: Any = None) -> Refusal:
+    """THE mapping of an exception to an answer, shared by the app and the OpenAI and v2 routers.
+
+    FastAPI wraps body-parse failures (invalid UTF-8, JSON nested past the recursion limit, the BodyLimit's
+    413 raised while the body streams in) into HTTPException(400) with the cause chained: the cause decides.
+    Anything unexpected is logged with its traceback here and answered 500 with no detail."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    if isinstance(exc, HTTPException) and exc.__cause__ is not None:
+        cause = exc.__cause__
+        if isinstance(cause, (ApiError, RecursionError, UnicodeDecodeError)):
+            return refusal_for(cause, request)
+    if isinstance(exc, ApiError):
+        return Refusal(exc.status, exc.code, exc.message)
+    if _is_request_problem(exc):
+        return Refusal(exc.status, exc.code, str(exc), exc.param)
+    if isinstance(exc, RequestValidationError):
+        return _validation_refusal(exc)
+    if isinstance(exc, HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        status = exc.status_code if 400 <= exc.status_code < 500 else 400
+        return Refusal(status, _HTTP_CODES.get(status, "http_error"), _printable(detail, 200))
+    if isinstance(exc, RecursionError):  # a body nested too deep to parse or walk
+        return Refusal(400, "invalid_request", "the request body is nested too deeply")
+    if isinstance(exc, UnicodeDecodeError):
+        return Refusal(400, "invalid_request", "the request body is not valid UTF-8")
+    if isinstance(exc, HeadstartError):  # a problem of the input found while answering
+        return Refusal(422, "invalid_input", _printable(" ".join(str(exc).split()), 300))
+    where = f" {request.method} {request.url.path}" if request is not None else ""
+    log.error("unexpected error answering%s", where, exc_info=(type(exc), exc, exc.__traceback__))
+    return Refusal(500, "internal", INTERNAL_MESSAGE)
+
+
+def _is_request_problem(exc: BaseException) -> bool:
+    # openai_shapes.RequestProblem, recognised by its fields so this module does not import the router's.
+    return type(exc).__name__ == "RequestProblem" and all(hasattr(exc, a) for a in ("status", "code", "param"))
+
+
+def _validation_refusal(exc: Any) -> Refusal:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return Refusal(422, "invalid_request", "the request body is not valid JSON", validation=True)
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return Refusal(422, "invalid_request", _printable(f"{where}: {first.get('msg', 'invalid value')}", 200),
+                   validation=True)
+
+
+def main_response(refusal: Refusal) -> Any:
+    """The app's own shape: `{"error": {"code", "message"}}`."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(refusal.code, refusal.message), status_code=refusal.status)
+
+
 def install_error_handlers(app) -> None:
     """Every error leaves the app as `{"error": {...}}` JSON: ApiError, validation, HTTP, unexpected."""
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    def reply(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse(error_body(code, message), status_code=status)
+    async def handler(request, exc: Exception):
+        return main_response(refusal_for(exc, request))
 
-    async def api_error(request, exc: ApiError):
-        return reply(exc.status, exc.code, exc.message)
-
-    async def validation_error(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
-        return reply(422, "invalid_request", _printable(f"{where}: {first.get('msg', 'invalid value')}", 200))
-
-    async def http_error(request, exc: HTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-        return reply(exc.status_code, codes.get(exc.status_code, "http_error"), _printable(detail, 200))
-
-    async def user_error(request, exc: HeadstartError):
-        # A HeadstartError raised while answering names a problem of the input (labels, data): a 422.
-        return reply(422, "invalid_input", _printable(str(exc), 300))
-
-    async def unexpected(request, exc: Exception):
-        log.exception("unexpected error answering %s %s", request.method, request.url.path)
-        return reply(500, "internal", "the server failed to answer this request; its log says why")
-
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(HeadstartError, user_error)
-    app.add_exception_handler(Exception, unexpected)
+    for kind in (ApiError, RequestValidationError, HTTPException, HeadstartError, RecursionError, Exception):
+        app.add_exception_handler(kind, handler)

@@ -22,7 +22,6 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Body, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
@@ -30,7 +29,7 @@ from ..core.errors import HeadstartError
 from . import openai_shapes as shapes
 from .openai_shapes import RequestProblem
 
-from .errors import ApiError
+from .errors import ApiError, Refusal, refusal_for
 from .limits import Limits
 
 log = logging.getLogger("headstart.serve")
@@ -47,17 +46,8 @@ class OpenAIRoute(APIRoute):
         async def handle(request: Request):
             try:
                 return await handler(request)
-            except RequestProblem as e:
-                return _error(e.status, str(e), e.code, e.param)
-            except RequestValidationError as e:
-                return _error(400, _validation_message(e), "invalid_request")
-            except ApiError as e:
-                return _error(e.status, e.message, e.code)
-            except HeadstartError as e:  # a problem of the input found while answering, as the app says it
-                return _error(422, " ".join(str(e).split())[:300], "invalid_input")
-            except Exception:  # logged with its traceback here; the client learns nothing internal
-                log.exception("unexpected error answering %s %s", request.method, request.url.path)
-                return _error(500, "the server failed to answer this request; its log says why", "internal")
+            except Exception as e:  # noqa: BLE001  every error leaves through the one mapping, OpenAI-shaped
+                return _openai_response(refusal_for(e, request))
         return handle
 
 
@@ -71,14 +61,9 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
     return JSONResponse(shapes.error_body(message, code, kind, param), status_code=status)
 
 
-def _validation_message(e: RequestValidationError) -> str:
-    errors = e.errors()
-    if not errors:
-        return "invalid request"
-    first = errors[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return f"{where or 'body'}: {first.get('msg', 'invalid')}" if first.get("type") != "json_invalid" \
-        else "the request body is not valid JSON"
+def _openai_response(refusal: Refusal) -> JSONResponse:
+    status = 400 if refusal.validation else refusal.status
+    return _error(status, refusal.message, refusal.code, refusal.param)
 
 
 # ---- look-ups -------------------------------------------------------------------------------------------

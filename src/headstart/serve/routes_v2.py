@@ -26,12 +26,10 @@ import math
 from typing import Any, Callable
 
 from fastapi import APIRouter, Body, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from ..core.errors import HeadstartError
-from .errors import ApiError
+from .errors import ApiError, refusal_for
 from .limits import Limits
 
 log = logging.getLogger("headstart.serve")
@@ -50,20 +48,9 @@ class V2Route(APIRoute):
         async def handle(request: Request):
             try:
                 return await handler(request)
-            except ApiError as e:
-                return JSONResponse({"error": e.message}, status_code=e.status)
-            except RequestValidationError as e:
-                first = e.errors()[0] if e.errors() else {}
-                where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-                message = ("the request body is not valid JSON" if first.get("type") == "json_invalid"
-                           else f"{where}: {first.get('msg', 'invalid')}")
-                return JSONResponse({"error": message}, status_code=400)
-            except HeadstartError as e:  # a problem of the input found while answering, as the app says it
-                return JSONResponse({"error": " ".join(str(e).split())[:300]}, status_code=422)
-            except Exception:  # logged with its traceback here; the client learns nothing internal
-                log.exception("unexpected error answering %s %s", request.method, request.url.path)
-                return JSONResponse({"error": "the server failed to answer this request; its log says why"},
-                                    status_code=500)
+            except Exception as e:  # noqa: BLE001  every error leaves through the one mapping, v2-shaped
+                refusal = refusal_for(e, request)
+                return JSONResponse({"error": refusal.message}, status_code=400 if refusal.validation else refusal.status)
         return handle
 
 
