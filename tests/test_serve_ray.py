@@ -156,6 +156,9 @@ def test_the_model_named_in_a_body_is_read_and_the_body_handed_on_whole():
     assert asyncio.run(read([{"type": "http.request", "body": b"[1, 2]"}]))[0] == ""
     assert asyncio.run(read([{"type": "http.request", "body": b"not json"}]))[0] == ""
     assert asyncio.run(read([{"type": "http.disconnect"}])) == ("", {"type": "http.disconnect"})
+    for deep in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b'{"model": "\xff"}'):
+        assert asyncio.run(read([{"type": "http.request", "body": deep}])) == \
+            ("", {"type": "http.request", "body": deep, "more_body": False})  # the route refuses it (a 400)
 
 
 def test_serve_refuses_zero_replicas(bundles):

@@ -158,7 +158,7 @@ async def model_in_body(receive: Callable[[], Any]) -> tuple[str, Callable[[], A
 
     try:
         model = json.loads(body).get("model")
-    except (ValueError, AttributeError):  # not JSON, or not an object: the route answers that
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep: the route answers
         model = None
     return (model if isinstance(model, str) else ""), replay
 
