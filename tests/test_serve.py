@@ -219,6 +219,28 @@ def test_micro_batcher_splits_large_requests_and_keeps_order():
     assert max(sizes) <= 4 and sum(sizes) == 12
 
 
+def test_a_bad_input_fails_only_its_own_request_not_the_shared_batch():
+    from headstart.serve.batching import MicroBatcher
+
+    calls = []
+
+    def double(xs):
+        calls.append(list(xs))
+        if "bad" in xs:
+            raise ValueError("cannot read 'bad'")
+        return [2 * x for x in xs]
+
+    batcher = MicroBatcher(double, max_batch=8, max_wait_s=0.01)
+
+    async def go():
+        return await asyncio.gather(batcher.submit([1, 2]), batcher.submit(["bad", 3]), batcher.submit([4]),
+                                    return_exceptions=True)
+
+    first, second, third = asyncio.run(go())
+    assert first == [2, 4] and third == [8] and isinstance(second, ValueError)
+    assert calls[0] == [1, 2, "bad", 3, 4] and sorted(map(str, calls[1:])) == sorted(["[1, 2]", "[4]", "['bad', 3]"])
+
+
 # ---- start-up errors ---------------------------------------------------------------------------
 def test_duplicate_ids_and_broken_bundles_stop_the_start_in_one_line(runs, tmp_path):
     other = tmp_path / "elsewhere" / "topic-probe"

@@ -4,6 +4,9 @@ A request's inputs join a queue; the first input to arrive starts a short timer 
 default) and the queue is run when the timer fires or when `max_batch` inputs wait, whichever comes
 first. The model call runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting
 requests meanwhile; each request gets back exactly the rows of its own inputs, in order.
+
+A batch mixes requests (and specialists): when it fails, each request's inputs are run again alone, so a
+bad input fails only the request that sent it and the others still get their answers.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.batches_run = 0
         """How many model calls were made (tests and the benchmark read the batching gain off it)."""
-        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._waiting: list[tuple[Any, asyncio.Future, object]] = []
+        """(input, its future, the request it came with) in arrival order."""
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -39,10 +43,10 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new event loop (a test client per request): nothing can be pending
             self._loop, self._waiting, self._timer = loop, [], None
-        futures = []
+        futures, request = [], object()
         for item in inputs:
             future = loop.create_future()
-            self._waiting.append((item, future))
+            self._waiting.append((item, future, request))
             futures.append(future)
             if len(self._waiting) >= self.max_batch:
                 self._flush()
@@ -56,21 +60,40 @@ class MicroBatcher:
             self._timer.cancel()
             self._timer = None
         batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
-        batch = [(item, future) for item, future in batch if not future.cancelled()]  # timed-out requests
+        batch = [waiting for waiting in batch if not waiting[1].cancelled()]  # timed-out requests
         if batch:
             asyncio.ensure_future(self._run(batch))
         if self._waiting:
             self._timer = self._loop.call_later(self.max_wait_s, self._flush)
 
-    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        self.batches_run += 1
+    async def _run(self, batch: list[tuple[Any, asyncio.Future, object]]) -> None:
         try:
-            results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
-        except Exception as e:  # every request in the batch gets the error (the app answers it)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
+            results = await self._call([item for item, _, _ in batch])
+        except Exception as e:
+            requests = list(dict.fromkeys(request for _, _, request in batch))
+            if len(requests) == 1:
+                return _settle(batch, error=e)
+            for request in requests:  # one bad input must not fail the others: each request alone
+                own = [waiting for waiting in batch if waiting[2] is request]
+                try:
+                    _settle(own, await self._call([item for item, _, _ in own]))
+                except Exception as alone:  # this request's own inputs fail: it gets the error (the app answers)
+                    _settle(own, error=alone)
             return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+        _settle(batch, results)
+
+    async def _call(self, items: list[Any]) -> Sequence[Any]:
+        self.batches_run += 1
+        return await asyncio.to_thread(self.run_batch, items)
+
+
+def _settle(batch: list[tuple[Any, asyncio.Future, object]], results: Sequence[Any] = (),
+            error: Exception | None = None) -> None:
+    """Give each still-waiting future its result, or `error`."""
+    for i, (_, future, _) in enumerate(batch):
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(results[i])
