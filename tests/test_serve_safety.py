@@ -212,3 +212,34 @@ def test_bad_bodies_are_a_4xx_on_every_protocol(path, body):
     error = r.json()["error"]
     message = error if isinstance(error, str) else error["message"]  # v2: a string; the others: an object
     assert message and "Traceback" not in message and "parsing" not in message
+
+
+def test_the_pixel_limit_counts_every_image_of_a_request_and_decodes_off_the_loop(monkeypatch):
+    import threading
+
+    from serve_fakes import FakeRegistry, FakeServed
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after: make_app sets it
+    registry = FakeRegistry([FakeServed("img", "image-classification", "classifier")])
+    c = TestClient(make_app([], token=None, limits=Limits(max_image_pixels=1000), registry=registry))
+    decoded_in = []
+    real_decode = Limits.decode_images
+
+    def recording(self, blobs, whats):
+        decoded_in.append(threading.current_thread() is threading.main_thread())
+        return real_decode(self, blobs, whats)
+
+    monkeypatch.setattr(Limits, "decode_images", recording)
+    small = png_bytes(size=(20, 20))  # 400 pixels: one fits, three (1200) do not
+    b64 = base64.b64encode(small).decode()
+    v2 = {"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [b64] * 3}]}
+    for many, one in (({"json": {"inputs": [b64] * 3}}, {"json": {"inputs": [b64]}}),
+                      ({"files": [("f", ("a.png", small, "image/png"))] * 3},
+                       {"files": [("f", ("a.png", small, "image/png"))]})):
+        r = c.post("/models/img/predict", **many)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
+        assert c.post("/models/img/predict", **one).status_code == 200
+    r = c.post("/v2/models/img/infer", json=v2)
+    assert r.status_code == 413 and "1000" in r.json()["error"]
+    assert c.post("/models/img/predict", content=small, headers={"Content-Type": "image/png"}).status_code == 200
+    assert decoded_in and not any(decoded_in)  # every decode ran in a worker thread

@@ -66,7 +66,7 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_file: str | None = None,
           no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = None,
           max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0,
-          max_text_chars: int = 20_000, max_image_pixels: int = 40_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
+          max_text_chars: int = 20_000, max_image_pixels: int = 24_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
           log_level: str = "info", ray: bool = False, replicas: int = 1) -> None:
     """Serve specialists over HTTP: predict, OpenAI-compatible, Open Inference Protocol v2, and a page to try them.
 
@@ -82,7 +82,7 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
     max_inputs: most inputs one request may carry.
     max_body_mb: largest request body, in MB.
     max_text_chars: longest text input, in characters.
-    max_image_pixels: largest image, width x height.
+    max_image_pixels: most pixels of all the images of one request together, width x height summed.
     timeout_s: longest a request may take before a 504.
     max_new_tokens: most tokens one generation may produce.
     log_level: uvicorn's log level (critical, error, warning, info, debug).

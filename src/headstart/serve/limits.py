@@ -1,8 +1,10 @@
 """What one request may ask of the server: body bytes, text length, image pixels, batch size, time.
 
 Every limit is checked before the model runs, and a request over one gets a 4xx naming the limit.
-The image pixel limit also sets PIL's decompression-bomb threshold, so a tiny PNG that claims a
-huge canvas is refused by PIL before it allocates the canvas.
+The image pixel limit counts every image of a request together (64 small-on-the-wire, huge-when-decoded
+PNGs cannot add up to gigabytes): the sizes are read from the headers and summed before any is decoded,
+and the decoding runs in a worker thread within the request timeout. The limit also sets PIL's
+decompression-bomb threshold, so a tiny PNG that claims a huge canvas is refused before it is allocated.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import binascii
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from .errors import ApiError, error_body
 
@@ -27,8 +29,9 @@ class Limits:
     """Largest request body (413 beyond it), counted as it arrives, whatever Content-Length claims."""
     max_text_chars: int = 20_000
     """Longest text input, in characters (413 beyond it)."""
-    max_image_pixels: int = 40_000_000
-    """Largest decoded image, width x height (413 beyond it)."""
+    max_image_pixels: int = 24_000_000
+    """Most decoded pixels (width x height) of all the images of one request together (413 beyond it):
+    one 24 MP photo, or 64 of 600x600; 72 MB of RGB at most per request."""
     max_batch: int = 64
     """Most inputs one request may carry (413 beyond it)."""
     timeout_s: float = 60.0
@@ -72,6 +75,38 @@ class Limits:
 
     def decode_image(self, data: bytes, what: str = "the body"):
         """Bytes -> an RGB PIL image within the pixel limit, or a 4xx naming the problem."""
+        return self.decode_images([data], [what])[0]
+
+    def decode_images(self, blobs: Sequence[bytes], whats: Sequence[str]) -> list[Any]:
+        """Image files -> RGB PIL images, if all their pixels together are within the limit (read from the
+        headers, before any is decoded); else a 4xx naming the problem. Blocking: call it off the loop."""
+        opened, total = [], 0
+        try:
+            for data, what in zip(blobs, whats):
+                img = self._open_within_limit(data, what)
+                opened.append(img)
+                total += img.size[0] * img.size[1]
+                if total > self.max_image_pixels:
+                    raise ApiError(413, "image_too_large", f"the images of this request total over {total} pixels "
+                                                           f"(at {what}); the limit is {self.max_image_pixels}")
+            return [self._rgb(img, what) for img, what in zip(opened, whats)]
+        finally:
+            for img in opened:
+                img.close()
+
+    def decode_base64_images(self, texts: Sequence[Any], whats: Sequence[str]) -> list[Any]:
+        """Base64 strings (or `data:image/...;base64,` URLs) -> PIL images, as `decode_images`."""
+        return self.decode_images([self._base64_bytes(t, w) for t, w in zip(texts, whats)], whats)
+
+    def decode_base64_image(self, text: Any, what: str):
+        """A base64 string (or a `data:image/...;base64,` URL) -> a PIL image."""
+        return self.decode_base64_images([text], [what])[0]
+
+    async def decode_off_loop(self, decode: Callable[..., T], *args: Any) -> T:
+        """Run a blocking decode in a worker thread, within the request timeout (the loop keeps serving)."""
+        return await self.within_time(asyncio.to_thread(decode, *args))
+
+    def _open_within_limit(self, data: bytes, what: str):
         from PIL import Image
 
         if not data:
@@ -79,31 +114,39 @@ class Limits:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-                img = Image.open(io.BytesIO(data))
-            with img:
-                width, height = img.size
-                if width * height > self.max_image_pixels:
-                    raise ApiError(413, "image_too_large", f"{what} is {width}x{height} pixels; the limit is "
-                                                           f"{self.max_image_pixels} pixels")
-                return img.convert("RGB")
-        except ApiError:
-            raise
+                img = Image.open(io.BytesIO(data))  # lazy: reads the header only
         except Image.DecompressionBombError:
             raise ApiError(413, "image_too_large", f"{what} claims more than {self.max_image_pixels} pixels") from None
         except Exception:  # UnidentifiedImageError, OSError, struct.error, ...: PIL's decoders raise many kinds
             raise ApiError(422, "invalid_image", f"{what} is not a readable image (PNG, JPEG, ...)") from None
+        width, height = img.size
+        if width * height > self.max_image_pixels:
+            img.close()
+            raise ApiError(413, "image_too_large", f"{what} is {width}x{height} pixels; the limit is "
+                                                   f"{self.max_image_pixels} pixels")
+        return img
 
-    def decode_base64_image(self, text: Any, what: str):
-        """A base64 string (or a `data:image/...;base64,` URL) -> a PIL image."""
+    @staticmethod
+    def _rgb(img: Any, what: str):
+        from PIL import Image
+
+        try:
+            return img.convert("RGB")
+        except Image.DecompressionBombError:
+            raise ApiError(413, "image_too_large", f"{what} is over the pixel limit") from None
+        except Exception:  # a truncated or corrupt body shows only when decoded
+            raise ApiError(422, "invalid_image", f"{what} is not a readable image (PNG, JPEG, ...)") from None
+
+    @staticmethod
+    def _base64_bytes(text: Any, what: str) -> bytes:
         if not isinstance(text, str):
             raise ApiError(422, "invalid_input", f"{what} must be a base64 string, not a {type(text).__name__}")
         if text.startswith("data:"):
             text = text.partition(",")[2]
         try:
-            data = base64.b64decode(text, validate=True)
+            return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(422, "invalid_image", f"{what} is not valid base64") from None
-        return self.decode_image(data, what)
 
     async def within_time(self, work: Awaitable[T]) -> T:
         """Await `work`, or answer 504 after `timeout_s`."""
