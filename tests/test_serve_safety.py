@@ -40,6 +40,30 @@ def test_token_file_is_generated_private_and_reused(tmp_path):
         resolve_token("127.0.0.1", path)
 
 
+def test_servers_starting_together_agree_on_one_generated_token(tmp_path):
+    import threading
+
+    from headstart.serve.auth import resolve_token
+
+    for attempt in range(10):  # replicas starting at the same moment: none fails, none reads an empty file
+        path, barrier, got, failed = tmp_path / f"t{attempt}" / "token", threading.Barrier(8), [], []
+
+        def start():
+            barrier.wait()
+            try:
+                got.append(resolve_token("127.0.0.1", path, say=lambda _: None))
+            except Exception as e:  # noqa: BLE001  collected: the assert names it
+                failed.append(repr(e))
+
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not failed and len(got) == 8 and len(set(got)) == 1, (failed, got)
+        assert os.stat(path).st_mode & 0o777 == 0o600 and os.listdir(path.parent) == ["token"]
+
+
 def test_no_auth_only_on_a_loopback_host(tmp_path):
     from headstart.serve.app import serve
     from headstart.serve.auth import resolve_token

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from .errors import ServeError
@@ -45,14 +46,33 @@ def resolve_token(host: str, token_file: str | Path | None = None, no_auth: bool
     path = Path(token_file or DEFAULT_TOKEN_FILE).expanduser()
     if path.exists():
         return _read_token(path)
-    token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL + 0600: the token never exists on disk readable by others, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    token = secrets.token_urlsafe(32)
+    if not _publish_token(path, token):  # another process (a Ray replica starting beside us) won: use its token
+        return _read_token(path)
     say(f"auth token written to {path} (send it as 'Authorization: Bearer <token>')")
     return token
+
+
+def _publish_token(path: Path, token: str) -> bool:
+    """Put `token` at `path` unless a file is already there (then False).
+
+    The token is written whole to a private temp file (mkstemp: 0600, never readable by others) and then
+    hard-linked into place: the link either fails (a file is there) or makes the complete file appear at
+    once, so a server starting at the same moment never reads an empty or half-written token."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(temp)
 
 
 def _read_token(path: Path) -> str:
