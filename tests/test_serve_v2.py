@@ -103,6 +103,25 @@ def test_infer_generator_text_output(fake):
     assert registry.get("gen").calls[-1] == ("Capital?", {"max_new_tokens": 5, "temperature": 0.0})
 
 
+def test_generation_options_are_checked_as_the_openai_routes_check_them(fake):
+    from types import SimpleNamespace
+
+    from headstart.serve.limits import Limits
+    from headstart.serve.served import Served
+
+    client, registry = fake
+    prompt = [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Capital?"]}]
+    r = client.post("/v2/models/gen/infer", json={"inputs": prompt, "parameters": {"top_p": 0, "max_tokens": 9999}})
+    assert r.status_code == 200, r.text
+    options = registry.get("gen").calls[-1][1]
+    assert options["max_new_tokens"] == 16 and 0 < options["top_p"] <= 1e-6  # 0: the most likely token only
+    # The generator's own check (served.py) accepts what the route passes on.
+    assert Served._generation_options(SimpleNamespace(limits=Limits()), dict(options))["top_p"] == options["top_p"]
+    for bad in ({"top_p": 1.5}, {"temperature": -1}, {"max_tokens": 0}, {"seed": -1}, {"top_p": "x"}):
+        assert_v2_error(client.post("/v2/models/gen/infer", json={"inputs": prompt, "parameters": bad}), 400,
+                        next(iter(bad)))
+
+
 @pytest.mark.parametrize("request_body, status, needle", [
     ({"inputs": []}, 400, "exactly one"),
     ({"inputs": [{"name": "words", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}, 400, "'text'"),

@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 
 from .errors import ApiError, refusal_for
 from .limits import Limits
+from .openai_shapes import generation_options
 
 log = logging.getLogger("headstart.serve")
 
@@ -259,16 +260,11 @@ async def _generate(served: Any, data: list[str], shape: list[int], parameters: 
     if len(data) != 1:
         raise _bad("text_input takes one prompt per request (shape [1])")
     prompt = limits.check_texts(data)[0]
-    max_tokens = min(_positive_int(parameters, "max_tokens", 256), limits.max_new_tokens)
-    options: dict[str, Any] = {"max_new_tokens": max_tokens}
-    for name, high in (("temperature", 2.0), ("top_p", 1.0)):
-        value = parameters.get(name)
-        if value is not None:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= high:
-                raise _bad(f"parameters.{name} must be a number in [0, {high}]")
-            options[name] = float(value)
     if "seed" in parameters:
-        options["seed"] = _positive_int(parameters, "seed", 0, minimum=0)
+        _positive_int(parameters, "seed", 0, minimum=0)
+    # The OpenAI routes' one check of generation options (ranges, top_p 0 = the most likely token, the cap).
+    options = generation_options({name: parameters.get(name) for name in ("max_tokens", "temperature", "top_p",
+                                                                          "seed")}, limits.max_new_tokens)
     text = await limits.within_time(served.complete(prompt, **options))
     return [{"name": n, "datatype": "BYTES", "shape": [1], "data": [text]} for n in names]
 
