@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import headstart
-from bundle_fixtures import QUIET
+from bundle_fixtures import QUIET, sft_bundle, sft_files  # noqa: F401  (fixtures are found by name)
 from headstart.serve.errors import ServeError
 
 pytest.importorskip("ray.serve")
@@ -166,3 +166,40 @@ def test_serve_refuses_zero_replicas(bundles):
 
     with pytest.raises(ServeError, match="replicas must be at least 1"):
         run_server([str(bundles["topic-probe"])], ray=True, replicas=0, no_auth=True)
+
+
+def test_a_replica_lists_from_manifests_and_forgetting_a_generator_frees_its_adapter(bundles, sft_bundle):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from headstart.serve.app import make_app
+    from headstart.serve.limits import Limits
+    from headstart.serve.pool import BasePool
+    from headstart.serve.ray_app import ReplicaRegistry
+
+    registry = ReplicaRegistry([bundles["topic-probe"], bundles["topic-lora"], sft_bundle], limits=Limits(),
+                               pool=BasePool())
+    with TestClient(make_app([], token=None, registry=registry)) as c:
+        listed = c.get("/models").json()["models"]
+        openai_ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert not registry.loads and not registry.pool.bases  # listing loaded nothing
+    assert [m["id"] for m in listed] == registry.ids() == openai_ids
+    facts = {m["id"]: m for m in listed}
+    assert facts["topic-probe"]["labels"] == headstart.load(bundles["topic-probe"]).classes
+    assert facts["topic-probe"]["shares_base"] == "head" and facts["topic-lora"]["shares_base"] == "lora"
+    generator_id = next(i for i in registry.ids() if facts[i]["kind"] == "generator")
+    for _ in range(2):  # loaded, dropped, loaded again: the shared LM never keeps a dropped adapter
+        served = registry.load(generator_id)
+        registry.hold(served)
+        base, model = served._generator_base, served.generator.model
+        name = next(iter(model.peft_config))
+        assert any(model is m for m in base.generator_models)
+        registry.forget(served)
+        deadline = time.monotonic() + 30
+        while any(model is m for m in base.generator_models) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(model is m for m in base.generator_models)
+        left = [n for n, m in base.backbone.named_modules() if name in getattr(m, "lora_A", {})]
+        assert not left, (name, list(model.peft_config), left[:3])
+    assert len(registry.pool.bases) == 1 and not base.generator_models

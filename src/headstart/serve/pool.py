@@ -123,6 +123,14 @@ class SharedBase:
             return self.peft(**batch)
         return self.peft(**batch, adapter_names=[a or "__base__" for a in adapters])
 
+    def drop_generator(self, model: Any) -> None:
+        """Forget a generator sharing this base: its adapter leaves the shared modules (its weights are freed)
+        and its PeftModel the list. Other generators select their own adapter before each use."""
+        with self.lock:
+            for name in list(getattr(model, "peft_config", {})):
+                model.delete_adapter(name)
+            self.generator_models = [m for m in self.generator_models if m is not model]  # last: "done"
+
     def run(self, adapter: str | None, work: Callable[[], Any]) -> Any:
         """`work()` with adapter `adapter` active (None: the bare base, every adapter off), under the lock."""
         with self.lock, torch.inference_mode():

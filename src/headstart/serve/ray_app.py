@@ -85,6 +85,18 @@ class ReplicaRegistry:
     def forget(self, served: Served) -> None:
         if self._held.get(served.id) is served:
             del self._held[served.id]
+            base = served._generator_base
+            if base is not None and base.key[0] != "own":  # its adapter leaves the shared causal LM
+                # In a thread: Ray calls this on the event loop, and the base's lock may be held by a generation.
+                threading.Thread(target=base.drop_generator, args=(served.generator.model,), daemon=True).start()
+
+    def describe(self, specialist_id: str) -> Served:
+        """What a listing needs (id, manifest, facts): the held specialist, else one described from its
+        manifest, nothing loaded (a listing on a replica must not load every specialist it does not hold)."""
+        if specialist_id not in self._plan:
+            raise UnknownSpecialist(specialist_id, self.ids())
+        folder, head, _ = self._plan[specialist_id]
+        return self._held.get(specialist_id) or Served.describe(specialist_id, folder, self.limits, head)
 
     def get(self, specialist_id: str) -> Served:
         """The specialist served under `specialist_id`; UnknownSpecialist (a 404) otherwise."""

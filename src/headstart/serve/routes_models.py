@@ -43,7 +43,8 @@ async def ready(request: Request) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     """Facts of every served specialist."""
     registry = request.app.state.registry
-    return {"models": [registry.get(i).facts() for i in registry.ids()]}
+    describe = getattr(registry, "describe", registry.get)  # a Ray replica describes without loading
+    return {"models": [describe(i).facts() for i in registry.ids()]}
 
 
 @router.get("/models/{specialist_id}")

@@ -121,7 +121,8 @@ def _prompt_tokens(served: Any, prompt: str | list[dict], count: Callable[[str],
 async def list_models(request: Request) -> dict[str, Any]:
     """Every specialist this server holds, as OpenAI model objects (`id` = specialist id)."""
     registry = request.app.state.registry
-    return {"object": "list", "data": [_model(registry.get(i)) for i in registry.ids()]}
+    describe = getattr(registry, "describe", registry.get)  # a Ray replica describes without loading
+    return {"object": "list", "data": [_model(describe(i)) for i in registry.ids()]}
 
 
 @router.get("/v1/models/{model_id}")

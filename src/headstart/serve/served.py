@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ..core.errors import HeadstartError
 from .batching import MicroBatcher
 from .errors import ApiError
 from .limits import Limits
@@ -71,10 +72,39 @@ class Served:
             served._embed_batcher = MicroBatcher(served.runner.features, max_batch, max_wait_s)
         return served
 
+    @classmethod
+    def describe(cls, specialist_id: str, folder: Path, limits: Limits, head: str | None = None) -> "Served":
+        """The specialist as its manifest tells it, nothing loaded (no base, no adapter, no head): what a
+        listing needs. Its `facts`, `manifest` and `card` are those of the loaded one; it cannot answer."""
+        from ..bundle.format import read_manifest
+
+        served = cls(specialist_id, folder, read_manifest(folder), limits)
+        served.head = head
+        return served
+
     # ---- facts ------------------------------------------------------------------------------
     @property
     def labels(self) -> list[str]:
-        return list(self.runner.classes) if self.runner else []
+        if self.runner is not None:
+            return list(self.runner.classes)
+        if self.kind == "generator":
+            return []
+        from ..bundle.classifier import pick_head
+
+        try:  # described, not loaded: the manifest's classes of the head served
+            return list(self.manifest["classes"]) if "heads" not in self.manifest \
+                else pick_head(self.folder, self.manifest, self.head)[1]
+        except (HeadstartError, KeyError):
+            return []
+
+    def _shares(self) -> str:
+        if self.runner is not None:
+            return self.runner.shares
+        if self.kind == "generator":
+            return "generator"
+        from .pool import _sharing
+
+        return _sharing(self.folder, self.manifest)
 
     def facts(self) -> dict[str, Any]:
         """JSON-able: id, task, kind, base, method, labels, headline metrics."""
@@ -84,7 +114,7 @@ class Served:
                 "base": {"name": base.get("name"), "kind": base.get("kind"), "params": base.get("params")},
                 "method": self.manifest["method"]["name"], "labels": self.labels,
                 "metrics": {k: metrics[k] for k in HEADLINE_METRICS if k in metrics},
-                "shares_base": self.runner.shares if self.runner else "generator",
+                "shares_base": self._shares(),
                 "created": self.manifest.get("created"), **({"head": self.head} if self.head else {})}
 
     def details(self) -> dict[str, Any]:
