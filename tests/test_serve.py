@@ -186,6 +186,16 @@ def test_specialists_on_one_base_share_one_forward_each_row_through_its_adapter(
     assert_rows_match([a[0] for a in answers], [alone[n][t] for t in range(len(TEXTS)) for n in names])
 
 
+def test_serve_has_an_adapter_budget_by_default(client):
+    import inspect
+
+    from headstart.serve.app import serve
+    from headstart.serve.pool import BasePool
+
+    assert inspect.signature(serve).parameters["max_adapters"].default == 64 == BasePool().max_adapters
+    assert [b.max_adapters for b in client.app.state.registry.pool.bases.values()] == [64] * 2  # text, image
+
+
 def test_a_batch_needing_more_adapters_than_the_budget_runs_in_turns(runs):
     registry = make_app([runs / "topic-lora-a", runs / "topic-lora-b", runs / "topic-probe"], token=None,
                         max_adapters=1).state.registry

@@ -17,7 +17,7 @@ from typing import Any
 
 from .auth import BearerAuth, is_loopback, resolve_token
 from .errors import ServeError, install_error_handlers
-from .limits import BodyLimit, Limits
+from .limits import DEFAULT_MAX_ADAPTERS, BodyLimit, Limits
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 OPTIONAL_ROUTERS = ("routes_openai", "routes_v2", "page")
@@ -25,14 +25,15 @@ OPTIONAL_ROUTERS = ("routes_openai", "routes_v2", "page")
 
 
 def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | None = None,
-             max_adapters: int | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+             max_adapters: int | None = DEFAULT_MAX_ADAPTERS, max_batch: int = 32, max_wait_ms: float = 5.0,
              registry: Any = None) -> Any:
     """A FastAPI app serving every specialist the sources hold.
 
     sources: bundle, lineage and hub folders.
     token: the bearer token every protected route needs; None: no auth.
     limits: the per-request limits (default: `Limits()`).
-    max_adapters: most LoRA adapters kept injected per base; the least recently used is reloaded when needed.
+    max_adapters: most LoRA adapters kept injected per base (64 by default; None: no budget); the least
+        recently used is deleted and reloaded when needed.
     max_batch: most inputs one micro-batch runs together.
     max_wait_ms: longest a request waits for others to share its batch.
     registry: an already built registry (tests pass fakes); then `sources` is not read.
@@ -64,7 +65,7 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
 
 
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_file: str | None = None,
-          no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = None,
+          no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = DEFAULT_MAX_ADAPTERS,
           max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0,
           max_text_chars: int = 20_000, max_image_pixels: int = 24_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
           log_level: str = "info", ray: bool = False, replicas: int = 1) -> None:
@@ -76,7 +77,8 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
     token_file: the bearer token's file (default ~/.headstart-token; created with a new token, mode 0600, if missing).
     no_auth: serve without a token (only on a loopback host).
     allow_remote: allow binding a non-loopback host (auth stays on).
-    max_adapters: most LoRA adapters kept loaded per base (least recently used ones are reloaded when asked).
+    max_adapters: most LoRA adapters kept loaded per base, 64 by default (least recently used ones are
+        deleted, and reloaded when asked); None: no budget.
     max_batch: most inputs run together in one micro-batch.
     max_wait_ms: longest a request waits for others to join its micro-batch.
     max_inputs: most inputs one request may carry.

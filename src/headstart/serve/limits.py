@@ -20,6 +20,11 @@ from .errors import ApiError, error_body
 
 T = TypeVar("T")
 
+DEFAULT_MAX_ADAPTERS = 64
+"""LoRA adapters kept injected per base unless told otherwise: the least recently used is deleted beyond it
+(and reloaded from its bundle when asked). A rank-8 adapter of a MiniLM-class base is ~0.3 MB, of a
+135M-parameter LM ~2-4 MB, so 64 bound the adapters of one base to tens or a few hundred MB."""
+
 
 @dataclass
 class Limits:

@@ -23,6 +23,7 @@ import torch
 
 from ..bundle.specialist import reraise_as_bundle_error
 from ..core.errors import BundleError
+from .limits import DEFAULT_MAX_ADAPTERS
 
 
 class SharedBase:
@@ -178,8 +179,9 @@ class BasePool:
     >>> runner.probabilities(["Who wrote Hamlet ?"])
     """
 
-    def __init__(self, max_adapters: int | None = None):
+    def __init__(self, max_adapters: int | None = DEFAULT_MAX_ADAPTERS):
         self.max_adapters = max_adapters
+        """Adapters kept per base (None: no budget)."""
         self.bases: dict[tuple[str, str], SharedBase] = {}
         self._names = 0
 

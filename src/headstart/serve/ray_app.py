@@ -29,7 +29,7 @@ from .app import make_app
 from .auth import resolve_token
 from .errors import ApiError, ServeError, UnknownSpecialist
 from .limits import Limits, _reply
-from .pool import BasePool
+from .pool import DEFAULT_MAX_ADAPTERS, BasePool
 from .registry import plan_specialists
 from .served import Served
 
@@ -208,7 +208,7 @@ class Specialists:
 
     def __init__(self, sources: list[str], host: str = "127.0.0.1", token_file: str | None = None,
                  no_auth: bool = False, max_models_per_replica: int = MAX_MODELS_PER_REPLICA,
-                 max_adapters: int | None = None, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 max_adapters: int | None = DEFAULT_MAX_ADAPTERS, max_batch: int = 32, max_wait_ms: float = 5.0,
                  limits: dict[str, Any] | None = None):
         limits_ = Limits(**(limits or {}))
         limits_.apply_to_pil()
