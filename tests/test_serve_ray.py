@@ -169,6 +169,7 @@ def test_serve_refuses_zero_replicas(bundles):
 
 
 def test_a_replica_lists_from_manifests_and_forgetting_a_generator_frees_its_adapter(bundles, sft_bundle):
+    import asyncio
     import time
 
     from fastapi.testclient import TestClient
@@ -188,6 +189,21 @@ def test_a_replica_lists_from_manifests_and_forgetting_a_generator_frees_its_ada
     facts = {m["id"]: m for m in listed}
     assert facts["topic-probe"]["labels"] == headstart.load(bundles["topic-probe"]).classes
     assert facts["topic-probe"]["shares_base"] == "head" and facts["topic-lora"]["shares_base"] == "lora"
+    on_loop, real_load = [], registry.load
+
+    def recording_load(specialist_id):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop in this thread: a worker thread
+            on_loop.append(False)
+        return real_load(specialist_id)
+
+    registry.load = recording_load
+    with TestClient(make_app([], token=None, registry=registry)) as c:
+        assert c.get("/v1/models/topic-lora").json()["id"] == "topic-lora" and not on_loop  # facts: no load
+        assert c.get("/models/topic-probe").json()["id"] == "topic-probe"  # an unheld id: loaded for the request
+    assert on_loop == [False] and registry.loads["topic-probe"] == 1  # ... in a worker thread
     generator_id = next(i for i in registry.ids() if facts[i]["kind"] == "generator")
     for _ in range(2):  # loaded, dropped, loaded again: the shared LM never keeps a dropped adapter
         served = registry.load(generator_id)
@@ -202,4 +218,4 @@ def test_a_replica_lists_from_manifests_and_forgetting_a_generator_frees_its_ada
         assert not any(model is m for m in base.generator_models)
         left = [n for n, m in base.backbone.named_modules() if name in getattr(m, "lora_A", {})]
         assert not left, (name, list(model.peft_config), left[:3])
-    assert len(registry.pool.bases) == 1 and not base.generator_models
+    assert len(registry.pool.bases) == 2 and not base.generator_models  # the text base, the causal LM

@@ -104,6 +104,11 @@ class ReplicaRegistry:
             raise UnknownSpecialist(specialist_id, self.ids())
         return self._held.get(specialist_id) or self.load(specialist_id)
 
+    async def aget(self, specialist_id: str) -> Served:
+        """`get`, loading an id it does not hold (one just dropped by a concurrent load) in a worker thread."""
+        held = self._held.get(specialist_id)
+        return held if held is not None else await asyncio.to_thread(self.get, specialist_id)
+
     def __len__(self) -> int:
         return len(self._plan)
 

@@ -97,6 +97,13 @@ def plan_specialists(sources: list[str | Path]) -> dict[str, tuple[Path, str | N
     return plan
 
 
+async def specialist(registry: Any, specialist_id: str) -> Any:
+    """`registry.get(specialist_id)`, off the event loop where getting may load: a Ray replica's registry loads
+    a specialist it does not hold (`aget`, in a worker thread); the in-process one holds them all."""
+    aget = getattr(registry, "aget", None)
+    return await aget(specialist_id) if aget is not None else registry.get(specialist_id)
+
+
 class Registry:
     """The served specialists by id, all loaded at start (a broken bundle stops the start, not a request).
 

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 
 from .errors import ApiError
 from .limits import Limits
+from .registry import specialist
 from .served import Served
 
 router = APIRouter(tags=["models"])
@@ -50,13 +51,13 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/models/{specialist_id}")
 async def show_model(specialist_id: str, request: Request) -> dict[str, Any]:
     """One specialist's facts, metrics and model card."""
-    return request.app.state.registry.get(specialist_id).details()
+    return (await specialist(request.app.state.registry, specialist_id)).details()
 
 
 @router.post("/models/{specialist_id}/predict")
 async def predict(specialist_id: str, request: Request) -> Any:
     """Top-k labels for a text or an image (or a list of them)."""
-    served: Served = request.app.state.registry.get(specialist_id)
+    served: Served = await specialist(request.app.state.registry, specialist_id)
     if served.kind != "classifier":
         raise ApiError(400, "wrong_task", f"{served.id} is a {served.task} specialist: predict classifies; "
                                           "use /v1/completions or /v1/chat/completions")

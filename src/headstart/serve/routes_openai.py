@@ -31,6 +31,7 @@ from .openai_shapes import RequestProblem
 
 from .errors import ApiError, Refusal, refusal_for
 from .limits import Limits
+from .registry import specialist
 
 log = logging.getLogger("headstart.serve")
 
@@ -71,7 +72,7 @@ def _limits(request: Request) -> Limits:
     return getattr(request.app.state, "limits", None) or Limits()
 
 
-def _served(request: Request, model: Any) -> Any:
+async def _served(request: Request, model: Any) -> Any:
     """The specialist a request names; unknown ids are a 404 (ids only, never a path)."""
     if not isinstance(model, str) or not model:
         raise RequestProblem("model is required: a specialist id from GET /v1/models", param="model")
@@ -79,11 +80,11 @@ def _served(request: Request, model: Any) -> Any:
     if model not in registry.ids():
         raise RequestProblem(f"model {model!r} does not exist; GET /v1/models lists the specialists served",
                              "model_not_found", "model", status=404)
-    return registry.get(model)
+    return await specialist(registry, model)
 
 
-def _generator(request: Request, model: Any) -> Any:
-    served = _served(request, model)
+async def _generator(request: Request, model: Any) -> Any:
+    served = await _served(request, model)
     if served.kind != "generator":
         raise RequestProblem(f"model {model!r} is a {served.task} specialist, not a text generator; "
                              f"use POST /models/{model}/predict or /v1/embeddings", "model_not_generator", "model")
@@ -127,8 +128,10 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/models/{model_id}")
 async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    served = _served(request, model_id)
-    return _model(served)
+    registry = request.app.state.registry
+    if model_id not in registry.ids():
+        await _served(request, model_id)  # the 404, in OpenAI's words
+    return _model(getattr(registry, "describe", registry.get)(model_id))  # facts only: a Ray replica loads nothing
 
 
 def _model(served: Any) -> dict[str, Any]:
@@ -144,7 +147,7 @@ def _model(served: Any) -> dict[str, Any]:
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
     """The text classifier's base features for each input (its head is not applied)."""
-    served = _served(request, body.get("model"))
+    served = await _served(request, body.get("model"))
     if served.task not in EMBEDDING_TASKS:
         raise RequestProblem(f"model {served.id!r} is a {served.task} specialist; embeddings come from text "
                              "classifiers (their base's features)", "model_not_embedding", "model")
@@ -165,7 +168,7 @@ async def embeddings(request: Request, body: dict[str, Any] = Body(...)) -> dict
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: dict[str, Any] = Body(...)):
     """A chat answer from a generator specialist; `stream: true` sends `chat.completion.chunk` events."""
-    served = _generator(request, body.get("model"))
+    served = await _generator(request, body.get("model"))
     shapes.refuse_unsupported(body)
     messages = shapes.chat_messages(body.get("messages"), _limits(request).max_text_chars)
     return await _answer(request, served, body, messages, chat=True)
@@ -175,7 +178,7 @@ async def chat_completions(request: Request, body: dict[str, Any] = Body(...)):
 async def completions(request: Request, body: dict[str, Any] = Body(...)):
     """A completion from a generator specialist. The prompt is one user turn of the chat template the
     specialist was tuned with (a headstart generator is an instruction model, never raw text continuation)."""
-    served = _generator(request, body.get("model"))
+    served = await _generator(request, body.get("model"))
     shapes.refuse_unsupported(body)
     prompt = shapes.completion_prompt(body.get("prompt"), _limits(request).max_text_chars)
     return await _answer(request, served, body, prompt, chat=False)

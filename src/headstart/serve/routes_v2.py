@@ -32,6 +32,7 @@ from fastapi.routing import APIRoute
 from .errors import ApiError, refusal_for
 from .limits import Limits
 from .openai_shapes import generation_options
+from .registry import specialist
 
 log = logging.getLogger("headstart.serve")
 
@@ -67,13 +68,13 @@ def _limits(request: Request) -> Limits:
     return getattr(request.app.state, "limits", None) or Limits()
 
 
-def _served(request: Request, model: str, version: str | None = None) -> Any:
+async def _served(request: Request, model: str, version: str | None = None) -> Any:
     registry = request.app.state.registry
     if model not in registry.ids():
         raise ApiError(404, "unknown_model", f"model {model[:80]!r} is not served; GET /v1/models lists the ids")
     if version is not None and version != VERSION:
         raise ApiError(404, "unknown_version", f"model {model!r} has one version, {VERSION!r}, not {version[:20]!r}")
-    return registry.get(model)
+    return await specialist(registry, model)
 
 
 def _labels(served: Any) -> list[str]:
@@ -127,32 +128,32 @@ def _metadata(served: Any) -> dict[str, Any]:
 
 @router.get("/models/{model}")
 async def model_metadata(request: Request, model: str) -> dict[str, Any]:
-    return _metadata(_served(request, model))
+    return _metadata(await _served(request, model))
 
 
 @router.get("/models/{model}/versions/{version}")
 async def model_version_metadata(request: Request, model: str, version: str) -> dict[str, Any]:
-    return _metadata(_served(request, model, version))
+    return _metadata(await _served(request, model, version))
 
 
 @router.get("/models/{model}/ready")
 async def model_ready(request: Request, model: str) -> dict[str, Any]:
-    return {"name": _served(request, model).id, "ready": True}
+    return {"name": (await _served(request, model)).id, "ready": True}
 
 
 @router.get("/models/{model}/versions/{version}/ready")
 async def model_version_ready(request: Request, model: str, version: str) -> dict[str, Any]:
-    return {"name": _served(request, model, version).id, "ready": True}
+    return {"name": (await _served(request, model, version)).id, "ready": True}
 
 
 @router.post("/models/{model}/infer")
 async def infer(request: Request, model: str, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-    return await _infer(request, _served(request, model), body)
+    return await _infer(request, await _served(request, model), body)
 
 
 @router.post("/models/{model}/versions/{version}/infer")
 async def infer_version(request: Request, model: str, version: str, body: dict[str, Any] = Body(...)):
-    return await _infer(request, _served(request, model, version), body)
+    return await _infer(request, await _served(request, model, version), body)
 
 
 # ---- inference -------------------------------------------------------------------------------------------
