@@ -1,7 +1,8 @@
 """Errors a client caused, answered as JSON: `{"error": {"code": ..., "message": ...}}` with a 4xx.
 
-Routers raise `ApiError(status, code, message)`; the handlers installed by `install_error_handlers` turn
-it, FastAPI's validation errors and Starlette's HTTP errors (unknown route, wrong method) into that shape.
+Routers raise `ApiError(status, code, message)`. One function, `refusal_for`, maps it, FastAPI's validation
+errors, Starlette's HTTP errors (unknown route, wrong method, a body that failed to parse) and the rest to a
+`Refusal`; the app's handlers (`install_error_handlers`) and the OpenAI and v2 routers only format it.
 Anything unexpected is logged here with its traceback and answered 500 with no detail, so no stack trace,
 path or library message ever reaches a client.
 """
@@ -86,8 +87,7 @@ def refusal_for(exc: BaseException, request: Any = None) -> Refusal:
         return _validation_refusal(exc)
     if isinstance(exc, HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-        status = exc.status_code if 400 <= exc.status_code < 500 else 400
-        return Refusal(status, _HTTP_CODES.get(status, "http_error"), _printable(detail, 200))
+        return Refusal(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), _printable(detail, 200))
     if isinstance(exc, RecursionError):  # a body nested too deep to parse or walk
         return Refusal(400, "invalid_request", "the request body is nested too deeply")
     if isinstance(exc, UnicodeDecodeError):
