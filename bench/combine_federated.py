@@ -3,11 +3,15 @@
     python bench/combine_federated.py            # banking77 over 10 clients (Dirichlet 0.3) + 4 Amazon domains, 20 rounds
     python bench/combine_federated.py --quick    # small slices of both, 2 rounds: a smoke run (minutes on 2 CPU cores)
     python bench/combine_federated.py --scenarios amazon --rounds 10 --workers 2
+    # what the README's figures ran (2026-12-04, 2 shared cores; ~30 min for banking77, ~13 for Amazon):
+    python bench/combine_federated.py --per-class 30 --test-per-class 20 --rounds 10 --workers 2 --strategies fedavg
+    python bench/combine_federated.py --per-class 30 --test-per-class 20 --rounds 10 --workers 2 --strategies fedprox --add
 
-minilm-l6 + lora (r=8) on every client, one local epoch per round; only the adapter and the head travel
-(bytes per round = what the sampled clients receive + send). Centralised = the usual `fit` on the union of
-the clients' shards; alone = each client training on its own shard (the same engine and initial tensors),
-all measured on the same held-out test set. Issue targets: FedAvg within 2 points of centralised, >= 5
+minilm-l6 + lora (r=8) on every client, one local epoch per round, after a first round that pools the clients'
+class statistics into the starting head (federate's default; docs/FEDERATED.md); only the adapter and the head
+travel (bytes per round = what the sampled clients receive + send). Centralised = the usual `fit` on the union
+of the clients' shards; alone = each client fitting on its own shard as `fit` would (probe head, then lora), all
+measured on the same held-out test set. Issue targets: FedAvg within 2 points of centralised, >= 5
 points above the mean client alone.
 
 Prints a table per scenario and writes bench/results/combine_federated.json (`_quick` with --quick).
