@@ -222,7 +222,11 @@ def part_onnx(ctx: dict) -> dict:
     from headstart.bundle.onnx_runtime import OnnxSpecialist
 
     bundle, folder, reps = ctx["text"][1], ctx["work"] / "onnx", ctx["size"]["onnx_reps"]
-    models = {"pytorch": headstart.load(bundle)}
+    pytorch = headstart.load(bundle)
+    if hasattr(pytorch.model.backbone, "merge_and_unload"):
+        # The ONNX file has the adapter merged in: time PyTorch the same way, not with the adapter beside the base.
+        pytorch.model.backbone = pytorch.model.backbone.merge_and_unload()
+    models = {"pytorch": pytorch}
     for kind in ("fp32", "int8"):
         path = folder / f"{bundle.name}-{kind}.onnx"
         if not Path(f"{path}.json").exists():
@@ -238,7 +242,7 @@ def part_onnx(ctx: dict) -> dict:
                                                                   providers=["CPUExecutionProvider"])
     import torch
 
-    result: dict = {"bundle": bundle.name, "method": "lora", "torch_threads": torch.get_num_threads(),
+    result: dict = {"bundle": bundle.name, "method": "lora, merged into the base in both runtimes", "torch_threads": torch.get_num_threads(),
                     "onnx_threads": ctx["threads"] or "onnxruntime default (physical cores)", "ms": {}}
     for name, model in models.items():
         result["ms"][name] = {}
