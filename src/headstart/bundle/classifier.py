@@ -16,13 +16,13 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..core.errors import BundleError, HeadstartError, LabelError
+from ..core.errors import BundleError, HeadstartError
 from ..core.metrics import classification_metrics
-from ..data import Dataset, load_dataset, load_eval_dataset, load_image, loader_for
+from ..data import Dataset, load_image, loader_for
 from ..methods.base import Method, SpecialistModel
 from .format import ADAPTER_DIR, check_base, read_safetensors, read_trained
 from .manifest import DEFAULT, HEADS_DIR
-from .inputs import prediction_inputs
+from .inputs import evaluation_split, prediction_inputs
 from .specialist import BundleSpecialist, reraise_as_bundle_error
 
 HEAD_PREFIX = "head."
@@ -94,19 +94,10 @@ class Specialist(BundleSpecialist):
     def evaluate(self, data: Dataset | str | Path, split: str | None = None, progress: bool = True) -> dict[str, Any]:
         """Accuracy, macro-F1, per-class F1 and the confusion matrix on a split (default: test, else val;
         a single table file, or class folders without splits, is evaluated whole)."""
-        if not isinstance(data, Dataset):
-            cols = self.manifest.get("data", {}).get("columns", {})
-            # A single test file is evaluated whole, not split 80/20 as a training file would be.
-            data = load_dataset(data, **cols) if split else load_eval_dataset(data, **cols)
-        split = split or data.eval_split
-        part = data.split(split)
-        unseen = sorted({data.classes[y] for y in part.labels} - set(self.classes))
-        if unseen:
-            raise LabelError(f"{data.source} ({split}) has labels this specialist never saw: {', '.join(unseen[:8])} "
-                             f"(it knows: {', '.join(self.classes)})")
-        index = {c: i for i, c in enumerate(self.classes)}
-        true = torch.tensor([index[data.classes[y]] for y in part.labels])
-        pred = self.predict_proba(part.items, progress=progress, store_features=True).argmax(-1)
+        data, split, items, labels = evaluation_split(data, split, self.classes,
+                                                      self.manifest.get("data", {}).get("columns", {}))
+        true = torch.tensor(labels)
+        pred = self.predict_proba(items, progress=progress, store_features=True).argmax(-1)
         metrics = classification_metrics(pred, true, self.classes)
         metrics.update(split=split, skipped=len(data.skipped))
         return metrics

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..core.errors import BundleError, LabelError
+from ..core.errors import BundleError
 from ..core.storage import sha256_file
-from .inputs import prediction_inputs
+from .inputs import evaluation_split, prediction_inputs
 
 CONTRACT_FORMAT = "headstart-onnx"  # the same words as onnx_export's (that module imports torch)
 _FILTERS = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}  # PIL codes
@@ -90,21 +90,10 @@ class OnnxSpecialist:
 
     def evaluate(self, data: Any, split: str | None = None, progress: bool = False) -> dict[str, Any]:
         """Accuracy, macro-F1, per-class F1 and the confusion matrix on a split (default: test, else val)."""
-        from ..data import Dataset, load_dataset, load_eval_dataset
-
         self._need_classifier("evaluate")
-        if not isinstance(data, Dataset):
-            cols = self.contract.get("data_columns", {})
-            data = load_dataset(data, **cols) if split else load_eval_dataset(data, **cols)
-        split = split or data.eval_split
-        part = data.split(split)
-        unseen = sorted({data.classes[y] for y in part.labels} - set(self.classes))
-        if unseen:
-            raise LabelError(f"{data.source} ({split}) has labels this specialist never saw: {', '.join(unseen[:8])} "
-                             f"(it knows: {', '.join(self.classes)})")
-        index = {c: i for i, c in enumerate(self.classes)}
-        true = np.array([index[data.classes[y]] for y in part.labels], dtype=np.int64)
-        pred = self.predict_proba(part.items).argmax(-1)
+        data, split, items, labels = evaluation_split(data, split, self.classes, self.contract.get("data_columns", {}))
+        true = np.array(labels, dtype=np.int64)
+        pred = self.predict_proba(items).argmax(-1)
         metrics = classification_metrics(pred, true, self.classes)
         metrics.update(split=split, skipped=len(data.skipped))
         return metrics
