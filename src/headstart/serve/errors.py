@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..core.errors import HeadstartError
 
@@ -131,3 +131,23 @@ def install_error_handlers(app) -> None:
 
     for kind in (ApiError, RequestValidationError, HTTPException, HeadstartError, RecursionError, Exception):
         app.add_exception_handler(kind, handler)
+
+
+def route_class(name: str, answer: Callable[[Refusal], Any]) -> type:
+    """A FastAPI route class whose every error leaves through `refusal_for`, shaped by `answer` (a router
+    whose protocol has its own error object: OpenAI's, Open Inference v2's)."""
+    from fastapi.routing import APIRoute
+
+    class Route(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def handle(request):
+                try:
+                    return await handler(request)
+                except Exception as e:  # noqa: BLE001  every error leaves through the one mapping
+                    return answer(refusal_for(e, request))
+            return handle
+
+    Route.__name__ = Route.__qualname__ = name
+    return Route

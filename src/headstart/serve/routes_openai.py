@@ -23,13 +23,12 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 
 from ..core.errors import HeadstartError
 from . import openai_shapes as shapes
 from .openai_shapes import RequestProblem
 
-from .errors import ApiError, Refusal, refusal_for
+from .errors import ApiError, Refusal, route_class
 from .limits import Limits
 from .registry import specialist
 
@@ -38,18 +37,8 @@ log = logging.getLogger("headstart.serve")
 EMBEDDING_TASKS = ("text-classification", "feature-extraction")
 
 
-class OpenAIRoute(APIRoute):
-    """A route whose errors leave in OpenAI's shape (the client reads `error.message`)."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request):
-            try:
-                return await handler(request)
-            except Exception as e:  # noqa: BLE001  every error leaves through the one mapping, OpenAI-shaped
-                return _openai_response(refusal_for(e, request))
-        return handle
+# Errors leave in OpenAI's shape (the client reads `error.message`).
+OpenAIRoute = route_class("OpenAIRoute", lambda refusal: _openai_response(refusal))
 
 
 router = APIRouter(route_class=OpenAIRoute, tags=["openai"])

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 
-from .errors import ApiError, refusal_for
+from .errors import ApiError, route_class
 from .limits import Limits
 from .openai_shapes import generation_options
 from .registry import specialist
@@ -41,20 +40,12 @@ CLASSIFIER_OUTPUTS = ("label", "score", "probabilities")
 INPUT_NAME = {"text-classification": "text", "image-classification": "image", "text-generation": "text_input"}
 
 
-class V2Route(APIRoute):
-    """A route whose errors leave as `{"error": "<message>"}`, the protocol's error object."""
+def _v2_response(refusal) -> JSONResponse:
+    """The protocol's error object: `{"error": "<message>"}` (validation failures are a 400 here)."""
+    return JSONResponse({"error": refusal.message}, status_code=400 if refusal.validation else refusal.status)
 
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
 
-        async def handle(request: Request):
-            try:
-                return await handler(request)
-            except Exception as e:  # noqa: BLE001  every error leaves through the one mapping, v2-shaped
-                refusal = refusal_for(e, request)
-                status = 400 if refusal.validation else refusal.status
-                return JSONResponse({"error": refusal.message}, status_code=status)
-        return handle
+V2Route = route_class("V2Route", _v2_response)
 
 
 router = APIRouter(prefix="/v2", route_class=V2Route, tags=["open inference protocol v2"])
