@@ -2,8 +2,12 @@
 
 A request's inputs join a queue; the first input to arrive starts a short timer (`max_wait_s`, 5 ms by
 default) and the queue is run when the timer fires or when `max_batch` inputs wait, whichever comes
-first. The model call runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting
-requests meanwhile; each request gets back exactly the rows of its own inputs, in order.
+first. The timer runs only while traffic is concurrent (the last batch held more than one input): a lone
+client pays no wait (measured at concurrency 1: 10.7 ms per request instead of 17). One batch runs at a time: what arrives meanwhile waits and goes as the next batch the moment the
+running one ends (its requests have waited a whole model call already). Sending it off sooner would only
+queue a half-full batch on the base's lock: measured at concurrency 32, batches of ~16 instead of 32. The
+model call runs in a worker thread (`asyncio.to_thread`) so the event loop keeps accepting requests
+meanwhile; each request gets back exactly the rows of its own inputs, in order.
 
 A batch mixes requests (and specialists): when it fails, each request's inputs are run again alone, so a
 bad input fails only the request that sent it and the others still get their answers.
@@ -37,12 +41,15 @@ class MicroBatcher:
         """(input, its future, the request it came with) in arrival order."""
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        """A batch is in the model now: the next one waits for it."""
+        self._last_size = 0
 
     async def submit(self, inputs: Sequence[Any]) -> list[Any]:
         """The results of `inputs`, computed in batches shared with other concurrent calls."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new event loop (a test client per request): nothing can be pending
-            self._loop, self._waiting, self._timer = loop, [], None
+            self._loop, self._waiting, self._timer, self._running = loop, [], None, False
         futures, request = [], object()
         for item in inputs:
             future = loop.create_future()
@@ -51,22 +58,32 @@ class MicroBatcher:
             if len(self._waiting) >= self.max_batch:
                 self._flush()
         if self._waiting and self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
+            self._timer = loop.call_later(self.max_wait_s if self._last_size > 1 else 0, self._flush)
         return list(await asyncio.gather(*futures))
 
     def _flush(self) -> None:
-        """Take up to `max_batch` waiting inputs and run them; re-arm the timer for any left."""
+        """Take up to `max_batch` waiting inputs and run them, unless a batch is running: then they go when
+        it ends."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._running:
+            return
+        self._waiting = [waiting for waiting in self._waiting if not waiting[1].cancelled()]  # timed-out requests
         batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
-        batch = [waiting for waiting in batch if not waiting[1].cancelled()]  # timed-out requests
         if batch:
+            self._running, self._last_size = True, len(batch)
             asyncio.ensure_future(self._run(batch))
-        if self._waiting:
-            self._timer = self._loop.call_later(self.max_wait_s, self._flush)
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future, object]]) -> None:
+        try:
+            await self._answer(batch)
+        finally:
+            self._running = False
+            if self._waiting:
+                self._flush()
+
+    async def _answer(self, batch: list[tuple[Any, asyncio.Future, object]]) -> None:
         try:
             results = await self._call([item for item, _, _ in batch])
         except Exception as e:
