@@ -140,8 +140,17 @@ def test_an_image_lora_and_an_image_probe_share_one_base(runs, tiny_image_folder
     assert_rows_match(got_probe, expected_rows(runs / "colours", [str(p) for p in photos], top_k=3))
 
 
-def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs):
-    app = make_app([runs / "topic-lora-a", runs / "topic-lora-b"], token=None, max_adapters=1)
+def _one_adapter_mb(runs) -> float:
+    """MB of one topic-lora adapter's weights as the server holds them."""
+    base = next(iter(make_app([runs / "topic-lora-a"], token=None).state.registry.pool.bases.values()))
+    return sum(base.adapter_bytes.values()) / 2**20
+
+
+@pytest.mark.parametrize("budget", ["count", "memory"])
+def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs, budget):
+    # Both adapters have the same size: a memory budget of 1.5 of them holds one.
+    limit = {"max_adapters": 1} if budget == "count" else {"adapter_memory_mb": 1.5 * _one_adapter_mb(runs)}
+    app = make_app([runs / "topic-lora-a", runs / "topic-lora-b"], token=None, **limit)
     base = next(iter(app.state.registry.pool.bases.values()))
     assert len(base.loaded) == 1 and base.loads == 2
     alone = {n: expected_rows(runs / n, TEXTS[:2], top_k=3) for n in ("topic-lora-a", "topic-lora-b")}
@@ -151,7 +160,8 @@ def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(run
             assert_rows_match(r.json(), alone[name])
             assert list(base.loaded) == [app.state.registry.get(name).runner.adapter]
     assert base.loads == 6  # every switch reloaded the evicted adapter
-    assert c.app.state.registry.pool.stats()["bases"][0]["adapters_loaded"] == 1
+    stats = c.app.state.registry.pool.stats()["bases"][0]
+    assert stats["adapters_loaded"] == 1 and 0 < stats["adapter_mb"] <= 1.01 * _one_adapter_mb(runs)
 
 
 def test_concurrent_requests_share_micro_batches(client, runs):
@@ -196,9 +206,11 @@ def test_serve_has_an_adapter_budget_by_default(client):
     assert [b.max_adapters for b in client.app.state.registry.pool.bases.values()] == [64] * 2  # text, image
 
 
-def test_a_batch_needing_more_adapters_than_the_budget_runs_in_turns(runs):
+@pytest.mark.parametrize("budget", ["count", "memory"])
+def test_a_batch_needing_more_adapters_than_the_budget_runs_in_turns(runs, budget):
+    limit = {"max_adapters": 1} if budget == "count" else {"adapter_memory_mb": 1.5 * _one_adapter_mb(runs)}
     registry = make_app([runs / "topic-lora-a", runs / "topic-lora-b", runs / "topic-probe"], token=None,
-                        max_adapters=1).state.registry
+                        **limit).state.registry
     served = [registry.get(n) for n in ("topic-lora-a", "topic-lora-b", "topic-probe")]
 
     async def burst():
@@ -268,6 +280,11 @@ def test_duplicate_ids_and_broken_bundles_stop_the_start_in_one_line(runs, tmp_p
         make_app([tmp_path / "elsewhere"], token=None)
     with pytest.raises(ServeError, match="no such folder"):
         make_app([tmp_path / "missing"], token=None)
+    from headstart.serve import serve
+
+    for bad in ({"max_adapters": 0}, {"adapter_memory_mb": 0}, {"max_batch": 0}):
+        with pytest.raises(ServeError, match="adapter_memory_mb > 0"):
+            serve([str(runs / "topic-probe")], **bad)
     bad_name = tmp_path / "has space"
     shutil.copytree(runs / "topic-probe", bad_name)
     with pytest.raises(ServeError, match="cannot be an id"):

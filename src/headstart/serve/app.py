@@ -25,8 +25,8 @@ OPTIONAL_ROUTERS = ("routes_openai", "routes_v2", "page")
 
 
 def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | None = None,
-             max_adapters: int | None = DEFAULT_MAX_ADAPTERS, max_batch: int = 32, max_wait_ms: float = 5.0,
-             registry: Any = None) -> Any:
+             max_adapters: int | None = DEFAULT_MAX_ADAPTERS, adapter_memory_mb: float | None = None,
+             max_batch: int = 32, max_wait_ms: float = 5.0, registry: Any = None) -> Any:
     """A FastAPI app serving every specialist the sources hold.
 
     sources: bundle, lineage and hub folders.
@@ -34,6 +34,8 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
     limits: the per-request limits (default: `Limits()`).
     max_adapters: most LoRA adapters kept injected per base (64 by default; None: no budget); the least
         recently used is deleted and reloaded when needed.
+    adapter_memory_mb: most MB of LoRA adapter weights kept injected per base (None: no memory budget);
+        evicts the same way.
     max_batch: most inputs one micro-batch runs together.
     max_wait_ms: longest a request waits for others to share its batch.
     registry: an already built registry (tests pass fakes); then `sources` is not read.
@@ -46,7 +48,7 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
     limits = limits or Limits()
     limits.apply_to_pil()
     if registry is None:
-        registry = Registry(sources, limits=limits, pool=BasePool(max_adapters=max_adapters),
+        registry = Registry(sources, limits=limits, pool=BasePool(max_adapters, adapter_memory_mb),
                             max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
     app = FastAPI(title="headstart", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
@@ -66,7 +68,8 @@ def make_app(sources: list[str | Path], *, token: str | None, limits: Limits | N
 
 def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_file: str | None = None,
           no_auth: bool = False, allow_remote: bool = False, max_adapters: int | None = DEFAULT_MAX_ADAPTERS,
-          max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64, max_body_mb: float = 16.0,
+          adapter_memory_mb: float | None = None, max_batch: int = 32, max_wait_ms: float = 5.0, max_inputs: int = 64,
+          max_body_mb: float = 16.0,
           max_text_chars: int = 20_000, max_image_pixels: int = 24_000_000, timeout_s: float = 60.0, max_new_tokens: int = 512,
           log_level: str = "info", ray: bool = False, replicas: int = 1) -> None:
     """Serve specialists over HTTP: predict, OpenAI-compatible, Open Inference Protocol v2, and a page to try them.
@@ -79,6 +82,8 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
     allow_remote: allow binding a non-loopback host (auth stays on).
     max_adapters: most LoRA adapters kept loaded per base, 64 by default (least recently used ones are
         deleted, and reloaded when asked); None: no budget.
+    adapter_memory_mb: most MB of LoRA adapter weights kept loaded per base, evicted the same way (default:
+        no memory budget, only max_adapters).
     max_batch: most inputs run together in one micro-batch.
     max_wait_ms: longest a request waits for others to join its micro-batch.
     max_inputs: most inputs one request may carry.
@@ -108,8 +113,9 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
                         max_new_tokens=max_new_tokens)
     except ValueError as e:
         raise ServeError(str(e)) from None
-    if max_batch < 1 or max_wait_ms < 0 or (max_adapters is not None and max_adapters < 1):
-        raise ServeError("need max_batch >= 1, max_wait_ms >= 0 and max_adapters >= 1")
+    if max_batch < 1 or max_wait_ms < 0 or (max_adapters is not None and max_adapters < 1) or \
+            (adapter_memory_mb is not None and not adapter_memory_mb > 0):
+        raise ServeError("need max_batch >= 1, max_wait_ms >= 0, max_adapters >= 1 and adapter_memory_mb > 0")
     if replicas < 1:
         raise ServeError(f"replicas must be at least 1, got {replicas}")
     from .registry import find_specialists
@@ -122,11 +128,12 @@ def serve(sources: list[str], host: str = "127.0.0.1", port: int = 8080, token_f
         except ImportError as e:
             raise ServeError(f"--ray needs Ray Serve (pip install 'ray[serve]'): {e}") from None
         return run_on_ray(sources, host=host, port=port, replicas=replicas, token_file=token_file,
-                          no_auth=no_auth, max_adapters=max_adapters, max_batch=max_batch,
+                          no_auth=no_auth, max_adapters=max_adapters, adapter_memory_mb=adapter_memory_mb,
+                          max_batch=max_batch,
                           max_wait_ms=max_wait_ms, limits=dataclasses.asdict(limits))
     logging.basicConfig(level=logging.INFO)
-    app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters, max_batch=max_batch,
-                   max_wait_ms=max_wait_ms)
+    app = make_app(sources, token=token, limits=limits, max_adapters=max_adapters,
+                   adapter_memory_mb=adapter_memory_mb, max_batch=max_batch, max_wait_ms=max_wait_ms)
     print(f"serving {len(app.state.registry.ids())} specialist(s) on http://{host}:{port}/ "
           f"({'auth on' if token else 'no auth'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -6,8 +6,8 @@ What a specialist adds to its base decides how it shares it:
   own name (PEFT). A batch mixing specialists runs the base once with PEFT's per-sample `adapter_names`
   ("__base__" for head-only rows); a batch of one adapter selects it with `set_adapter`. Adapter selection
   and the forward happen under the base's lock, so two requests never see each other's adapter. At most
-  `max_adapters` adapters stay injected per base; the least recently used one is deleted and reloaded
-  from its bundle on its next request;
+  `max_adapters` adapters, and at most `adapter_memory_mb` of their weights, stay injected per base; the
+  least recently used one is deleted and reloaded from its bundle on its next request;
 - a generator (sft/dpo adapter on a causal LM): `LMSpecialist.load(folder, base=shared)`, run under the lock;
 - anything that changes the base's weights (finetune, scratch, adabn, qlora) gets a base of its own.
 """
@@ -29,7 +29,8 @@ from .limits import DEFAULT_MAX_ADAPTERS
 class SharedBase:
     """A loaded base, its lock, and the LoRA adapters injected into it (by name, least recently used first)."""
 
-    def __init__(self, key: tuple[str, str], backbone: Any, max_adapters: int | None = None):
+    def __init__(self, key: tuple[str, str], backbone: Any, max_adapters: int | None = None,
+                 adapter_memory_mb: float | None = None):
         self.key = key
         self.backbone = backbone
         self.lock = threading.RLock()
@@ -37,7 +38,10 @@ class SharedBase:
         self.peft = None
         """The PeftModel wrapping `backbone` once a LoRA classifier joins (adapters live in its modules)."""
         self.max_adapters = max_adapters
+        self.adapter_memory_mb = adapter_memory_mb
         self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self.adapter_bytes: dict[str, int] = {}
+        """Bytes of each loaded adapter's weights in the shared modules."""
         self.known: dict[str, Path] = {}
         self.batcher = None
         """One MicroBatcher for every specialist sharing this base: their requests share one base forward."""
@@ -53,7 +57,9 @@ class SharedBase:
             self.known[name] = adapter_dir
             self._ensure_loaded(name)
 
-    def _ensure_loaded(self, name: str) -> None:
+    def _ensure_loaded(self, name: str, keep: set[str] = frozenset()) -> None:
+        """Inject adapter `name` if it is not, evicting least recently used ones over the budget (never one
+        in `keep`: the batch being run needs them; the budget then gives way until the next load)."""
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return
@@ -71,12 +77,25 @@ class SharedBase:
             self.peft.to(memory_format=torch.channels_last)
         self.peft.eval()
         self.loaded[name] = self.known[name]
+        self.adapter_bytes[name] = sum(p.numel() * p.element_size() for key, p in self.peft.named_parameters()
+                                       if f".{name}." in key)
         self.loads += 1
-        while self.max_adapters and len(self.loaded) > self.max_adapters:
-            evicted, _ = self.loaded.popitem(last=False)  # never the one just loaded: it is last
+        while self._over_budget():
+            evicted = next((n for n in self.loaded if n != name and n not in keep), None)
+            if evicted is None:
+                break
+            del self.loaded[evicted]
+            self.adapter_bytes.pop(evicted)
             with warnings.catch_warnings():  # "adapter X was active, now Y": the next run selects its own
                 warnings.simplefilter("ignore")
                 self.peft.delete_adapter(evicted)
+
+    def _over_budget(self) -> bool:
+        """More adapters loaded than `max_adapters`, or their weights over `adapter_memory_mb`."""
+        too_many = self.max_adapters is not None and len(self.loaded) > self.max_adapters
+        too_big = self.adapter_memory_mb is not None and \
+            sum(self.adapter_bytes.values()) > self.adapter_memory_mb * 1024 * 1024
+        return too_many or too_big
 
     def exclusive(self, work: Callable[[], Any]) -> Any:
         """`work()` alone on this base (generators select their own adapter inside)."""
@@ -105,11 +124,19 @@ class SharedBase:
     def _adapter_turns(self, adapters: list[str | None]) -> list[set[str | None]]:
         distinct = list(dict.fromkeys(adapters))
         named = [a for a in distinct if a is not None]
-        size = self.max_adapters or max(len(named), 1)
+        size = min(self.max_adapters or len(named), self._adapters_in_memory_budget(named)) or 1
         turns = [set(named[i:i + size]) for i in range(0, len(named), size)] or [set()]
         if None in distinct:
             turns[0].add(None)
         return turns
+
+    def _adapters_in_memory_budget(self, named: list[str]) -> int:
+        """How many adapters fit `adapter_memory_mb` at once, sized as the largest loaded one (all of them
+        when there is no memory budget or nothing is loaded yet to size them by)."""
+        if self.adapter_memory_mb is None or not self.adapter_bytes:
+            return max(len(named), 1)
+        largest = max(self.adapter_bytes.values())
+        return max(int(self.adapter_memory_mb * 1024 * 1024 // largest), 1)
 
     def _features(self, items: list[Any], adapters: list[str | None]) -> torch.Tensor:
         """The body's features [N, D], row i through adapter `adapters[i]` (None: the bare base). Lock held."""
@@ -118,7 +145,7 @@ class SharedBase:
         if distinct == {None}:
             return self.run(None, lambda: self.backbone(**batch))
         for name in distinct - {None}:
-            self._ensure_loaded(name)
+            self._ensure_loaded(name, keep=distinct)
         if len(distinct) == 1:
             self.peft.set_adapter(adapters[0])
             return self.peft(**batch)
@@ -179,9 +206,11 @@ class BasePool:
     >>> runner.probabilities(["Who wrote Hamlet ?"])
     """
 
-    def __init__(self, max_adapters: int | None = DEFAULT_MAX_ADAPTERS):
+    def __init__(self, max_adapters: int | None = DEFAULT_MAX_ADAPTERS, adapter_memory_mb: float | None = None):
         self.max_adapters = max_adapters
         """Adapters kept per base (None: no budget)."""
+        self.adapter_memory_mb = adapter_memory_mb
+        """MB of adapter weights kept per base (None: no budget)."""
         self.bases: dict[tuple[str, str], SharedBase] = {}
         self._names = 0
 
@@ -190,7 +219,7 @@ class BasePool:
 
         key = (manifest["base"]["name"], manifest["base"].get("sha256", ""))
         if key not in self.bases:
-            self.bases[key] = SharedBase(key, load_base(key[0]), self.max_adapters)
+            self.bases[key] = SharedBase(key, load_base(key[0]), self.max_adapters, self.adapter_memory_mb)
         return self.bases[key]
 
     def classifier(self, folder: Path, manifest: dict[str, Any], head: str | None = None) -> ClassifierRunner:
@@ -248,7 +277,8 @@ class BasePool:
     def stats(self) -> dict[str, Any]:
         """Loaded bases and adapters (the /ready route and the benchmark report these)."""
         return {"bases": [{"name": k[0], "sha256": k[1], "adapters_loaded": len(b.loaded),
-                           "adapters_known": len(b.known), "adapter_loads": b.loads} for k, b in self.bases.items()]}
+                           "adapters_known": len(b.known), "adapter_loads": b.loads,
+                           "adapter_mb": round(sum(b.adapter_bytes.values()) / 2**20, 3)} for k, b in self.bases.items()]}
 
 
 def _copy_head(folder: Path, model: Any, stored: dict[str, torch.Tensor]) -> None:

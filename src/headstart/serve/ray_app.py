@@ -213,11 +213,11 @@ class Specialists:
 
     def __init__(self, sources: list[str], host: str = "127.0.0.1", token_file: str | None = None,
                  no_auth: bool = False, max_models_per_replica: int = MAX_MODELS_PER_REPLICA,
-                 max_adapters: int | None = DEFAULT_MAX_ADAPTERS, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 limits: dict[str, Any] | None = None):
+                 max_adapters: int | None = DEFAULT_MAX_ADAPTERS, adapter_memory_mb: float | None = None,
+                 max_batch: int = 32, max_wait_ms: float = 5.0, limits: dict[str, Any] | None = None):
         limits_ = Limits(**(limits or {}))
         limits_.apply_to_pil()
-        self.registry = ReplicaRegistry(sources, limits=limits_, pool=BasePool(max_adapters=max_adapters),
+        self.registry = ReplicaRegistry(sources, limits=limits_, pool=BasePool(max_adapters, adapter_memory_mb),
                                         max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
         self.multiplexed_loads: Counter = Counter()
         registry = self.registry
@@ -246,7 +246,7 @@ class Specialists:
 def build(args: dict[str, Any]) -> Any:
     """The application `serve run` builds (`import_path: headstart.serve.ray_app:build`); `args` are the
     YAML's: sources (list), replicas, and any of `Specialists`' arguments (token_file, max_models_per_replica,
-    max_adapters, max_batch, max_wait_ms, limits)."""
+    max_adapters, adapter_memory_mb, max_batch, max_wait_ms, limits)."""
     args = dict(args)
     # Absolute: replicas may run in another working directory than the one the paths were given in.
     sources = [str(Path(s).expanduser().resolve()) for s in args.pop("sources")]
