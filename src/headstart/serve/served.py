@@ -1,8 +1,8 @@
 """One served specialist: its facts, and the async calls the routers make (classify, embed, stream).
 
 Classification and embeddings go through a `MicroBatcher` each, so concurrent requests to one
-specialist share forward passes; generation runs in a worker thread under its base's lock and hands
-the text pieces to the event loop as they come.
+specialist share forward passes; answers being generated on one base take turns a token at a time
+(`token_scheduler`) and hand their text pieces to the event loop as they come.
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ..core.errors import HeadstartError
+from ..llm.decode import StepDecoder
 from .batching import MicroBatcher
 from .errors import ApiError
 from .limits import Limits
 from .pool import BasePool, ClassifierRunner
+from .token_scheduler import AdapterSelection, Turn, scheduler_for
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
 HEADLINE_METRICS = ("accuracy", "macro_f1", "split", "examples", "eval_loss", "eval_perplexity", "loss",
@@ -220,16 +222,27 @@ class Served:
                 raise _Stopped()
             put(text)
 
-        def work() -> None:
+        def finished(error: Exception | None) -> None:
+            if error is None:
+                put(done)
+            elif not isinstance(error, _Stopped):  # handed to the consumer, which re-raises it in the request
+                put(error)
+
+        def whole_answer() -> None:
             try:
                 self._generator_base.exclusive(lambda: self.generator.generate(prompt, stream=piece, **options))
-                put(done)
-            except _Stopped:
-                pass
-            except Exception as e:  # handed to the consumer, which re-raises it in the request
-                put(e)
+                finished(None)
+            except Exception as e:
+                finished(e)
 
-        task = loop.run_in_executor(None, work)
+        task = None
+        if self.generator.method == "qlora":
+            # A QLoRA generator has its own 4-bit base, switched to the packed CPU layout for one whole
+            # answer at a time (llm.model.bnb_cpu_inference inside `generate`): no turns to share there.
+            task = loop.run_in_executor(None, whole_answer)
+        else:
+            decoder = StepDecoder(self.generator.model, self.generator.tokenizer, prompt, stream=piece, **options)
+            scheduler_for(self._generator_base).submit(Turn(decoder, AdapterSelection(self.generator), stop, finished))
         try:
             while True:
                 item = await asyncio.wait_for(queue.get(), self.limits.timeout_s)
