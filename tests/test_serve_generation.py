@@ -148,3 +148,15 @@ def test_a_client_that_leaves_frees_the_rotation_at_its_next_turn(generators, ot
     # the rotation still serves the next answer
     assert asyncio.run(chat2.complete(CHAT, temperature=0.0, max_new_tokens=6)) == \
         headstart.load(other_chat).generate(CHAT, temperature=0.0, max_new_tokens=6)
+
+
+@pytest.mark.real
+def test_the_step_decoder_gives_generates_answer_on_real_smollm2():
+    from headstart.llm.model import load_lm
+
+    lm, tokenizer, _ = load_lm("smollm2-135m")
+    lm.eval()
+    for options in (dict(temperature=0), dict(temperature=0.8, seed=5)):
+        want = generate(lm, tokenizer, "Name three fruits.", max_new_tokens=24, **options)
+        answer, pieces = decode_all(lm, tokenizer, "Name three fruits.", max_new_tokens=24, **options)
+        assert answer == want and "".join(pieces) == answer
