@@ -13,6 +13,7 @@ import pytest
 
 import headstart
 from headstart.llm.decode import StepDecoder
+from headstart.llm.decode_batch import forward_together
 from headstart.llm.generate import _marker_as_text, generate
 from headstart.serve.app import make_app
 from headstart.serve.token_scheduler import scheduler_for
@@ -70,6 +71,28 @@ def other_chat(generators):
     return folder
 
 
+def decode_together(model, tokenizer, prompts, **options) -> list[str]:
+    """Each prompt's answer, every step after the prompts' own in one batched forward (answers leave as they end)."""
+    decoders = [StepDecoder(model, tokenizer, p, **options) for p in prompts]
+    for d in decoders:
+        d.step()  # the prompt: alone
+    while live := [d for d in decoders if not d.done]:
+        if len(live) == 1:
+            live[0].step()
+            continue
+        for decoder, row in zip(live, forward_together(live)):
+            decoder.take(row[None])
+    return [d.answer() for d in decoders]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=0.9, seed=3)], ids=["greedy", "seeded"])
+def test_batched_steps_give_each_answer_its_lone_tokens(generators, options):
+    spec = headstart.load(generators / "colour-chat")
+    prompts = ["Tell me about snow.", CHAT, "What is the colour of grass? Answer at length, please."]
+    alone = [decode_all(spec.model, spec.tokenizer, p, max_new_tokens=20, **options)[0] for p in prompts]
+    assert decode_together(spec.model, spec.tokenizer, prompts, max_new_tokens=20, **options) == alone
+
+
 def served_pair(generators, other_chat):
     app = make_app([generators / "colour-chat", other_chat], token=None)
     registry = app.state.registry
@@ -85,8 +108,10 @@ async def timed_pieces(served, prompt, log: list, **options) -> str:
     return "".join(out)
 
 
-def test_two_streams_on_one_base_interleave_and_each_answers_as_it_does_alone(generators, other_chat):
+@pytest.mark.parametrize("max_batch", [1, 8], ids=["turns", "batched"])
+def test_two_streams_on_one_base_interleave_and_each_answers_as_it_does_alone(generators, other_chat, max_batch):
     chat, chat2 = served_pair(generators, other_chat)
+    scheduler_for(chat._generator_base).max_batch = max_batch
     assert chat._generator_base is chat2._generator_base
     alone = [headstart.load(folder).generate(prompt, seed=seed, **LONG)
              for folder, prompt, seed in ((generators / "colour-chat", "Tell me about snow.", 1), (other_chat, CHAT, 2))]
@@ -101,8 +126,11 @@ def test_two_streams_on_one_base_interleave_and_each_answers_as_it_does_alone(ge
         second = await timed_pieces(chat2, CHAT, log, seed=2, **LONG)
         return await first, second
 
+    forwards = scheduler_for(chat._generator_base).batched_forwards
     answers = asyncio.run(both())
     assert list(answers) == alone
+    batched = scheduler_for(chat._generator_base).batched_forwards > forwards  # rows of two adapters, one forward
+    assert batched == (max_batch > 1)
     order = [who for who, _ in log]
     first_of_second = order.index("other-chat")
     last_of_first = len(order) - 1 - order[::-1].index("colour-chat")
@@ -127,36 +155,45 @@ def test_seeded_sampling_gives_the_same_answer_alone_and_beside_another_stream(g
     assert by_itself == headstart.load(generators / "colour-chat").generate("What is the colour of grass?", **options)
 
 
-def test_a_client_that_leaves_frees_the_rotation_at_its_next_turn(generators, other_chat):
+def test_a_client_that_leaves_frees_the_rotation_at_its_next_turn(generators, other_chat, monkeypatch):
     chat, chat2 = served_pair(generators, other_chat)
     scheduler = scheduler_for(chat._generator_base)
-    options = dict(max_new_tokens=400, temperature=1.0, repetition_penalty=1.0, seed=4)
+    submitted = []
+    submit = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda turn: (submitted.append(turn), submit(turn))[1])
+    options = dict(max_new_tokens=400, temperature=1.0, repetition_penalty=1.0, seed=4)  # runs all 400 alone
+    beside = dict(max_new_tokens=60, temperature=1.0, repetition_penalty=1.0, seed=2)
 
     async def leave_after_one_piece():
+        other = asyncio.create_task(chat2.complete(CHAT, **beside))  # stepped in the same batches
         stream = chat.stream("Tell me a long story.", **options)
         await stream.__anext__()
         await stream.aclose()  # what the server does when the client disconnects
-        steps = scheduler.steps
-        for _ in range(500):
+        answer = await other
+        for _ in range(100):  # the neighbour's last piece comes a moment before the worker drops it
             if scheduler.active == 0:
                 break
             await asyncio.sleep(0.01)
-        return steps
+        return answer
 
-    steps = asyncio.run(leave_after_one_piece())
-    assert steps > 0 and scheduler.active == 0 and scheduler.steps - steps <= 2  # it left at its next turn, not 400 tokens later
+    other_answer = asyncio.run(leave_after_one_piece())
+    left = next(turn for turn in submitted if turn.decoder.max_new_tokens == 400)
+    assert scheduler.active == 0 and len(left.decoder.new_ids) < 100  # gone at its next turn, not 400 tokens later
+    assert other_answer == headstart.load(other_chat).generate(CHAT, **beside)  # the neighbour went on unharmed
     # the rotation still serves the next answer
     assert asyncio.run(chat2.complete(CHAT, temperature=0.0, max_new_tokens=6)) == \
         headstart.load(other_chat).generate(CHAT, temperature=0.0, max_new_tokens=6)
 
 
 @pytest.mark.real
-def test_the_step_decoder_gives_generates_answer_on_real_smollm2():
+def test_the_step_decoder_alone_and_batched_gives_generates_answers_on_real_smollm2():
     from headstart.llm.model import load_lm
 
     lm, tokenizer, _ = load_lm("smollm2-135m")
     lm.eval()
+    prompts = ["Name three fruits.", "Give three tips for staying healthy.", "What is the capital of France?"]
     for options in (dict(temperature=0), dict(temperature=0.8, seed=5)):
-        want = generate(lm, tokenizer, "Name three fruits.", max_new_tokens=24, **options)
-        answer, pieces = decode_all(lm, tokenizer, "Name three fruits.", max_new_tokens=24, **options)
-        assert answer == want and "".join(pieces) == answer
+        want = [generate(lm, tokenizer, p, max_new_tokens=24, **options) for p in prompts]
+        answer, pieces = decode_all(lm, tokenizer, prompts[0], max_new_tokens=24, **options)
+        assert answer == want[0] and "".join(pieces) == answer
+        assert decode_together(lm, tokenizer, prompts, max_new_tokens=24, **options) == want

@@ -67,7 +67,7 @@ class StepDecoder:
             (self.stops[0] if self.stops else 0)
         self.cut_marker = _marker_as_text(tokenizer)
         self.sampling = temperature > 0
-        top_k = getattr(getattr(_inner(model), "generation_config", None), "top_k", None)
+        top_k = getattr(getattr(inner_model(model), "generation_config", None), "top_k", None)
         self.processors = _logits_processors(float(temperature), float(top_p), float(repetition_penalty),
                                              DEFAULT_TOP_K if top_k is None else int(top_k))
         # Sampling draws from this generator only: same seed, same answer, whatever runs beside it.
@@ -77,19 +77,25 @@ class StepDecoder:
         self.cache = None
         self.done = False
 
+    @property
+    def prefilled(self) -> bool:
+        """True once the prompt is in the cache (later steps feed one token: they can run batched)."""
+        return self.cache is not None
+
+    @property
+    def cached_positions(self) -> int:
+        """Positions in the KV cache before the next step's token (prompt + every picked token but the last)."""
+        return len(self.prompt_ids) + len(self.new_ids) - 1
+
     def step(self) -> int:
         """Run the model once (the whole prompt on the first call, else the last token) and pick the next
         token; returns it. Calling it once `done` is an error."""
-        if self.done:
-            raise RuntimeError("this answer is finished: step() after done")
-        if self.model.training:
-            raise RuntimeError("StepDecoder runs an eval-mode model (dropout would make answers random): "
-                               "call model.eval() first")
+        self.check_can_step()
         with torch.inference_mode():
             if self.cache is None:
                 from transformers import DynamicCache
 
-                self.cache = DynamicCache(config=_config(self.model))
+                self.cache = DynamicCache(config=model_config(self.model))
                 fed = self.prompt_ids
                 if self.streamer is not None:
                     self.streamer.put(torch.tensor(self.prompt_ids))  # skipped: the streamer wants the answer only
@@ -98,10 +104,22 @@ class StepDecoder:
             ids = torch.tensor([fed])                                  # [1, new positions]
             seen = len(self.prompt_ids) + len(self.new_ids)            # positions in the cache after this call
             out = self.model(input_ids=ids, attention_mask=torch.ones(1, seen, dtype=torch.long), use_cache=True,
-                             logits_to_keep=1, **{_cache_kwarg(self.model): self.cache})
-            logits = out.logits[:, -1].to(dtype=torch.float32)        # [1, vocab]
+                             logits_to_keep=1, **{cache_kwarg(self.model): self.cache})
+            return self.take(out.logits[:, -1])
+
+    def check_can_step(self) -> None:
+        if self.done:
+            raise RuntimeError("this answer is finished: step() after done")
+        if self.model.training:
+            raise RuntimeError("StepDecoder runs an eval-mode model (dropout would make answers random): "
+                               "call model.eval() first")
+
+    def take(self, logits: torch.Tensor) -> int:
+        """Pick the next token from the model's last-position logits [1, vocab] (its own run, or its row of a
+        batched one, llm/decode_batch.py), stream it and update `done`; returns it."""
+        with torch.inference_mode():
             every = torch.tensor([self.prompt_ids + self.new_ids])     # the penalty looks at the prompt too
-            scores = self.processors(every, logits)
+            scores = self.processors(every, logits.to(dtype=torch.float32))
             if self.sampling:
                 token = int(torch.multinomial(scores.softmax(-1), num_samples=1, generator=self.rng)[0, 0])
             else:
@@ -146,15 +164,16 @@ def _logits_processors(temperature: float, top_p: float, repetition_penalty: flo
     return processors
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def inner_model(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _config(model: nn.Module) -> Any:
-    return _inner(model).config
+def model_config(model: nn.Module) -> Any:
+    """The transformers config of `model` (under its PEFT wrapper, if any)."""
+    return inner_model(model).config
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """transformers 5 calls the cache argument `cache`; earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(_inner(model).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(inner_model(model).forward).parameters else "past_key_values"

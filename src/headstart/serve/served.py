@@ -242,7 +242,8 @@ class Served:
             task = loop.run_in_executor(None, whole_answer)
         else:
             decoder = StepDecoder(self.generator.model, self.generator.tokenizer, prompt, stream=piece, **options)
-            scheduler_for(self._generator_base).submit(Turn(decoder, AdapterSelection(self.generator), stop, finished))
+            scheduler_for(self._generator_base).submit(
+                Turn(decoder, AdapterSelection(self.generator), stop, finished, self.generator.adapter_name))
         try:
             while True:
                 item = await asyncio.wait_for(queue.get(), self.limits.timeout_s)
