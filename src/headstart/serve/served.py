@@ -241,7 +241,9 @@ class Served:
             # answer at a time (llm.model.bnb_cpu_inference inside `generate`): no turns to share there.
             task = loop.run_in_executor(None, whole_answer)
         else:
-            decoder = StepDecoder(self.generator.model, self.generator.tokenizer, prompt, stream=piece, **options)
+            # The chat template and tokenizer run in a thread: a long prompt must not hold up the event loop.
+            decoder = await asyncio.to_thread(StepDecoder, self.generator.model, self.generator.tokenizer, prompt,
+                                              stream=piece, **options)
             scheduler_for(self._generator_base).submit(
                 Turn(decoder, AdapterSelection(self.generator), stop, finished, self.generator.adapter_name))
         try:
