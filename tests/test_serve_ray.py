@@ -219,3 +219,35 @@ def test_a_replica_lists_from_manifests_and_forgetting_a_generator_frees_its_ada
         left = [n for n, m in base.backbone.named_modules() if name in getattr(m, "lora_A", {})]
         assert not left, (name, list(model.peft_config), left[:3])
     assert len(registry.pool.bases) == 2 and not base.generator_models  # the text base, the causal LM
+
+
+def test_forgetting_a_generator_mid_answer_lets_the_answer_end_first(sft_bundle):
+    """Answers take turns a token at a time, so Ray dropping a specialist can fall between two tokens of
+    one of its answers: the answer still ends whole, then the adapter leaves the shared modules."""
+    import asyncio
+    import time
+
+    from headstart.serve.limits import Limits
+    from headstart.serve.pool import BasePool
+    from headstart.serve.ray_app import ReplicaRegistry
+
+    registry = ReplicaRegistry([sft_bundle], limits=Limits(), pool=BasePool())
+    generator_id = registry.ids()[0]
+    served = registry.load(generator_id)
+    registry.hold(served)
+    alone = headstart.load(sft_bundle).generate("hello", temperature=0.0, max_new_tokens=12)
+    base, model = served._generator_base, served.generator.model
+
+    async def answer_while_forgotten() -> str:
+        pieces = []
+        async for piece in served.stream("hello", temperature=0.0, max_new_tokens=12):
+            if not pieces:
+                registry.forget(served)  # Ray's LRU drops it after the first token
+            pieces.append(piece)
+        return "".join(pieces)
+
+    assert asyncio.run(answer_while_forgotten()) == alone
+    deadline = time.monotonic() + 30
+    while any(model is m for m in base.generator_models) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(model is m for m in base.generator_models)  # dropped once the answer ended

@@ -32,6 +32,7 @@ from .limits import Limits, _reply
 from .pool import DEFAULT_MAX_ADAPTERS, BasePool
 from .registry import plan_specialists
 from .served import Served
+from .token_scheduler import scheduler_for
 
 LOG = logging.getLogger(__name__)
 MODEL_ID_HEADER = "serve_multiplexed_model_id"
@@ -87,8 +88,16 @@ class ReplicaRegistry:
             del self._held[served.id]
             base = served._generator_base
             if base is not None and base.key[0] != "own":  # its adapter leaves the shared causal LM
-                # In a thread: Ray calls this on the event loop, and the base's lock may be held by a generation.
-                threading.Thread(target=base.drop_generator, args=(served.generator.model,), daemon=True).start()
+                generator = served.generator
+
+                def drop_after_its_answers() -> None:
+                    # Answers take turns a token at a time: dropping the adapter between two of their
+                    # tokens would fail them, so the answers under way end first.
+                    scheduler_for(base).wait_answered(generator.adapter_name)
+                    base.drop_generator(generator.model)
+
+                # In a thread: Ray calls this on the event loop, and answers may still be under way.
+                threading.Thread(target=drop_after_its_answers, daemon=True).start()
 
     def describe(self, specialist_id: str) -> Served:
         """What a listing needs (id, manifest, facts): the held specialist, else one described from its

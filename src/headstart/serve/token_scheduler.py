@@ -15,6 +15,7 @@ so its tokens do not depend on its neighbours.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -66,6 +67,17 @@ class TokenScheduler:
         """Answers in the rotation now."""
         with self._changed:
             return len(self._active)
+
+    def answering(self, adapter: str) -> bool:
+        """Whether an answer through adapter `adapter` is in the rotation now."""
+        with self._changed:
+            return any(turn.adapter == adapter for turn in self._active)
+
+    def wait_answered(self, adapter: str, poll_s: float = 0.05) -> None:
+        """Return once no answer through `adapter` is in the rotation (each ends: max_new_tokens bounds it,
+        and a client that leaves is dropped at its next turn)."""
+        while self.answering(adapter):
+            time.sleep(poll_s)
 
     def submit(self, turn: Turn) -> None:
         """Add `turn` to the rotation; its first step (the prompt's prefill) comes at its first turn."""
