@@ -146,6 +146,28 @@ def _one_adapter_mb(runs) -> float:
     return sum(base.adapter_bytes.values()) / 2**20
 
 
+def test_switching_adapters_sets_only_the_lora_layers_and_answers_as_each_alone(runs, monkeypatch):
+    # PEFT's set_adapter walks every module: a switch between classifiers' adapters sets the LoRA layers'
+    # active adapter directly; after an eviction and reload it must still select the right one.
+    app = make_app([runs / "topic-lora-a", runs / "topic-lora-b"], token=None, max_adapters=1)
+    base = next(iter(app.state.registry.pool.bases.values()))
+    alone = {n: expected_rows(runs / n, TEXTS[:2], top_k=3) for n in ("topic-lora-a", "topic-lora-b")}
+    calls = []
+    monkeypatch.setattr(base.peft, "set_adapter", lambda *a, **k: calls.append(a))
+    with TestClient(app) as c:
+        for name in ("topic-lora-a", "topic-lora-b", "topic-lora-b", "topic-lora-a"):
+            r = c.post(f"/models/{name}/predict", json={"inputs": TEXTS[:2], "parameters": {"top_k": 3}})
+            assert_rows_match(r.json(), alone[name])
+    assert not calls and base.loads == 5  # 2 at start, then a, (b, b), a reloaded
+    app = make_app([runs / "topic-lora-a", runs / "topic-lora-b"], token=None)  # both stay loaded
+    base = next(iter(app.state.registry.pool.bases.values()))
+    with TestClient(app) as c:
+        for name in ("topic-lora-a", "topic-lora-b") * 2:
+            r = c.post(f"/models/{name}/predict", json={"inputs": TEXTS[:2], "parameters": {"top_k": 3}})
+            assert_rows_match(r.json(), alone[name])
+    assert base.loads == 2
+
+
 @pytest.mark.parametrize("budget", ["count", "memory"])
 def test_adapters_over_budget_are_evicted_and_reloaded_with_the_same_answers(runs, budget):
     # Both adapters have the same size: a memory budget of 1.5 of them holds one.

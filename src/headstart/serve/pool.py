@@ -42,6 +42,9 @@ class SharedBase:
         self.loaded: OrderedDict[str, Path] = OrderedDict()
         self.adapter_bytes: dict[str, int] = {}
         """Bytes of each loaded adapter's weights in the shared modules."""
+        self._lora_layers: list[Any] | None = None
+        self._selected: str | None = None
+        """The adapter `_select` last made active (None: unknown, select again)."""
         self.known: dict[str, Path] = {}
         self.batcher = None
         """One MicroBatcher for every specialist sharing this base: their requests share one base forward."""
@@ -76,6 +79,7 @@ class SharedBase:
         if self.backbone.kind == "image":  # PEFT's new convs are NCHW; image bases run channels_last
             self.peft.to(memory_format=torch.channels_last)
         self.peft.eval()
+        self._list_lora_layers()  # the new adapter may target modules the others do not
         self.loaded[name] = self.known[name]
         self.adapter_bytes[name] = sum(p.numel() * p.element_size() for key, p in self.peft.named_parameters()
                                        if f".{name}." in key)
@@ -89,6 +93,7 @@ class SharedBase:
             with warnings.catch_warnings():  # "adapter X was active, now Y": the next run selects its own
                 warnings.simplefilter("ignore")
                 self.peft.delete_adapter(evicted)
+            self._selected = None
 
     def _over_budget(self) -> bool:
         """More adapters loaded than `max_adapters`, or their weights over `adapter_memory_mb`."""
@@ -154,11 +159,30 @@ class SharedBase:
         return self.peft(**batch, adapter_names=[a or "__base__" for a in adapters])
 
     def _select(self, name: str) -> None:
-        """Make `name` the active adapter. PEFT's set_adapter walks every module (~3 ms with 10 adapters
-        loaded), so it is skipped when `name` is active already; generators sharing these modules set their
-        own adapter in them behind this PeftModel's back, so with any of them it always runs."""
-        if self.generator_models or self.peft.active_adapter != name:
+        """Make `name` the active adapter. PEFT's set_adapter walks every module and flips requires_grad on
+        every adapter's weights (5.5 ms per switch with 10 adapters loaded on minilm-l6), so it is skipped
+        when `name` is active already, and otherwise only the LoRA layers' active-adapter field is set,
+        which is all a forward reads. Generators sharing these modules set their own adapter there behind
+        this PeftModel's back, and auxiliary wrappers (modules_to_save) keep state of their own: with
+        either, PEFT's set_adapter runs."""
+        if self.generator_models or self._lora_layers is None:
             self.peft.set_adapter(name)
+            self._selected = None
+        elif self._selected != name:
+            for layer in self._lora_layers:
+                layer._active_adapter = [name]
+            self.peft.active_adapter = self.peft.base_model.active_adapter = name
+            self._selected = name
+
+    def _list_lora_layers(self) -> None:
+        """Cache the shared modules' LoRA layers for `_select` (None: PEFT's set_adapter is needed)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self._selected = None  # adapters came or went: PEFT may have moved the active one
+        modules = list(self.peft.modules())
+        plain = not any(isinstance(m, AuxiliaryTrainingWrapper) or getattr(m, "merged", False) for m in modules)
+        self._lora_layers = [m for m in modules if isinstance(m, BaseTunerLayer)] if plain else None
 
     def drop_generator(self, model: Any) -> None:
         """Forget a generator sharing this base: its adapter leaves the shared modules (its weights are freed)
