@@ -5,8 +5,9 @@
     python bench/serve.py --parts text,onnx     # a subset: text batching image llm load onnx
 
 Every server is the real one (`headstart.serve.serve`: uvicorn, auth on, token file in the work folder) in its
-own process on a free 127.0.0.1 port, driven by an httpx.AsyncClient in this process (client and server share
-the machine's cores, as they would on one box). Specialists are built once under --work (bench/serve_build.py).
+own process on a free 127.0.0.1 port, driven from this process over keep-alive connections by a lean asyncio
+HTTP/1.1 client (serve_client.Connection; httpx for the SSE chats and the fuzzing). Client and server share
+the machine's cores, as they would on one box. Specialists are built once under --work (bench/serve_build.py).
 "1 specialist" is trec-01 (LoRA) alone; "20 one-specialist processes" is 20x that server's RSS (not run: 20
 servers would not fit beside the rest on a small box). Adapter switch cost: concurrency 1, alternating two LoRA
 ids vs one id (every request selects another adapter). ONNX vs PyTorch runs in this process, no server.
