@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -150,13 +151,20 @@ def test_wrong_method_and_unknown_route_are_json_4xx(client):
 
 def test_limits_on_body_pixels_and_time(runs, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after: make_app sets it
-    tight = Limits(max_body_bytes=2000, max_image_pixels=1000, timeout_s=0.001)
-    with TestClient(make_app([runs / "colours"], token=None, limits=tight)) as c:
+    tight = Limits(max_body_bytes=2000, max_image_pixels=1000, timeout_s=0.2)
+    app = make_app([runs / "colours"], token=None, limits=tight)
+    with TestClient(app) as c:
         r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=b"\0" * 5000)
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-        for size in ((40, 40), (100, 100)):  # over the limit; over twice the limit (PIL's bomb check)
+        for size in ((40, 40), (100, 100)):  # over the limit; over twice the limit
             r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=size))
             assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
+        # Within the limit, though the base's own crop (64 x 64) is larger: PIL's bomb check must not refuse it.
+        r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=(20, 20)))
+        assert r.status_code == 200, r.text
+        batcher = app.state.registry.get("colours")._classify_batcher
+        run_batch = batcher.run_batch
+        monkeypatch.setattr(batcher, "run_batch", lambda items: (time.sleep(1.0), run_batch(items))[1])
         r = c.post("/models/colours/predict", headers={"Content-Type": "image/png"}, content=png_bytes(size=(20, 20)))
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
 

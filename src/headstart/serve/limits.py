@@ -24,6 +24,8 @@ DEFAULT_MAX_ADAPTERS = 64
 """LoRA adapters kept injected per base unless told otherwise: the least recently used is deleted beyond it
 (and reloaded from its bundle when asked). A rank-8 adapter of a MiniLM-class base is ~0.3 MB, of a
 135M-parameter LM ~2-4 MB, so 64 bound the adapters of one base to tens or a few hundred MB."""
+PIL_FLOOR_PIXELS = 2048 * 2048
+"""The least PIL's own decompression-bomb limit is set to: far above any base's input size."""
 
 
 @dataclass
@@ -52,10 +54,13 @@ class Limits:
             raise ValueError(f"timeout_s must be above 0, got {self.timeout_s}")
 
     def apply_to_pil(self) -> None:
-        """PIL refuses (DecompressionBombError) images over twice MAX_IMAGE_PIXELS and warns over it."""
+        """PIL refuses (DecompressionBombError) images over twice MAX_IMAGE_PIXELS and warns over it. Its
+        check also runs on the images our own preprocessing makes (a center crop to the base's input size),
+        so it is never set below PIL_FLOOR_PIXELS: a small --max-image-pixels is enforced by our own check
+        on each decoded image's size, not by PIL's."""
         from PIL import Image
 
-        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        Image.MAX_IMAGE_PIXELS = max(self.max_image_pixels, PIL_FLOOR_PIXELS)
 
     # ---- checks ---------------------------------------------------------------------------------
     def check_batch(self, inputs: list[Any]) -> None:
