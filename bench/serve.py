@@ -8,8 +8,8 @@ Every server is the real one (`headstart.serve.serve`: uvicorn, auth on, token f
 own process on a free 127.0.0.1 port, driven from this process over keep-alive connections by a lean asyncio
 HTTP/1.1 client (serve_client.Connection; httpx for the SSE chats and the fuzzing). Client and server share
 the machine's cores, as they would on one box. Specialists are built once under --work (bench/serve_build.py).
-"1 specialist" is trec-01 (LoRA) alone; "20 one-specialist processes" is 20x that server's RSS (not run: 20
-servers would not fit beside the rest on a small box). Adapter switch cost: concurrency 1, alternating two LoRA
+"1 specialist" is trec-01 (LoRA) alone; the `processes` part runs each text specialist in a server of its own,
+all at once, and sums their memory (RSS and PSS). Adapter switch cost: concurrency 1, alternating two LoRA
 ids vs one id (every request selects another adapter). ONNX vs PyTorch runs in this process, no server.
 Issue targets: resident memory of 20 specialists <= 1.3x one; micro-batching >= 3x throughput at concurrency 32
 vs max_batch=1; 10,000 mixed requests with 0 errors; 1,000 fuzzed requests with 0 5xx; ONNX at least the
@@ -38,7 +38,8 @@ import serve_build as build  # noqa: E402
 from serve_client import ServerProcess, drive, fuzz, fuzz_jobs, stream_chat  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-PARTS = ("text", "batching", "image", "llm", "load", "onnx")
+PARTS = ("text", "processes", "batching", "image", "llm", "load", "onnx")
+MIN_FREE_MB = 3000  # `processes` starts no further server once less memory than this is available
 ANCHOR = {"fp32": 1.4, "int8": 3.1}  # sentence-transformers' ONNX speed-ups over PyTorch on CPU (MiniLM class)
 SIZES = {  # full run / --quick
     "full": {"specialists": 20, "per_slice": 240, "epochs": 2, "requests": 400, "photos_per_class": 20,
@@ -110,13 +111,56 @@ def table_text(r: dict) -> str:
             ["1 specialist, one server", r["servers"]["1"]["rss_mb"], ""],
             [f"{n} specialists, one server", r["servers"][n]["rss_mb"],
              f"<= 1.3x one: {r['rss_ratio']}x {verdict(r['rss_ratio'] <= 1.3)}"],
-            [f"{n} one-specialist processes (sum)", r["rss_20_processes_mb"],
+            [f"{n} one-specialist processes ({n} x one's RSS; measured: part processes)", r["rss_20_processes_mb"],
              f"one server is {r['rss_20_processes_mb'] / r['servers'][n]['rss_mb']:.1f}x smaller"]]),
         md(["adapter switch (concurrency 1)", "p50 ms", "p99 ms", "req/s"], [
             [f"one id ({s['pair'][0]})", s["one"]["p50_ms"], s["one"]["p99_ms"], s["one"]["req_per_s"]],
             [f"alternating {' / '.join(s['pair'])}", s["alternating"]["p50_ms"], s["alternating"]["p99_ms"],
              s["alternating"]["req_per_s"]],
             ["switch cost (p50 difference)", r["switch_cost_ms"], "", ""]])])
+
+
+def part_processes(ctx: dict) -> dict:
+    """Each text specialist in a server of its own, all running at once, against the one server of `text`
+    that holds them all: the memory summed (RSS, and PSS, which counts the pages the processes share,
+    torch's libraries among them, once). Stops starting servers when the machine runs short of memory."""
+    from contextlib import ExitStack
+
+    bundles, texts = ctx["text"], ctx["texts"]
+    with ExitStack() as stack:
+        servers = []
+        for bundle in bundles:
+            if available_mb() < MIN_FREE_MB:
+                break
+            server = stack.enter_context(ServerProcess([bundle], ctx["work"], name=f"alone-{bundle.name}",
+                                                       threads=ctx["threads"]))
+            asyncio.run(drive(server, text_jobs([bundle.name], texts, 8), 1))  # each answers: fully loaded
+            servers.append(server)
+        rss, pss = [s.rss_mb() for s in servers], [s.pss_mb() for s in servers]
+    with ServerProcess(bundles, ctx["work"], name="together", threads=ctx["threads"]) as server:
+        warm(server, [b.name for b in bundles], texts)
+        together = {"rss_mb": round(server.rss_mb(), 1), "pss_mb": round(server.pss_mb(), 1)}
+    return {"processes": len(servers), "of": len(bundles), "rss_sum_mb": round(sum(rss), 1),
+            "pss_sum_mb": round(sum(pss), 1), "rss_median_mb": round(median(rss), 1),
+            "pss_median_mb": round(median(pss), 1), "one_server": together,
+            "ratio_pss": round(sum(pss) / together["pss_mb"], 2)}
+
+
+def table_processes(r: dict) -> str:
+    n, of = r["processes"], r["of"]
+    note = "" if n == of else f" (only {n} of {of} fitted beside {MIN_FREE_MB} MB free)"
+    return md(["memory", "RSS MB", "PSS MB"], [
+        [f"{of} specialists in one server", r["one_server"]["rss_mb"], r["one_server"]["pss_mb"]],
+        [f"{n} one-specialist servers at once, summed{note}", r["rss_sum_mb"], r["pss_sum_mb"]],
+        ["one of those servers (median)", r["rss_median_mb"], r["pss_median_mb"]],
+        ["one server is smaller by (PSS)", "", f"{r['ratio_pss']}x"]])
+
+
+def available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def part_batching(ctx: dict) -> dict:

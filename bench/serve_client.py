@@ -86,6 +86,14 @@ class ServerProcess:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def pss_mb(self) -> float:
+        """Proportional set size of the server process (Pss from /proc smaps_rollup), MB: pages shared with other
+        processes (torch's libraries, say) count a share each, so a sum over processes counts them once."""
+        for line in Path(f"/proc/{self.proc.pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def client(self, concurrency: int = 1, auth: bool = True) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=REQUEST_TIMEOUT_S,
