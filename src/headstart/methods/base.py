@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Config
+from ..engine.memory import Budget
 from ..core.storage import ADAPTER_DIR  # noqa: F401  (lora and setfit save their adapter there)
 from ..data import Dataset, Split, loader_for  # noqa: F401  (loader_for: methods import it from here)
 from ..engine.checkpoint import copy_state_into, trainable_state
@@ -68,6 +69,8 @@ class FitContext:
     fingerprint: dict = field(default_factory=dict)
     target: "Split | None" = None
     """Unlabelled target-domain examples for the adaptation methods (labels -1; see methods/adaptation.py)."""
+    memory_budget: Budget | None = None
+    """The run's memory budget (engine/memory.py); None: methods resolve the default when they plan."""
 
 
 @dataclass
