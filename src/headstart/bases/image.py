@@ -15,6 +15,14 @@ from .backbone import Backbone, BaseInfo
 from .structure import leftover_modules, suffix_targets
 
 
+INFERENCE_ACTIVATIONS = 576 << 20
+"""Activation bytes one inference forward may hold: 16 images of efficientnet-lite0 at 288 px. Bigger batches
+run faster on CPU (64 images took 0.7x the time per image of 16, glibc tuning on, 2 cores) but memory grows
+with the batch (64 images: 3.2 GB peak, 16: 1.4 GB): this keeps a probe within a laptop's 1.5 GB."""
+ALLOCATOR_SLACK = 1.5
+"""Resident bytes per live activation byte, measured (glibc's arenas keep freed buffers for reuse)."""
+
+
 class TimmImageBackbone(Backbone):
     """A timm model without its classifier; `forward(pixel_values)` -> [B, num_features].
 
@@ -60,6 +68,7 @@ class TimmImageBackbone(Backbone):
             preprocessing={},
             architecture=str(model.pretrained_cfg.get("architecture", type(model).__name__)),
         )
+        self._example_bytes: dict[tuple, int] = {}
         self._set_data_config(cfg)
 
     def _set_data_config(self, cfg: dict[str, Any]) -> None:
@@ -93,8 +102,45 @@ class TimmImageBackbone(Backbone):
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, D]
+        if self.training or torch.is_grad_enabled():  # training: the trainer's plan sizes the batch
+            return self._features(pixel_values)
+        # Inference holds one layer's activations at a time, so any caller's batch (predict, evaluate,
+        # serve) runs in parts of INFERENCE_ACTIVATIONS: the same features in bounded memory.
+        part = max(1, INFERENCE_ACTIVATIONS // self.example_bytes())
+        if len(pixel_values) <= part:
+            return self._features(pixel_values)
+        return torch.cat([self._features(chunk) for chunk in pixel_values.split(part)])
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.model.forward_features(pixel_values)
         return self.model.forward_head(x, pre_logits=True)
+
+    def example_bytes(self) -> int:
+        """Peak bytes one image adds to an inference forward at the current input size, measured once per
+        size on a blank image: the largest layer's input plus output, plus the largest output again (a
+        block's shortcut is held while its body runs), times ALLOCATOR_SLACK, plus the image itself."""
+        size = tuple(self.data_config["input_size"])
+        if size not in self._example_bytes:
+            largest_io, largest_out = [0], [0]
+
+            def record(module, inputs, output):
+                if torch.is_tensor(output):
+                    seen = sum(t.nbytes for t in inputs if torch.is_tensor(t)) + output.nbytes
+                    largest_io[0], largest_out[0] = max(largest_io[0], seen), max(largest_out[0], output.nbytes)
+
+            handles = [m.register_forward_hook(record) for m in self.model.modules() if next(m.children(), None) is None]
+            was_training = self.training
+            try:
+                self.eval()
+                with torch.no_grad():
+                    self._features(torch.zeros(1, *size).contiguous(memory_format=torch.channels_last))
+            finally:
+                for h in handles:
+                    h.remove()
+                self.train(was_training)
+            pixels = 4 * size[0] * size[1] * size[2]
+            self._example_bytes[size] = int(ALLOCATOR_SLACK * (largest_io[0] + largest_out[0])) + pixels
+        return self._example_bytes[size]
 
     def _staged(self) -> bool:
         return all(hasattr(self.model, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.storage import cache_dir
+from .memory import Budget, human, plan_micro_batch, resolve_budget, rss_bytes
 
 
 def base_key(backbone) -> str:
@@ -42,9 +43,11 @@ def item_key(item: Any, is_file: bool) -> str:
 
 @torch.no_grad()
 def encode(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_size: int = 64,
-           progress: bool = True, desc: str = "features") -> torch.Tensor:
-    """Features [N, D] of `items` by the frozen backbone in eval mode (no cache)."""
+           progress: bool = True, desc: str = "features", budget: Budget | None = None) -> torch.Tensor:
+    """Features [N, D] of `items` by the frozen backbone in eval mode (no cache), `batch_size` at most per
+    forward (see `extraction_batch`: image bases take fewer when their activations or the `budget` say so)."""
     backbone.eval()
+    batch_size = extraction_batch(backbone, batch_size, budget) if len(items) else batch_size
     out = []
     for start in tqdm(range(0, len(items), batch_size), disable=not progress, file=sys.stderr, desc=desc,
                       unit="batch", dynamic_ncols=True):
@@ -53,19 +56,45 @@ def encode(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_siz
     return torch.cat(out) if out else torch.zeros(0, backbone.feature_dim)
 
 
+def extraction_batch(backbone, requested: int, budget: Budget | None = None) -> int:
+    """Examples per forward when extracting features: `requested` at most, no more than the base's activation
+    cap allows (bases/image.INFERENCE_ACTIVATIONS), and what `budget` leaves above what the process holds now
+    (default: the run's default budget). Raises MemoryBudgetError up front when even one image does not fit.
+
+    Text bases keep `requested`: their examples are short and their cost depends on each one's length.
+
+    >>> extraction_batch(load_base("efficientnet-lite0"), 64)   # 224 px: 21 MB an image, 576 MB a forward
+    27
+    """
+    if not hasattr(backbone, "example_bytes"):
+        return requested
+    cost = backbone.example_bytes()
+    plan = plan_micro_batch(budget or resolve_budget(None), fixed=rss_bytes(), per_example={"eval": cost},
+                            batch_size=requested, what=f"feature extraction ({human(cost)} an image)")
+    return max(1, min(plan.micro_batch, inference_batch(backbone)))
+
+
+def inference_batch(backbone) -> int:
+    """The batch an image base runs inference in however many images it is given (bases/image.py)."""
+    from ..bases.image import INFERENCE_ACTIVATIONS
+
+    return max(1, INFERENCE_ACTIVATIONS // backbone.example_bytes())
+
+
 def cached_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], batch_size: int = 64,
-                    progress: bool = True, use_cache: bool = True, store: bool = True) -> tuple[torch.Tensor, int]:
+                    progress: bool = True, use_cache: bool = True, store: bool = True,
+                    budget: Budget | None = None) -> tuple[torch.Tensor, int]:
     """Features [N, D] for `items`, extracting only the rows not in the cache.
 
     `store=False` reads what the cache holds but never writes (prediction: a long-running server must
     not grow the cache without bound). Returns (features, number of rows extracted now).
     """
     if not use_cache:
-        return encode(backbone, items, load, batch_size, progress), len(items)
+        return encode(backbone, items, load, batch_size, progress, budget=budget), len(items)
 
     def extract(missing: list[int]) -> dict[str, torch.Tensor]:
         return {"final": encode(backbone, [items[i] for i in missing], load, batch_size, progress,
-                                desc=f"features ({len(missing)} new)")}
+                                desc=f"features ({len(missing)} new)", budget=budget)}
 
     keys = _item_keys(backbone, items)
     known, extracted = _cached_rows({"final": layer_cache_dir(backbone, "final")}, keys, extract, store)
@@ -82,7 +111,8 @@ def layer_cache_dir(backbone, layer: str) -> Path:
 
 @torch.no_grad()
 def cached_layer_features(backbone, items: Sequence[Any], load: Callable[[Any], Any], layers: Sequence[str],
-                          batch_size: int = 64, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+                          batch_size: int = 64, progress: bool = True,
+                          budget: Budget | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({layer: features [N, D_layer]}, rows extracted now) for layers of `backbone.feature_layers()`.
 
     One forward pass per missing row yields every requested layer (`backbone.layer_features`);
@@ -95,11 +125,12 @@ def cached_layer_features(backbone, items: Sequence[Any], load: Callable[[Any], 
 
     def extract(missing: list[int]) -> dict[str, torch.Tensor]:
         backbone.eval()
+        size = extraction_batch(backbone, batch_size, budget)
         chunks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-        for start in tqdm(range(0, len(missing), batch_size), disable=not progress, file=sys.stderr,
+        for start in tqdm(range(0, len(missing), size), disable=not progress, file=sys.stderr,
                           desc=f"{backbone.info.name} features ({len(missing)} new, {len(layers)} layers)",
                           unit="batch", dynamic_ncols=True):
-            batch = [load(items[i]) for i in missing[start:start + batch_size]]
+            batch = [load(items[i]) for i in missing[start:start + size]]
             feats = backbone.layer_features(**backbone.collate(batch, False))
             for layer in layers:
                 chunks[layer].append(feats[layer].float())

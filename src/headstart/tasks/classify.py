@@ -51,7 +51,10 @@ class ClassifyTask(Task):
     def load_data(self, data, method, settings: FitSettings):
         from ..engine.perf import tune_allocator
 
-        tune_allocator()
+        # The glibc tuning speeds up training through the base at the cost of memory: frozen-base methods
+        # only run inference (nothing to gain) and methods that plan their memory decide it themselves.
+        if not (method.frozen_base or getattr(method, "plans_memory", False)):
+            tune_allocator()
         dataset = load_classification_data(data, settings)
         if method.needs_examples and not len(dataset.split("train")):
             raise DataError(f"method {method.name!r} needs labelled examples and {dataset.source} has none to train "

@@ -17,7 +17,8 @@ class ProbeConfig(Config):
     max_iter: int = 200
     """L-BFGS iterations per fit."""
     batch_size: int = 64
-    """Examples per batch during feature extraction."""
+    """Examples per batch during feature extraction, at most: image bases take fewer when a fast batch needs
+    fewer or the memory budget says so (engine/features.extraction_batch); the features are the same."""
 
     def __post_init__(self) -> None:
         if self.l2 is not None and self.l2 < 0:

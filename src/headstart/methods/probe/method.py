@@ -23,8 +23,9 @@ class Probe(Method):
         cfg = self.config
         train = data.split("train")
         t0 = time.perf_counter()
+        # The extraction batch and the memory it takes come from the run's budget (engine/features.py).
         x, extracted = cached_features(backbone, train.items, loader_for(backbone.kind), cfg.batch_size,
-                                       ctx.progress, ctx.use_cache)
+                                       ctx.progress, ctx.use_cache, budget=ctx.memory_budget)
         extract_s = time.perf_counter() - t0
         num_classes = len(data.classes)
         w, b, l2, grid_scores = fit_head_with_l2_search(x, train.labels, num_classes, cfg.l2_grid, cfg.l2,
@@ -58,8 +59,9 @@ def fit_head_with_l2_search(x: torch.Tensor, labels: list[int], num_classes: int
             l2 = sorted(l2_grid)[len(l2_grid) // 2]  # too few examples to hold any out
         else:
             keep, held = stratified_indices(labels, 0.1, seed)
+            x_keep, y_keep = x[keep], y[keep]  # one copy for the whole grid, not one per candidate
             for candidate in l2_grid:
-                w, b = fit_linear_head(x[keep], y[keep], num_classes, candidate, max_iter)
+                w, b = fit_linear_head(x_keep, y_keep, num_classes, candidate, max_iter)
                 scores[str(candidate)] = ((x[held] @ w.T + b).argmax(-1) == y[held]).float().mean().item()
             # Ties go to the stronger regulariser: it generalises at least as well.
             l2 = max(l2_grid, key=lambda c: (scores[str(c)], c))
