@@ -102,7 +102,7 @@ class TimmImageBackbone(Backbone):
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, D]
-        if self.training or torch.is_grad_enabled():  # training: the trainer's plan sizes the batch
+        if self.training or torch.is_grad_enabled() or _exporting():  # training: the trainer's plan sizes the batch
             return self._features(pixel_values)
         # Inference holds one layer's activations at a time, so any caller's batch (predict, evaluate,
         # serve) runs in parts of INFERENCE_ACTIVATIONS: the same features in bounded memory.
@@ -207,6 +207,11 @@ class TimmImageBackbone(Backbone):
         if not targets:  # e.g. a ViT: adapt its Linear layers instead
             targets = suffix_targets(self.model, lambda n, mod: isinstance(mod, nn.Linear))
         return targets
+
+
+def _exporting() -> bool:
+    """Tracing or exporting (ONNX, torch.compile): the graph must be the plain forward, with no batch split."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _rgb(im: Image.Image) -> Image.Image:
