@@ -92,8 +92,9 @@ def optimizer_bytes(opt) -> int:
 def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
     import torch
 
-    from headstart.engine.memory import rss_bytes
+    from headstart.engine.memory import release_freed_memory, rss_bytes
     from headstart.engine.trainer import autocast
+    from headstart.llm.footprint import plan_adapter_memory
     from headstart.llm.data import load_sft_examples
     from headstart.llm.model import add_lora, bf16_enabled, load_lm
     from headstart.llm.tokenize import encode_chat, pad_batch
@@ -101,20 +102,27 @@ def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
     from headstart.methods.sft.config import SFTConfig
 
     import_runtime("transformers", "peft", "bitsandbytes")
+    release_freed_memory()  # as the sft task does before it loads the base
     phases, runtime = Phases(), rss_bytes()
     cfg = SFTConfig()
     with phases("weights"):
         model, tokenizer, _ = load_lm("smollm2-135m", quantize=quantize)
-        checkpointing = str(cfg.gradient_checkpointing).lower() != "false"
-        if checkpointing:  # as the sft method does for a fresh adapter
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-            model.config.use_cache = False
         model = add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets())
     examples, _ = load_sft_examples(DATA / "alpaca_en_demo" / "train.jsonl")
     encoded = [encode_chat(tokenizer, ex.messages, length) for ex in examples[:rows]]
     bf16 = bf16_enabled(cfg.bf16)
     lm = model.get_base_model()
+    longest = pad_batch([max(encoded, key=lambda r: len(r["input_ids"]))], tokenizer.pad_token_id)
+
+    def one_example():
+        with autocast(bf16, "cpu"):
+            return answer_loss(model, longest)
+
+    # the sft method's plan (checkpointing on a CPU; micro-batches only when the budget asks for them)
+    plan = plan_adapter_memory(model, one_example, tokens=int(longest["input_ids"].shape[1]), batch_size=batch,
+                               checkpointing=cfg.gradient_checkpointing, micro_batch=cfg.micro_batch, budget=None,
+                               log=lambda line: None)
+    checkpointing = plan.checkpointing == "on"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     model.train()
@@ -133,7 +141,8 @@ def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
         step_s = time.perf_counter() - t0
     return finish(phases, runtime, opt, {"config": f"sft-{'qlora' if quantize else 'lora'}", "batch": batch,
                                          "length": int(padded["input_ids"].shape[1]), "bf16": bf16,
-                                         "gradient_checkpointing": checkpointing, "step_s": round(step_s, 2)})
+                                         "gradient_checkpointing": checkpointing, "step_s": round(step_s, 2),
+                                         "plan_estimate_mb": plan.estimate >> 20})
 
 
 def finish(phases: Phases, runtime: int, opt, row: dict) -> dict:

@@ -16,7 +16,7 @@ from headstart.engine import features
 from headstart.engine.memory import GB, MB, Budget, MemoryBudgetError, rss_bytes
 from headstart.engine.perf import tune_allocator
 from headstart.methods.base import SpecialistModel
-from headstart.methods.finetune.memory import accumulating, plan_training, train_example_bytes
+from headstart.methods.finetune.memory import plan_training, train_example_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,24 +79,29 @@ def test_inference_through_an_image_base_runs_in_parts_and_training_does_not(tin
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_accumulated_micro_batches_give_the_whole_batch_step():
-    torch.manual_seed(0)
-    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
-    model = torch.nn.Linear(5, 3)
+@pytest.mark.parametrize("micro", [4, 3])
+def test_the_engine_accumulates_micro_batches_into_the_whole_batch_step(micro):
+    """One optimizer step on 10 examples, whole or in parts of `micro` (4 + 4 + 2, 3 + 3 + 3 + 1): same
+    weights after, same reported loss (each part weighted by its size, as the mean loss is)."""
+    from headstart.engine.batches import EpochShuffle
+    from headstart.engine.trainer import TrainSettings, train
 
-    def step(idx, progress):
-        return torch.nn.functional.cross_entropy(model(x[idx]), y[idx]), {}, len(idx)
+    x, y = torch.randn(10, 5, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
+    results = []
+    for micro_batch in (0, micro):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
 
-    idx = list(range(10))
-    whole, _, _ = step(idx, 0.0)
-    whole.backward()
-    expected = model.weight.grad.clone()
-    model.weight.grad = None
-    loss, _, count = accumulating(step, 4)(idx, 0.0)  # parts of 4, 4 and 2
-    loss.backward()  # what the engine does with the returned loss
-    assert count == 10
-    assert loss.item() == pytest.approx(whole.item(), rel=1e-6)
-    torch.testing.assert_close(model.weight.grad, expected)
+        def step(idx, progress, model=model):
+            return torch.nn.functional.cross_entropy(model(x[idx]), y[idx]), {}, len(idx)
+
+        out = train(model, plan=EpochShuffle(10, 10, 1, seed=0), step_loss=step,
+                    param_groups=[{"params": list(model.parameters()), "lr": 0.1}],
+                    settings=TrainSettings(lr_schedule=lambda s, t: 1.0, micro_batch=micro_batch), progress=False,
+                    log=lambda _: None)
+        results.append((model.weight.detach().clone(), out.history[-1]["loss"]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
 
 
 def test_finetune_plan_fails_up_front_with_the_numbers(tiny):

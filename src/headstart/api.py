@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .engine.memory import resolve_budget  # no torch: `headstart --help` stays fast
+
 if TYPE_CHECKING:
     from .bases.backbone import Backbone
     from .bundle.classifier import Specialist
@@ -27,8 +29,8 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         init: str | Path | None = None, shots: int | None = None, eval: str | Path | None = None,
         target: "str | Path | Split | None" = None, seed: int = 0, out: str | Path | None = None, resume: bool = False,
         progress: bool = True, use_cache: bool = True, text_column: str = "text", label_column: str = "label",
-        image_size: int | None = None, skip_placeholders: bool = True, log: Callable[[str], None] = print,
-        **options: Any) -> "Specialist | LMSpecialist":
+        image_size: int | None = None, skip_placeholders: bool = True, memory_budget: str | int | None = None,
+        log: Callable[[str], None] = print, **options: Any) -> "Specialist | LMSpecialist":
     """Specialise `base` on `data` for `task` with `method`; save a bundle to `out` when given.
 
     Args:
@@ -39,8 +41,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
             data's kind by LogME on the training split and fit the best). Default: the task's default.
         method: How to specialise (`headstart methods`); default: the task's default (probe for classify,
             lora for sft and dpo, or the method of the `init` bundle).
-        task: What is learned: `classify` (labels), `sft` (instruction tuning of a causal LM), `dpo`
-            (preference tuning).
+        task: What is learned: `classify` (labels), `sft` (instruction tuning of an LLM), `dpo` (preferences).
         tasks: Multi-task instead of `data`: `name=data` pairs (or a dict) learned by one shared body with a
             head per task (`load(out, head=name)`, `predict --task name`).
         task_temperature: Multi-task: tasks are drawn in proportion to size^(1/T) (1: by size, large: uniform).
@@ -59,6 +60,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         label_column: classify: the label column of a table.
         image_size: classify: train and predict image bases at this resolution (default: the base's own).
         skip_placeholders: classify: skip images of very few colours ("image not found"); False keeps line art.
+        memory_budget: Peak memory to plan for (`6GB`): sets micro-batch and checkpointing, or refuses up front.
         log: Where progress lines go.
         **options: The method's config fields (`headstart methods`), e.g. `epochs=5, lr=1e-4, unfreeze="2"`.
 
@@ -71,7 +73,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
     from .methods.registry import make_method
     from .tasks import FitSettings, get_task
 
-    t0 = time.perf_counter()
+    t0, budget = time.perf_counter(), resolve_budget(memory_budget)
     _refuse_lineage_out(out)
     if tasks or data is None:
         return _fit_tasks(data, tasks, dict(base=base, method=method or "lora", seed=seed, out=out, shots=shots, log=log,
@@ -91,7 +93,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
                              "init": start.parent, **job.fingerprint(dataset, start, settings)})
     ckpt = run_checkpoint_dir(out, fingerprint)
     ctx = FitContext(seed=seed, checkpoint_dir=ckpt, resume=resume, progress=progress, use_cache=use_cache,
-                     log=log, fingerprint=fingerprint, target=start.target)
+                     log=log, fingerprint=fingerprint, target=start.target, memory_budget=budget)
     _seed_torch(seed)
     result = trainer.fit(start.backbone, dataset, ctx)
     specialist = job.artifact(result, dataset, start, trainer, settings)

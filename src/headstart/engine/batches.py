@@ -39,6 +39,18 @@ def batch_size_of(batch: Batch) -> int:
     return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
+def micro_batches(batch: Batch, size: int) -> list[Batch]:
+    """`batch` cut into consecutive parts of at most `size` examples (0: the whole batch), for gradient
+    accumulation; each list of a tuple is cut into the same number of near-equal parts."""
+    n = batch_size_of(batch)
+    if not size or n <= size:
+        return [batch]
+    parts = -(-n // size)
+    if isinstance(batch, tuple):
+        return [tuple(b[k * len(b) // parts:(k + 1) * len(b) // parts] for b in batch) for k in range(parts)]
+    return [batch[k * size:(k + 1) * size] for k in range(parts)]
+
+
 def _permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import TrainingError
-from .batches import Batch, BatchPlan, batch_size_of, shard
+from .batches import Batch, BatchPlan, batch_size_of, micro_batches, shard
 from .checkpoint import Checkpointer, trainable_state
 from .schedule import LrSchedule
 
@@ -53,6 +53,13 @@ class TrainSettings:
     """A history row every N steps (0: one row per epoch)."""
     loss_key: str = "loss"
     """Name of the mean loss in epoch rows (`train_loss` for classification)."""
+    micro_batch: int = 0
+    """Gradient accumulation: run each batch through `step_loss` in parts of this many examples, one
+    backward per part, then one optimizer step (0: the whole batch at once). The step's gradient is
+    the same as the whole batch's when `loss_weight` weighs each part as the loss averages it."""
+    loss_weight: Callable[[Batch], float] | None = None
+    """The weight of a part's mean loss in the batch's (default: its number of examples; a token-averaged
+    loss passes its number of scored tokens)."""
 
 
 @dataclass
@@ -221,15 +228,9 @@ class _Loop:
         """One optimizer step on this process's share of `batch`; returns (loss, stats, count of all processes)."""
         mine = shard(batch, self.rank, self.world) if self.world > 1 else batch
         if batch_size_of(mine):
-            with autocast(self.settings.bf16, self.accelerator.device.type):
-                loss, stats, count = self.step_loss(mine, run.step / max(1, run.total))
-                for hook in self.hooks:
-                    extra = hook.extra_loss(run, mine)
-                    if extra is not None:
-                        loss = loss + extra
-            loss.backward()
+            loss, stats, count = self._forward_backward(run, mine)
         else:  # a batch smaller than the number of processes: this one only joins the averaging
-            loss, stats, count = torch.zeros(()), {}, 0
+            loss, stats, count = 0.0, {}, 0
         if self.world > 1:
             _average_gradients(self.params, count)
         if self.settings.grad_clip:
@@ -243,7 +244,29 @@ class _Loop:
         run.count += count * self.world
         for hook in self.hooks:
             hook.after_step(run)
-        return loss.item(), stats, count * self.world
+        return loss, stats, count * self.world
+
+    def _forward_backward(self, run: RunState, batch: Batch) -> tuple[float, dict[str, float], int]:
+        """Loss and gradient of `batch`, in micro-batches when the settings ask for them (accumulated)."""
+        parts = micro_batches(batch, self.settings.micro_batch)
+        weigh = self.settings.loss_weight or batch_size_of
+        weights = [float(weigh(p)) for p in parts]
+        total_weight = sum(weights) or 1.0
+        loss_sum, stats_sum, count = 0.0, {}, 0
+        for part, weight in zip(parts, weights):
+            share = weight / total_weight
+            with autocast(self.settings.bf16, self.accelerator.device.type):
+                loss, stats, part_count = self.step_loss(part, run.step / max(1, run.total))
+                for hook in self.hooks:
+                    extra = hook.extra_loss(run, part)
+                    if extra is not None:
+                        loss = loss + extra
+            (loss * share if len(parts) > 1 else loss).backward()
+            loss_sum += loss.item() * share
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+            count += part_count
+        return loss_sum, stats_sum, count
 
     def save(self, run: RunState, partial: dict) -> None:
         _save(self.checkpoint, run, self.optimizer, self.scheduler, self.hooks, self.accelerator, partial)

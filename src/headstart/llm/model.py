@@ -218,7 +218,8 @@ def bnb_cpu_inference(model: nn.Module) -> Iterator[int]:
     (not bitsandbytes' lossy inverse conversion) and is guarded again. Yields the number of
     layers allowed to repack (0 where the CPU lacks AVX512-BF16 or there are no 4-bit layers);
     layers the layout cannot hold (out_features not a multiple of 32, in_features not a multiple
-    of the quantisation block size) stay guarded.
+    of the quantisation block size) stay guarded. Where the CPU lacks AVX512-BF16, the layers run on
+    float copies made once for the block instead (`_dequantised_once`).
     """
     if "bitsandbytes" not in sys.modules:
         yield 0
@@ -229,6 +230,10 @@ def bnb_cpu_inference(model: nn.Module) -> Iterator[int]:
     guard_bnb_cpu(model)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     saved = []
+    if layers and not has_avx512bf16():
+        with _dequantised_once(layers):
+            yield 0
+        return
     if layers and has_avx512bf16():
         for m in layers:
             state = m.weight.quant_state
@@ -246,6 +251,32 @@ def bnb_cpu_inference(model: nn.Module) -> Iterator[int]:
             m.support_avx512bf16_for_cpu = False
             m.weight.data = data
             m.weight.quant_state = m.quant_state = state
+
+
+@contextlib.contextmanager
+def _dequantised_once(layers: list) -> Iterator[None]:
+    """Within the block, each 4-bit layer runs on a float copy of its weight made once on entry.
+
+    Without AVX512-BF16 bitsandbytes de-quantises every layer on every forward: for generation that is the
+    whole model once per token (smollm2-135m NF4 generated at a fraction of the float32 model's speed). One
+    de-quantisation per answer costs what one token did, and the copies (the size of the float32 weights,
+    what LoRA holds all the time) are freed on exit. Training never enters here: it keeps the 4-bit path.
+    """
+    bnb = _bnb()
+    for m in layers:
+        state = m.weight.quant_state
+        dense = bnb.functional.dequantize_4bit(m.weight.data, state).to(torch.float32)
+        m.forward = functools.partial(_dense_forward, dense, m.bias)  # an instance attribute shadows the class's
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+
+
+def _dense_forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    out = torch.nn.functional.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
+    return out.to(x.dtype)
 
 
 def add_lora(

@@ -12,6 +12,7 @@ from torch import nn
 from ..data import Dataset, Split
 from ..engine.batches import EpochShuffle
 from ..engine.checkpoint import Checkpointer, copy_state_into, trainable_state
+from ..engine.memory import MemoryPlan
 from ..engine.schedule import layerwise_param_groups, warmup_cosine_schedule
 from ..engine.trainer import Hook, RunState, TrainResult, TrainSettings, train
 from .base import FitContext, FitResult, Method, SpecialistModel, TrainConfig, loader_for
@@ -29,6 +30,8 @@ class LoopConfig:
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
     eval_batch_size: int = 64
+    micro_batch: int = 0
+    """Examples per forward, the rest of the batch accumulated (0: the whole batch at once)."""
 
 
 def cross_entropy_step(model: SpecialistModel, split: Split, load: Callable, label_smoothing: float = 0.0,
@@ -129,7 +132,7 @@ def train_classifier(model: SpecialistModel, *, train_split: Split, val: Split |
                    step_loss=cross_entropy_step(model, train_split, load, cfg.label_smoothing, outputs),
                    param_groups=param_groups,
                    settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio),
-                                          grad_clip=cfg.grad_clip, loss_key="train_loss"),
+                                          grad_clip=cfg.grad_clip, loss_key="train_loss", micro_batch=cfg.micro_batch),
                    hooks=[*hooks, best], set_mode=set_mode,
                    checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
                    progress=ctx.progress, log=ctx.log)
@@ -149,23 +152,34 @@ class TrainedMethod(Method):
     def set_mode(self, model: SpecialistModel, epoch: int) -> None:
         model.train()
 
+    def plan_memory(self, model: SpecialistModel, train_split: Split, load: Callable, cfg: TrainConfig,
+                    ctx: FitContext) -> MemoryPlan | None:
+        """Micro-batch and eval batch within `ctx.memory_budget`, decided before training (None: the whole
+        batch per forward, as configured). Finetune measures and plans (methods/finetune/memory.py)."""
+        return None
+
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
         method = self.resolved(backbone.kind)  # a copy: this method object is never changed by a fit
         cfg = method.config
         torch.manual_seed(ctx.seed)
         model = method.prepare(backbone, len(data.classes), cfg)
         train_split, val = data.selection_splits(ctx.seed, cfg.early_stopping)
+        load = loader_for(backbone.kind)
         if cfg.head_init == "probe":
             init_head_from_probe(model, train_split, len(data.classes), ctx)
+        plan = method.plan_memory(model, train_split, load, cfg, ctx)
         loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed, warmup_ratio=cfg.warmup_ratio,
-                          patience=cfg.patience, label_smoothing=cfg.label_smoothing)
-        out, best_epoch = train_classifier(model, train_split=train_split, val=val, load=loader_for(backbone.kind),
+                          patience=cfg.patience, label_smoothing=cfg.label_smoothing,
+                          micro_batch=plan.micro_batch if plan and plan.accumulation > 1 else 0,
+                          eval_batch_size=plan.eval_batch if plan and plan.eval_batch else 64)
+        out, best_epoch = train_classifier(model, train_split=train_split, val=val, load=load,
                                            param_groups=method.param_groups(model, cfg), cfg=loop,
                                            set_mode=lambda epoch: method.set_mode(model, epoch), ctx=ctx)
+        memory = {"micro_batch": plan.micro_batch, "memory_estimate_mb": plan.estimate >> 20} if plan else {}
         return FitResult(model=model.eval(), history=out.history, train_s=out.train_s, examples_per_s=out.per_s,
                          is_main_process=out.is_main_process, config=cfg, training=out.training_facts(),
                          details={"best_epoch": best_epoch, "selection_examples": len(val) if val else 0,
-                                  "num_processes": out.num_processes})
+                                  "num_processes": out.num_processes, **memory})
 
     def resolved(self, kind: str) -> "TrainedMethod":
         """A copy of this method with its config's defaults for the base kind filled in."""

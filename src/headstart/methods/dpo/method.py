@@ -13,9 +13,10 @@ import torch
 
 from ...core.errors import DataError
 from ..base import FitContext, FitResult
-from ..sft.method import AdapterMethod, LMStart, TuningData, adapter_training, trainable_adapter, training_result
+from ..sft.method import (AdapterMethod, LMStart, TuningData, adapter_training, memory_plan, trainable_adapter,
+                          training_result)
 from .config import DPOConfig
-from .maths import dpo_loss, sequence_logps
+from .maths import dpo_loss
 
 
 class DPO(AdapterMethod):
@@ -26,6 +27,7 @@ class DPO(AdapterMethod):
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
         from ...engine.batches import EpochShuffle
         from ...llm.tokenize import pad_batch
+        from ...llm.train import summed_answer_logps
 
         cfg = self.config
         model, bf16 = trainable_adapter(start, cfg, self.name, ctx.log)
@@ -42,14 +44,16 @@ class DPO(AdapterMethod):
 
         def step_loss(idx: list[int], progress: float):
             batch = pad_batch([train_rows[i]["chosen"] for i in idx] + [train_rows[i]["rejected"] for i in idx], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logps = sequence_logps(logits.float(), batch["labels"])  # [2B]: chosen rows, then rejected rows
+            logps = summed_answer_logps(model, batch)  # [2B]: chosen rows, then rejected rows
             at = torch.tensor(idx)
             loss, stats = dpo_loss(logps[:len(idx)], logps[len(idx):], ref_train[0][at], ref_train[1][at], cfg.beta)
             return loss, stats, int(batch["attention_mask"].sum())
 
+        costliest = max(range(len(train_rows)), key=lambda i: pair_tokens(train_rows[i]))
+        memory = memory_plan(model, lambda: step_loss([costliest], 0.0)[0], pair_tokens(train_rows[costliest]), cfg,
+                             bf16, ctx)
         plan = EpochShuffle(len(train_rows), cfg.batch_size, cfg.epochs, ctx.seed)
-        run = adapter_training(model, plan, step_loss, cfg, bf16, ctx)
+        run = adapter_training(model, plan, step_loss, cfg, bf16, ctx, memory)
         after = preference_eval(model, held_rows, ref_held, pad_id, cfg, bf16)
         ctx.log(f"held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
                 f"DPO loss {before['dpo_loss']:.4f} -> {after['dpo_loss']:.4f}")
@@ -75,11 +79,16 @@ def encode_pairs(tokenizer, pairs, max_length: int) -> list[dict]:
     return [r for r in rows if all(any(t != IGNORE for t in r[k]["labels"]) for k in ("chosen", "rejected"))]
 
 
+def pair_tokens(row: dict) -> int:
+    """Tokens one pair puts through the model in a step: both answers, padded to the longer."""
+    return 2 * max(len(row["chosen"]["input_ids"]), len(row["rejected"]["input_ids"]))
+
+
 @torch.no_grad()
 def answer_logps(model, rows: list[dict], pad_id: int, batch_size: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of the chosen and of the rejected answers, [N] each, in eval mode."""
     from ...llm.tokenize import pad_batch
-    from ...llm.train import autocast
+    from ...llm.train import autocast, summed_answer_logps
 
     was_training = model.training
     model.eval()
@@ -88,8 +97,7 @@ def answer_logps(model, rows: list[dict], pad_id: int, batch_size: int, bf16: bo
         for start in range(0, len(rows), batch_size):
             batch = pad_batch([r[key] for r in rows[start:start + batch_size]], pad_id)
             with autocast(bf16):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out[key].append(sequence_logps(logits.float(), batch["labels"]))
+                out[key].append(summed_answer_logps(model, batch))
     model.train(was_training)
     empty = torch.zeros(0)
     return (torch.cat(out["chosen"]) if out["chosen"] else empty, torch.cat(out["rejected"]) if out["rejected"] else empty)

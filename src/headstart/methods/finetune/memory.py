@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from ...engine.memory import MB, Budget, MemoryPlan, human, plan_micro_batch, resolve_budget, rss_bytes
+from ...engine.memory import (MB, Budget, MemoryPlan, human, plan_micro_batch, resolve_budget, rss_bytes,
+                              saved_activation_bytes)
 
 TRAIN_ACTIVATIONS = 1536 * MB
 """Saved-activation bytes one forward may hold however large the budget: 8 images of efficientnet-lite0 at
@@ -24,27 +25,9 @@ allocated while the saved tensors are freed), measured on efficientnet-lite0."""
 
 
 def train_example_bytes(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd saves for one example's forward in the model's current mode (parameters excluded),
-    times BACKWARD_SLACK. Buffers (BatchNorm statistics) are restored: measuring must not train them."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**example)
-        del out
-    finally:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-    return int(BACKWARD_SLACK * sum(saved.values()))
+    """Bytes autograd saves for one example's forward in the model's current mode (frozen blocks and
+    BatchNorms as they are), times BACKWARD_SLACK."""
+    return int(BACKWARD_SLACK * saved_activation_bytes(model, lambda: model(**example), train=False))
 
 
 def plan_training(model: torch.nn.Module, example: dict[str, torch.Tensor], batch_size: int,
@@ -63,25 +46,3 @@ def plan_training(model: torch.nn.Module, example: dict[str, torch.Tensor], batc
     plan = MemoryPlan(micro, batch_size // micro, plan.checkpointing, fixed + micro * per_example, budget)
     log(f"finetune {plan.describe()}")
     return plan
-
-
-def accumulating(step: Callable, micro_batch: int) -> Callable:
-    """A step loss that runs `step` on parts of `micro_batch` examples, each part's backward done here but the
-    last one's, which the engine does on the returned loss. Its value is the whole batch's mean loss, its
-    gradient the sum of the parts' weighted gradients: the step is the whole-batch step."""
-
-    def run(idx: list[int], progress: float):
-        if len(idx) <= micro_batch:
-            return step(idx, progress)
-        parts = [idx[i:i + micro_batch] for i in range(0, len(idx), micro_batch)]
-        total = 0.0
-        for part in parts[:-1]:
-            loss, _, _ = step(part, progress)
-            (loss * (len(part) / len(idx))).backward()
-            total += loss.item() * len(part)
-        loss, _, _ = step(parts[-1], progress)
-        last = loss * (len(parts[-1]) / len(idx))
-        total += loss.item() * len(parts[-1])
-        return last + (total / len(idx) - last.detach()), {}, len(idx)
-
-    return run

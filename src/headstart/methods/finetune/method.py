@@ -1,18 +1,15 @@
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from ...data import Dataset
-from ...engine.batches import EpochShuffle
-from ...engine.checkpoint import Checkpointer
 from ...engine.features import extraction_batch
+from ...engine.memory import MemoryPlan
 from ...engine.perf import tune_allocator
-from ...engine.schedule import layerwise_param_groups, warmup_cosine_schedule
-from ...engine.trainer import TrainSettings, train
-from ..base import FitContext, FitResult, SpecialistModel, loader_for
-from ..training import BestEpoch, TrainedMethod, cross_entropy_step, evaluate_split, init_head_from_probe
+from ...engine.schedule import layerwise_param_groups
+from ..base import FitContext, SpecialistModel
+from ..training import TrainedMethod
 from .config import FinetuneConfig
-from .memory import accumulating, plan_training
+from .memory import plan_training
 
 
 class Finetune(TrainedMethod):
@@ -50,36 +47,11 @@ class Finetune(TrainedMethod):
         if self.config.bn_stats == "frozen":
             model.base.freeze_batchnorm()
 
-    def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
-        """TrainedMethod's fit with a memory plan: each batch runs in micro-batches that fit the budget."""
-        method = self.resolved(backbone.kind)  # a copy: this method object is never changed by a fit
-        cfg = method.config
-        torch.manual_seed(ctx.seed)
-        model = method.prepare(backbone, len(data.classes), cfg)
-        train_split, val = data.selection_splits(ctx.seed, cfg.early_stopping)
-        load = loader_for(backbone.kind)
-        if cfg.head_init == "probe":
-            init_head_from_probe(model, train_split, len(data.classes), ctx)
-        groups = method.param_groups(model, cfg)
-        method.set_mode(model, cfg.epochs - 1)  # the last epoch has every block open: the most memory
+    def plan_memory(self, model: SpecialistModel, train_split, load, cfg: FinetuneConfig,
+                    ctx: FitContext) -> MemoryPlan:
+        """The micro-batch that fits the budget with every block open, the allocator setting, the eval batch."""
+        self.set_mode(model, cfg.epochs - 1)  # the last epoch has every block open: the most memory
         plan = plan_training(model, model.collate([load(train_split.items[0])], False), cfg.batch_size,
                              ctx.memory_budget, ctx.log)
         tune_allocator(plan.budget, plan.estimate)
-        evaluate = None
-        if val is not None and len(val):  # inference: its batch is planned like feature extraction's
-            evaluate = lambda: evaluate_split(model, val, load, extraction_batch(model.base, 64, plan.budget),  # noqa: E731
-                                              cfg.label_smoothing)
-        best = BestEpoch(evaluate, cfg.patience, cfg.epochs, ctx.log)
-        out = train(model, plan=EpochShuffle(len(train_split), cfg.batch_size, cfg.epochs, ctx.seed),
-                    step_loss=accumulating(cross_entropy_step(model, train_split, load, cfg.label_smoothing),
-                                           plan.micro_batch),
-                    param_groups=groups, hooks=[best], set_mode=lambda epoch: method.set_mode(model, epoch),
-                    settings=TrainSettings(lr_schedule=warmup_cosine_schedule(cfg.warmup_ratio), grad_clip=1.0,
-                                           loss_key="train_loss"),
-                    checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
-                    progress=ctx.progress, log=ctx.log)
-        return FitResult(model=model.eval(), history=out.history, train_s=out.train_s, examples_per_s=out.per_s,
-                         is_main_process=out.is_main_process, config=cfg, training=out.training_facts(),
-                         details={"best_epoch": best.best["epoch"], "selection_examples": len(val) if val else 0,
-                                  "num_processes": out.num_processes, "micro_batch": plan.micro_batch,
-                                  "memory_estimate_mb": plan.estimate // (1 << 20)})
+        return dataclasses.replace(plan, eval_batch=extraction_batch(model.base, 64, plan.budget))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...core.errors import DataError
+from ...engine.memory import MemoryPlan
 from ..base import FitContext, FitResult, Method
 from .config import SFTConfig
 
@@ -50,10 +51,6 @@ def trainable_adapter(start: LMStart, cfg: SFTConfig, method: str, log: Callable
     bf16 = bf16_enabled(cfg.bf16, strict=True)
     model = start.model
     if not start.continues_adapter:
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-            model.config.use_cache = False
         model = add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.targets())
         model.peft_config["default"].base_model_name_or_path = start.base["name"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -81,7 +78,7 @@ class SFT(AdapterMethod):
 
     def fit(self, start: LMStart, data: TuningData, ctx: FitContext) -> FitResult:
         from ...engine.batches import LengthGrouped
-        from ...llm.tokenize import pack_rows, pad_batch
+        from ...llm.tokenize import IGNORE, pack_rows, pad_batch
         from ...llm.train import answer_loss, response_loss
 
         cfg = self.config
@@ -104,8 +101,11 @@ class SFT(AdapterMethod):
             return answer_loss(model, batch), {}, int(batch["attention_mask"].sum())
 
         lengths = [len(r["input_ids"]) for r in train_rows]
+        longest = [train_rows[max(range(len(lengths)), key=lengths.__getitem__)]]
+        plan = memory_plan(model, lambda: answer_loss(model, pad_batch(longest, pad_id)), max(lengths), cfg, bf16, ctx)
+        scored = [sum(t != IGNORE for t in r["labels"][1:]) for r in train_rows]  # the loss averages over these
         run = adapter_training(model, LengthGrouped(lengths, cfg.batch_size, cfg.epochs, ctx.seed), step_loss, cfg,
-                               bf16, ctx)
+                               bf16, ctx, plan, loss_weight=lambda idx: sum(scored[i] for i in idx))
         after, tokens = response_loss(model, held_rows, pad_id, cfg.batch_size, bf16)
         ctx.log(f"held-out loss after: {after:.4f} (before {before:.4f})")
         # The held-out loss is taken here, on the rows trained against: the "before" exists only before training.
@@ -120,15 +120,33 @@ class QloraSFT(SFT):
     quantize = "nf4"
 
 
-def adapter_training(model, plan, step_loss, cfg: SFTConfig, bf16: bool, ctx: FitContext):
-    """The engine run of an sft/dpo method: the adapter's parameters, the config's rates, the run's checkpoints."""
+def memory_plan(model, loss_of_costliest: Callable[[], Any], tokens: int, cfg: SFTConfig, bf16: bool,
+                ctx: FitContext) -> MemoryPlan:
+    """Micro-batch and checkpointing of an sft/dpo run within the run's memory budget (llm/footprint.py)."""
+    from ...llm.footprint import plan_adapter_memory
+    from ...llm.train import autocast
+
+    def one_example():
+        with autocast(bf16):
+            return loss_of_costliest()
+
+    return plan_adapter_memory(model, one_example, tokens=tokens, batch_size=cfg.batch_size,
+                               checkpointing=cfg.gradient_checkpointing, micro_batch=cfg.micro_batch,
+                               budget=ctx.memory_budget, log=ctx.log)
+
+
+def adapter_training(model, plan, step_loss, cfg: SFTConfig, bf16: bool, ctx: FitContext, memory: MemoryPlan,
+                     loss_weight: Callable[[list[int]], float] | None = None):
+    """The engine run of an sft/dpo method: the adapter's parameters, the config's rates, the run's checkpoints,
+    the memory plan's micro-batches (`loss_weight`: a part's weight in the batch's mean loss)."""
     from ...engine.checkpoint import Checkpointer
     from ...llm.train import train_adapter
 
     return train_adapter(model, plan=plan, step_loss=step_loss, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          warmup_ratio=cfg.warmup_ratio, bf16=bf16, checkpoint_every=cfg.checkpoint_every,
                          checkpoint=Checkpointer(ctx.checkpoint_dir, fingerprint=ctx.fingerprint, resume=ctx.resume),
-                         progress=ctx.progress, log=ctx.log)
+                         progress=ctx.progress, log=ctx.log,
+                         micro_batch=memory.micro_batch if memory.accumulation > 1 else 0, loss_weight=loss_weight)
 
 
 def training_result(model, run, held_out: dict[str, Any], bf16: bool, config: SFTConfig) -> FitResult:
