@@ -12,7 +12,7 @@ from headstart.engine.memory import GB, MB, Budget, MemoryBudgetError, parse_siz
 from headstart.llm import lm_head
 
 from conftest import assert_clean_error, headstart_cli
-from test_llm_tasks import ANSWERS, QUIET, alpaca_rows, write_jsonl
+from test_llm_tasks import QUIET, alpaca_rows, tiny_lora_and_batch, write_jsonl
 
 TINY = {"epochs": 2, "batch_size": 4, "lr": 5e-3, "max_length": 96, "side_by_side": 0, "bf16": "false", "dropout": 0.0}
 
@@ -48,16 +48,10 @@ def test_a_trained_head_takes_the_plain_path_and_gets_its_gradient():
 
 
 def test_summed_answer_logps_equal_the_logits_path_of_dpo():
-    from headstart.llm.model import add_lora, load_lm
-    from headstart.llm.tokenize import encode_chat, pad_batch
     from headstart.llm.train import summed_answer_logps
     from headstart.methods.dpo.maths import sequence_logps
 
-    model, tokenizer, _ = load_lm("tiny-llm")
-    peft_model = add_lora(model, r=4)
-    rows = [encode_chat(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 96)
-            for q, a in list(ANSWERS.items())[:3]]
-    batch = pad_batch(rows, tokenizer.pad_token_id)
+    peft_model, batch = tiny_lora_and_batch()
     with torch.no_grad():
         logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(summed_answer_logps(peft_model, batch), sequence_logps(logits, batch["labels"]),

@@ -176,15 +176,20 @@ def test_cli_fit_generate_evaluate_export(sft_files, tmp_path):
     assert_clean_error(headstart_cli("generate", tmp_path / "nowhere", "hi"), "bundle")
 
 
-def test_answer_loss_equals_the_models_own_loss():
+def tiny_lora_and_batch():
+    """(tiny-llm with a fresh LoRA adapter, a padded batch of three colour answers)."""
     from headstart.llm.model import add_lora, load_lm
     from headstart.llm.tokenize import encode_chat, pad_batch
-    from headstart.llm.train import answer_loss
 
     model, tokenizer, _ = load_lm("tiny-llm")
-    peft_model = add_lora(model, r=4)
     rows = [encode_chat(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 96)
             for q, a in list(ANSWERS.items())[:3]]
-    batch = pad_batch(rows, tokenizer.pad_token_id)
+    return add_lora(model, r=4), pad_batch(rows, tokenizer.pad_token_id)
+
+
+def test_answer_loss_equals_the_models_own_loss():
+    from headstart.llm.train import answer_loss
+
+    peft_model, batch = tiny_lora_and_batch()
     with torch.no_grad():
         torch.testing.assert_close(answer_loss(peft_model, batch), peft_model(**batch).loss, atol=1e-5, rtol=1e-5)
