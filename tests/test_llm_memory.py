@@ -140,3 +140,21 @@ def test_qlora_generation_on_float_copies_gives_the_4bit_answer_and_restores_the
             dense = peft_model(input_ids=ids).logits
     torch.testing.assert_close(dense, four_bit, atol=1e-4, rtol=1e-4)
     assert not any("forward" in m.__dict__ for m in layers)
+
+
+def test_the_plan_takes_the_fastest_candidate_the_budget_allows():
+    """A roomy budget trains without checkpointing, whole batches, glibc keeping freed blocks; a budget with
+    no room for glibc's retention checkpoints and returns freed blocks; each estimate fits its budget."""
+    from headstart.engine.memory import rss_bytes
+    from headstart.llm.footprint import plan_adapter_memory
+    from headstart.llm.train import answer_loss
+
+    peft_model, batch = tiny_lora_and_batch()
+    plans, logs = [], []
+    for budget in (Budget(rss_bytes() + 8 * GB, "test"), Budget(int(rss_bytes() * 1.1) + 16 * MB, "test")):
+        plans.append(plan_adapter_memory(peft_model, lambda: answer_loss(peft_model, batch), tokens=96, batch_size=4,
+                                         checkpointing="auto", micro_batch=0, budget=budget, log=logs.append))
+    roomy, tight = plans
+    assert (roomy.checkpointing, roomy.micro_batch) == ("off", 4) and "keeps freed blocks" in logs[0]
+    assert tight.checkpointing == "on" and "go back to the OS" in logs[2]
+    assert all(p.estimate <= p.budget.bytes for p in plans)

@@ -21,8 +21,8 @@ DEFAULT_LM = "smollm2-135m"
 
 class SFTTask(Task):
     # Not classify's tune_allocator() (keep freed memory): on the alpaca LoRA epoch (smollm2-135m, 2 cores) the
-    # never-unmapping heap fragmented to a 21.4 GB peak. `start` hands large freed blocks back instead
-    # (engine.memory.release_freed_memory).
+    # never-unmapping heap fragmented to a 21.4 GB peak. The memory plan (llm/footprint.py) chooses glibc's
+    # behaviour from the budget.
     summary = "instruction / chat JSONL -> a generator (LoRA or QLoRA adapter on a causal LM)"
     default_method = "lora"
     inputs = frozenset({"eval"})
@@ -54,10 +54,8 @@ class SFTTask(Task):
         return TuningData(str(data), train, held, skipped, held_from)
 
     def start(self, base, init: Path | None, data, method, settings: FitSettings) -> Start:
-        from ..engine.memory import release_freed_memory
         from ..methods.sft import LMStart
 
-        release_freed_memory()
 
         if init is None:
             from ..llm.model import load_lm
