@@ -92,7 +92,8 @@ def optimizer_bytes(opt) -> int:
 def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
     import torch
 
-    from headstart.engine.memory import release_freed_memory, rss_bytes
+    from headstart.engine.memory import rss_bytes
+    from headstart.engine.perf import release_freed_memory
     from headstart.engine.trainer import autocast
     from headstart.llm.footprint import plan_adapter_memory
     from headstart.llm.data import load_sft_examples

@@ -102,7 +102,9 @@ class TimmImageBackbone(Backbone):
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, D]
-        if self.training or torch.is_grad_enabled() or _exporting():  # training: the trainer's plan sizes the batch
+        # Training (any module in train mode: AdaBN's BatchNorms average over exactly the batch given) or
+        # gradients: the caller sized the batch. Tracing and exporting need the plain graph.
+        if torch.is_grad_enabled() or _exporting() or any(m.training for m in self.model.modules()):
             return self._features(pixel_values)
         # Inference holds one layer's activations at a time, so any caller's batch (predict, evaluate,
         # serve) runs in parts of INFERENCE_ACTIVATIONS: the same features in bounded memory.
@@ -129,7 +131,7 @@ class TimmImageBackbone(Backbone):
                     largest_io[0], largest_out[0] = max(largest_io[0], seen), max(largest_out[0], output.nbytes)
 
             handles = [m.register_forward_hook(record) for m in self.model.modules() if next(m.children(), None) is None]
-            was_training = self.training
+            modes = [(m, m.training) for m in self.modules()]  # each module's own mode comes back (AdaBN)
             try:
                 self.eval()
                 with torch.no_grad():
@@ -137,7 +139,8 @@ class TimmImageBackbone(Backbone):
             finally:
                 for h in handles:
                     h.remove()
-                self.train(was_training)
+                for m, training in modes:
+                    m.training = training
             pixels = 4 * size[0] * size[1] * size[2]
             self._example_bytes[size] = int(ALLOCATOR_SLACK * (largest_io[0] + largest_out[0])) + pixels
         return self._example_bytes[size]

@@ -13,12 +13,9 @@ the numbers (`MemoryBudgetError`) instead of being killed by the OOM killer half
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import re
 import resource
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,29 +208,6 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-RELEASE_THRESHOLD = 64 << 10
-
-
-def release_freed_memory() -> bool:
-    """Have glibc hand every block of 64 KB or more straight back to the OS when it is freed.
-
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so an
-    LLM step's activations end up in a heap it cannot shrink: smollm2-135m, 4 x 512 tokens with
-    checkpointing, held 4.5 GB resident for 0.5 GB of live tensors; with a fixed 64 KB threshold, 2.0 GB
-    at the same step time (the large blocks are few, and their page faults are cheap next to the matmuls).
-    Also undoes MALLOC_MMAP_MAX_=0 (the keep-everything setting image training uses). No-op off glibc.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("HEADSTART_NO_MALLOC_TUNING"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return all(libc.mallopt(option, value) == 1 for option, value in (
-            (_M_MMAP_MAX, 1 << 16), (_M_MMAP_THRESHOLD, RELEASE_THRESHOLD), (_M_TRIM_THRESHOLD, 2 * RELEASE_THRESHOLD)))
-    except (OSError, AttributeError):
-        return False
 
 
 def _cgroup_files() -> tuple[Path, Path] | None:

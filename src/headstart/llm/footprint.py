@@ -17,8 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..engine.memory import (Budget, MemoryBudgetError, MemoryPlan, plan_micro_batch, release_freed_memory,
-                             resolve_budget, rss_bytes, saved_activation_bytes)
+from ..engine.memory import (Budget, MemoryBudgetError, MemoryPlan, plan_micro_batch, resolve_budget, rss_bytes,
+                             saved_activation_bytes)
+from ..engine.perf import release_freed_memory
 from .lm_head import CHUNK_ROWS
 
 CANDIDATES = (("off", True, 1.16), ("on", True, 2.7), ("on", False, 1.0), ("off", False, 1.0))
