@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .engine.memory import resolve_budget  # no torch: `headstart --help` stays fast
-
 if TYPE_CHECKING:
     from .bases.backbone import Backbone
     from .bundle.classifier import Specialist
@@ -45,8 +43,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
         tasks: Multi-task instead of `data`: `name=data` pairs (or a dict) learned by one shared body with a
             head per task (`load(out, head=name)`, `predict --task name`).
         task_temperature: Multi-task: tasks are drawn in proportion to size^(1/T) (1: by size, large: uniform).
-        init: A bundle to start from instead of a fresh base (dpo from an sft bundle); `base=<bundle
-            folder>` is the older spelling. Recorded as the manifest's `parent`.
+        init: A bundle to start from (dpo from an sft bundle; `base=<bundle>` also works): the manifest's `parent`.
         shots: classify: keep this many training examples per class (0: none; zeroshot and auto run).
         eval: sft/dpo: a held-out JSONL file (default: a seeded share of the training file).
         target: classify: unlabelled target-domain data for adabn, coral, dann, selftrain (a path or a
@@ -67,6 +64,7 @@ def fit(data: "str | Path | Dataset | None" = None, base: "str | Backbone | None
     >>> fit("../shared/data/trec", base="minilm-l6", method="probe", shots=8).manifest["metrics"]["accuracy"]
     """
     from .engine.checkpoint import drop_checkpoints, run_checkpoint_dir
+    from .engine.memory import resolve_budget
     from .engine.perf import peak_memory_mb
     from .engine.trainer import is_main_process
     from .methods.base import FitContext

@@ -103,8 +103,10 @@ class TimmImageBackbone(Backbone):
     # -- model ---------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, D]
         # Training (any module in train mode: AdaBN's BatchNorms average over exactly the batch given) or
-        # gradients: the caller sized the batch. Tracing and exporting need the plain graph.
-        if torch.is_grad_enabled() or _exporting() or any(m.training for m in self.model.modules()):
+        # gradients: the caller sized the batch. Tracing and exporting need the plain graph. A LoRA model
+        # may route rows to adapters by position (PEFT's adapter_names): it needs the whole batch.
+        if torch.is_grad_enabled() or _exporting() or any(m.training or hasattr(m, "lora_A")
+                                                           for m in self.model.modules()):
             return self._features(pixel_values)
         # Inference holds one layer's activations at a time, so any caller's batch (predict, evaluate,
         # serve) runs in parts of INFERENCE_ACTIVATIONS: the same features in bounded memory.
