@@ -63,7 +63,12 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (the kernel's high-water mark)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * 1024 if os.uname().sysname == "Linux" else peak
+    return peak * 1024 if os.uname().sysname == "Linux" else peak  # kB on Linux, bytes on macOS
+
+
+def training_state_bytes(model) -> int:
+    """Bytes training adds for the parameters that require a gradient: the gradient and AdamW's two moments."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def available_bytes() -> int:

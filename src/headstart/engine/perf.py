@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import resource
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -69,5 +68,6 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform.startswith("linux") else rss / (1024 * 1024)
+    from .memory import MB, peak_rss_bytes
+
+    return peak_rss_bytes() / MB

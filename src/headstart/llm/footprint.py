@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..engine.memory import (Budget, MemoryBudgetError, MemoryPlan, plan_micro_batch, resolve_budget, rss_bytes,
-                             saved_activation_bytes)
+                             saved_activation_bytes, training_state_bytes)
 from ..engine.perf import release_freed_memory
 from .lm_head import CHUNK_ROWS
 
@@ -54,8 +54,7 @@ def plan_adapter_memory(model, one_example: Callable[[], torch.Tensor], *, token
     # checkpointed: every layer's input (fp32 residual stream) + one layer recomputed with its gradients
     checkpointed = layers * tokens * width * 4 + 2 * full // layers
     costs = {"on": int(checkpointed * ALLOCATOR_SLACK), "off": int(full * ALLOCATOR_SLACK)}
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    fixed = rss_bytes() + 3 * trainable + 4 * CHUNK_ROWS * config.vocab_size * 4  # grads + AdamW; head chunks
+    fixed = rss_bytes() + training_state_bytes(model) + 4 * CHUNK_ROWS * config.vocab_size * 4  # + head chunks
     allowed = {"true": ("on",), "false": ("off",)}.get(checkpointing, ("on", "off"))
     plan, error = None, None
     for mode, keep, factor in CANDIDATES:

@@ -3,8 +3,8 @@ from the run's budget and the measured cost of one example.
 
 Training holds, per example, every activation autograd saves for the backward pass: 125 MB an image for
 efficientnet-lite0 at 288 px (all blocks open), so the default batch of 16 in one forward took 2 GB of
-activations on top of the runtime (0.9 GB: torch, timm). Splitting it into micro-batches, one backward each, gives the same
-gradient (the batch's mean loss is the size-weighted mean of the parts') for a fraction of the memory.
+activations on top of the runtime (0.9 GB: torch, timm). Splitting it into micro-batches, one backward each,
+gives the same gradient (the batch's mean loss is the size-weighted mean of the parts') for a fraction of the memory.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ...engine.memory import (MB, Budget, MemoryPlan, human, plan_micro_batch, resolve_budget, rss_bytes,
-                              saved_activation_bytes)
+                              saved_activation_bytes, training_state_bytes)
 
 TRAIN_ACTIVATIONS = 1536 * MB
 """Saved-activation bytes one forward may hold however large the budget: 8 images of efficientnet-lite0 at
@@ -37,8 +37,7 @@ def plan_training(model: torch.nn.Module, example: dict[str, torch.Tensor], batc
     example does not fit: the weights, their gradients and AdamW's two moments plus one example's activations."""
     budget = budget or resolve_budget(None)
     per_example = train_example_bytes(model, example)
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    fixed = rss_bytes() + 3 * trainable  # gradients + AdamW's exp_avg and exp_avg_sq
+    fixed = rss_bytes() + training_state_bytes(model)
     plan = plan_micro_batch(budget, fixed=fixed, per_example={"off": per_example}, batch_size=batch_size,
                             what=f"finetune ({human(per_example)} of activations an example)")
     fast = max(1, TRAIN_ACTIVATIONS // per_example)
