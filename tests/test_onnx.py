@@ -232,7 +232,14 @@ def test_int8_on_a_real_minilm_bundle(tmp_path, data_root):
     got, quantized = commands.load(fp32).outputs(texts), commands.load(int8).outputs(texts)
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
-    assert (quantized.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    # int8 moves a row's logits by ~0.4 (median of the largest per row): only near-ties may flip. The
+    # overall agreement of this recipe ranged 97.8-99.2% over runs and CPUs (9% of its test rows have a
+    # margin under one logit); a confident label that flips is a defect on any machine.
+    ranked = np.sort(expected, 1)
+    confident = ranked[:, -1] - ranked[:, -2] >= 1.0
+    agree = quantized.argmax(1) == expected.argmax(1)
+    assert agree[confident].all(), f"{(~agree[confident]).sum()} labels with a margin of 1 logit or more flipped"
+    assert agree.mean() >= 0.97
     accuracy = commands.evaluate(bundle, trec)["accuracy"]
     assert commands.evaluate(int8, trec)["accuracy"] >= accuracy - 0.01
     assert int8.stat().st_size < 0.7 * fp32.stat().st_size
