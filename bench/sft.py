@@ -148,8 +148,9 @@ def main() -> None:
     result["settings"] = {"epochs": args.epochs, "train_rows": sum(1 for _ in open(train)), "cores": os.cpu_count(),
                           "date": time.strftime("%Y-%m-%d"), "memory_limit_mb": args.memory_limit,
                           "baseline": args.baseline}
-    # A --limit run is a separate comparison: its results go under their own keys ("lora_limit200", ...).
-    suffix = f"_limit{args.limit}" if args.limit else ""
+    # A --limit or --memory-limit run is a separate comparison: its results go under their own keys
+    # ("lora_limit200", "lora_mem8192", ...).
+    suffix = (f"_limit{args.limit}" if args.limit else "") + (f"_mem{args.memory_limit}" if args.memory_limit else "")
     if suffix:
         result[f"settings{suffix}"] = result.pop("settings")
         result["settings"] = previous_settings

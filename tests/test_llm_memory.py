@@ -143,8 +143,9 @@ def test_qlora_generation_on_float_copies_gives_the_4bit_answer_and_restores_the
 
 
 def test_the_plan_takes_the_fastest_candidate_the_budget_allows():
-    """A roomy budget trains without checkpointing, whole batches, glibc keeping freed blocks; a budget with
-    no room for glibc's retention checkpoints and returns freed blocks; each estimate fits its budget."""
+    """A roomy budget trains without checkpointing, two sequences per forward (the fastest on a CPU), glibc
+    keeping freed blocks; a budget with no room for glibc's retention returns freed blocks; each estimate
+    fits its budget; a batch of one is never split."""
     from headstart.engine.memory import rss_bytes
     from headstart.llm.footprint import plan_adapter_memory
     from headstart.llm.train import answer_loss
@@ -155,6 +156,11 @@ def test_the_plan_takes_the_fastest_candidate_the_budget_allows():
         plans.append(plan_adapter_memory(peft_model, lambda: answer_loss(peft_model, batch), tokens=96, batch_size=4,
                                          checkpointing="auto", micro_batch=0, budget=budget, log=logs.append))
     roomy, tight = plans
-    assert (roomy.checkpointing, roomy.micro_batch) == ("off", 4) and "keeps freed blocks" in logs[0]
-    assert tight.checkpointing == "on" and "go back to the OS" in logs[2]
+    assert (roomy.checkpointing, roomy.micro_batch, roomy.accumulation) == ("off", 2, 2)
+    assert "keeps freed blocks" in logs[0]
+    assert "go back to the OS" in logs[2]
+    assert tight.estimate < roomy.estimate
     assert all(p.estimate <= p.budget.bytes for p in plans)
+    single = plan_adapter_memory(peft_model, lambda: answer_loss(peft_model, batch), tokens=96, batch_size=1,
+                                 checkpointing="auto", micro_batch=0, budget=plans[0].budget, log=logs.append)
+    assert (single.micro_batch, single.accumulation) == (1, 1)

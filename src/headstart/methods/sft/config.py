@@ -38,10 +38,11 @@ class SFTConfig(Config):
     bf16: str = "auto"
     """bfloat16 autocast: `auto` (when the CPU has AVX512-BF16/AMX or a GPU supports it), `true`, `false`."""
     gradient_checkpointing: str = "auto"
-    """Per-layer activation checkpointing: `auto` (the memory plan decides: on for a CPU, where the far
-    smaller working set measured faster too; on a GPU only when needed to fit), `true`, `false`."""
+    """Per-layer activation checkpointing: `auto` (the memory plan decides: off unless the budget needs it;
+    it costs the recompute and, in a tight budget, returning freed memory to the OS), `true`, `false`."""
     micro_batch: int = 0
-    """Sequences per forward, the rest of batch_size accumulated (0: the largest that fits the memory budget)."""
+    """Sequences per forward, the rest of batch_size accumulated (0: the memory plan chooses; on a CPU 2 or 1
+    is fastest when it fits: no padding, a working set that stays in cache)."""
     eval_fraction: float = 0.1
     """Held-out share of the training file for eval loss when no --eval file is given."""
     checkpoint_every: int = 50
