@@ -4,6 +4,7 @@
     python bench/sft.py --methods lora --limit 200    # lora vs TRL on the first 200 rows (keys *_limit200)
     python bench/sft.py --memory-limit 8192 --no-trl  # every fit inside an 8 GB memory cgroup (killed above it)
     python bench/sft.py --limit 64 --baseline 2987ca8 --no-trl   # also the code of that revision, same rows
+    python bench/sft.py --methods "" --trl-checkpointing off     # TRL alone, without checkpointing
 
 Each run is a separate process (peak memory is per run): `headstart fit train.jsonl --task sft --method M
 --eval test.jsonl --json`, 1 epoch, the same settings for TRL (LoRA r=8 alpha=16 all-linear, batch 8,
@@ -116,9 +117,9 @@ def limited(cmd: list[str], limit_mb: int | None) -> list[str]:
     return ["bash", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "limited", *cmd]
 
 
-def run_trl(train: Path, test: Path, epochs: int) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "sft_trl.py"), str(train), str(test), str(epochs)],
-                          capture_output=True, text=True)
+def run_trl(train: Path, test: Path, epochs: int, checkpointing: str = "on") -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "sft_trl.py"), str(train), str(test), str(epochs),
+                           checkpointing], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,6 +129,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="lora,qlora")
     p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--trl-checkpointing", choices=("on", "off"), default="on",
+                   help="TRL's gradient checkpointing: on (its default) or off (its fastest on a CPU)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training rows (a quick check)")
     p.add_argument("--memory-limit", type=int, default=None, metavar="MB",
@@ -161,7 +164,8 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
                        check=True, capture_output=True)
     try:
-        runs = [(m, None) for m in args.methods.split(",")] + [(m, baseline) for m in args.methods.split(",") if baseline]
+        methods = [m for m in args.methods.split(",") if m]  # --methods "" runs TRL alone
+        runs = [(m, None) for m in methods] + [(m, baseline) for m in methods if baseline]
         for method, source in runs:
             key = method + ("_baseline" if source else "") + suffix
             print(f"== headstart {key}", flush=True)
@@ -179,7 +183,7 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=2))
     if not args.no_trl:
         print(f"== TRL SFTTrainer (lora){suffix}", flush=True)
-        result["trl_lora" + suffix] = run_trl(train, test, args.epochs)
+        result["trl_lora" + suffix] = run_trl(train, test, args.epochs, args.trl_checkpointing)
         print(json.dumps(result["trl_lora" + suffix]), flush=True)
         out_path.write_text(json.dumps(result, indent=2))
     print(table(result, suffix))
