@@ -119,7 +119,8 @@ def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
         with autocast(bf16, "cpu"):
             return answer_loss(model, longest)
 
-    # the sft method's plan (checkpointing on a CPU; micro-batches only when the budget asks for them)
+    # the sft method's plan (on a CPU: 2 per forward without checkpointing when the budget has room); the
+    # profile is one forward + backward of the plan's micro-batch: each accumulated part repeats its peak
     plan = plan_adapter_memory(model, one_example, tokens=int(longest["input_ids"].shape[1]), batch_size=batch,
                                checkpointing=cfg.gradient_checkpointing, micro_batch=cfg.micro_batch, budget=None,
                                log=lambda line: None)
@@ -127,8 +128,8 @@ def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     model.train()
-    for step in range(1):  # one step (8 x 512 tokens is slow on 2 cores): the first step's peaks are the run's
-        rows_ = [encoded[(step * batch + i) % len(encoded)] for i in range(batch)]
+    for step in range(1):  # one micro-batch (slow on 2 cores): the first step's peaks are the run's
+        rows_ = [encoded[(step * batch + i) % len(encoded)] for i in range(plan.micro_batch)]
         padded = pad_batch([{**r, "input_ids": r["input_ids"][:length], "labels": r["labels"][:length]}
                             for r in rows_], tokenizer.pad_token_id)
         t0 = time.perf_counter()
@@ -141,6 +142,7 @@ def run_sft(quantize: str | None, batch: int, length: int, rows: int) -> dict:
         opt.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
     return finish(phases, runtime, opt, {"config": f"sft-{'qlora' if quantize else 'lora'}", "batch": batch,
+                                         "micro_batch": plan.micro_batch,
                                          "length": int(padded["input_ids"].shape[1]), "bf16": bf16,
                                          "gradient_checkpointing": checkpointing, "step_s": round(step_s, 2),
                                          "plan_estimate_mb": plan.estimate >> 20})
