@@ -184,6 +184,9 @@ def main() -> None:
     if not args.no_trl:
         print(f"== TRL SFTTrainer (lora){suffix}", flush=True)
         result["trl_lora" + suffix] = run_trl(train, test, args.epochs, args.trl_checkpointing)
+        result["trl_lora" + suffix]["date"] = time.strftime("%Y-%m-%d")
+        if not methods and not suffix:  # TRL alone: the headstart results of the last full run keep their settings
+            result["settings"] = previous_settings
         print(json.dumps(result["trl_lora" + suffix]), flush=True)
         out_path.write_text(json.dumps(result, indent=2))
     print(table(result, suffix))
