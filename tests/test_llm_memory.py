@@ -164,3 +164,7 @@ def test_the_plan_takes_the_fastest_candidate_the_budget_allows():
     single = plan_adapter_memory(peft_model, lambda: answer_loss(peft_model, batch), tokens=96, batch_size=1,
                                  checkpointing="auto", micro_batch=0, budget=plans[0].budget, log=logs.append)
     assert (single.micro_batch, single.accumulation) == (1, 1)
+    pairs = plan_adapter_memory(peft_model, lambda: answer_loss(peft_model, batch), tokens=96, batch_size=4,
+                                checkpointing="auto", micro_batch=0, budget=plans[0].budget, log=logs.append,
+                                sequences_per_example=2)
+    assert (pairs.micro_batch, pairs.accumulation) == (1, 4)  # one pair = two sequences per forward

@@ -55,7 +55,7 @@ freed blocks returned: the plan estimated 3.96 GB where smollm2-135m lora, batch
 
 def plan_adapter_memory(model, one_example: Callable[[], torch.Tensor], *, tokens: int, batch_size: int,
                         checkpointing: str, micro_batch: int, budget: Budget | None,
-                        log: Callable[[str], None]) -> MemoryPlan:
+                        log: Callable[[str], None], sequences_per_example: int = 1) -> MemoryPlan:
     """Choose checkpointing, allocator and micro-batch for training `model`'s adapter within `budget`: the
     fastest of CANDIDATES that fits (on a CPU: no checkpointing in micro-batches of 2 or 1 with glibc keeping
     freed blocks, then the same with checkpointing, then freed blocks returned to the OS, the smallest and
@@ -63,8 +63,9 @@ def plan_adapter_memory(model, one_example: Callable[[], torch.Tensor], *, token
 
     `one_example()` runs the loss of the costliest example (autocast as in training); `tokens` is its
     padded length in all (both answers of a pair). `checkpointing`: auto / true / false. A `micro_batch`
-    > 0 is the user's choice and is only checked against the budget. Enables checkpointing on `model`
-    and sets the allocator when the plan says so.
+    > 0 is the user's choice and is only checked against the budget. `sequences_per_example`: 2 for a
+    preference pair, so the candidates' micro-batches (counted in sequences) hold as many sequences.
+    Enables checkpointing on `model` and sets the allocator when the plan says so.
     """
     budget = budget or resolve_budget(None)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -83,7 +84,8 @@ def plan_adapter_memory(model, one_example: Callable[[], torch.Tensor], *, token
         if micro_batch:
             sizes = [min(micro_batch, batch_size)]
         elif candidate.micro_batches:
-            sizes = [m for m in candidate.micro_batches if batch_size % m == 0]
+            per_forward = {max(1, m // sequences_per_example) for m in candidate.micro_batches}
+            sizes = sorted((m for m in per_forward if batch_size % m == 0), reverse=True)
         else:
             sizes = None
         try:

@@ -51,7 +51,7 @@ class DPO(AdapterMethod):
 
         costliest = max(range(len(train_rows)), key=lambda i: pair_tokens(train_rows[i]))
         memory = memory_plan(model, lambda: step_loss([costliest], 0.0)[0], pair_tokens(train_rows[costliest]), cfg,
-                             bf16, ctx)
+                             bf16, ctx, sequences_per_example=2)  # a pair: chosen + rejected
         plan = EpochShuffle(len(train_rows), cfg.batch_size, cfg.epochs, ctx.seed)
         run = adapter_training(model, plan, step_loss, cfg, bf16, ctx, memory)
         after = preference_eval(model, held_rows, ref_held, pad_id, cfg, bf16)

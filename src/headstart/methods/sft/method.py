@@ -121,7 +121,7 @@ class QloraSFT(SFT):
 
 
 def memory_plan(model, loss_of_costliest: Callable[[], Any], tokens: int, cfg: SFTConfig, bf16: bool,
-                ctx: FitContext) -> MemoryPlan:
+                ctx: FitContext, sequences_per_example: int = 1) -> MemoryPlan:
     """Micro-batch and checkpointing of an sft/dpo run within the run's memory budget (llm/footprint.py)."""
     from ...llm.footprint import plan_adapter_memory
     from ...llm.train import autocast
@@ -132,7 +132,7 @@ def memory_plan(model, loss_of_costliest: Callable[[], Any], tokens: int, cfg: S
 
     return plan_adapter_memory(model, one_example, tokens=tokens, batch_size=cfg.batch_size,
                                checkpointing=cfg.gradient_checkpointing, micro_batch=cfg.micro_batch,
-                               budget=ctx.memory_budget, log=ctx.log)
+                               budget=ctx.memory_budget, log=ctx.log, sequences_per_example=sequences_per_example)
 
 
 def adapter_training(model, plan, step_loss, cfg: SFTConfig, bf16: bool, ctx: FitContext, memory: MemoryPlan,
