@@ -232,16 +232,19 @@ def test_int8_on_a_real_minilm_bundle(tmp_path, data_root):
     got, quantized = commands.load(fp32).outputs(texts), commands.load(int8).outputs(texts)
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
-    # int8 moves a row's logits by ~0.4 (median of the largest per row): only near-ties may flip. The
-    # overall agreement of this recipe ranged 97.8-99.2% over runs and CPUs (9% of its test rows have a
-    # margin under one logit); a confident label that flips is a defect on any machine.
-    ranked = np.sort(expected, 1)
-    confident = ranked[:, -1] - ranked[:, -2] >= 1.0
+    # What the recipe controls is how far int8 moves the logits; which labels flip then depends on how many
+    # rows are near-ties, which varies with the trained model (9% of rows here have a margin under one logit).
+    # Over 4 training seeds on one CPU: per-row largest shift median 0.41-0.47, 99th percentile 1.00-1.01,
+    # agreement 97.8-99.2%, accuracy -0.8 to +0.4 points.
+    shift = np.abs(quantized - expected).max(1)
     agree = quantized.argmax(1) == expected.argmax(1)
-    assert agree[confident].all(), f"{(~agree[confident]).sum()} labels with a margin of 1 logit or more flipped"
-    assert agree.mean() >= 0.97
     accuracy = commands.evaluate(bundle, trec)["accuracy"]
-    assert commands.evaluate(int8, trec)["accuracy"] >= accuracy - 0.01
+    accuracy_int8 = commands.evaluate(int8, trec)["accuracy"]
+    seen = (f"shift median {np.median(shift):.2f}, p99 {np.quantile(shift, 0.99):.2f}, agreement {agree.mean():.3f}, "
+            f"accuracy {accuracy:.3f} -> {accuracy_int8:.3f}")
+    assert np.median(shift) <= 0.6 and np.quantile(shift, 0.99) <= 1.5, seen
+    assert agree.mean() >= 0.97, seen
+    assert accuracy_int8 >= accuracy - 0.01, seen
     assert int8.stat().st_size < 0.7 * fp32.stat().st_size
 
 
