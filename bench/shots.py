@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/shots.py                          # every group (~75 min on 2 cores)
     .venv/bin/python bench/shots.py --groups text --seeds 3  # groups: text, images, zeroshot, library
+    .venv/bin/python bench/shots.py --groups library --library-base mpnet-base --library-shots 8,64 --library-seeds 5
 
 `library` needs the setfit library in the benchmark environment (`pip install -r bench/requirements.txt`);
 headstart never depends on it. Prints tables and writes bench/results/shots.json (after every group)
@@ -95,33 +96,37 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_library(seeds: int, shots: tuple[int, ...], report: dict) -> None:
-    """The setfit library vs headstart's setfit on identical subsets, back to back, each in its own process."""
-    rows = report.setdefault("library", [])
+def bench_library(seeds: int, shots: tuple[int, ...], report: dict, base: str = "minilm-l6") -> None:
+    """The setfit library vs headstart's setfit on identical subsets and the same body, back to back, each in
+    its own process. Rows are kept per (base, dataset, shots, seed): a rerun replaces its own rows only."""
+    rows = report.setdefault("library", saved().get("library", []))
     for name in ("sst5", "emotion"):
         for k in shots:
             for seed in range(seeds):
-                lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed)])
-                ours = run_json([sys.executable, "-m", "headstart.cli", "fit", str(DATA / name), "--base", "minilm-l6",
+                lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed),
+                                base])
+                ours = run_json([sys.executable, "-m", "headstart.cli", "fit", str(DATA / name), "--base", base,
                                  "--method", "setfit", "--shots", str(k), "--seed", str(seed), "--json"])
-                rows.append({"dataset": name, "shots": k, "seed": seed, "library_accuracy": lib["accuracy"],
-                             "library_train_s": lib["train_s"], "headstart_accuracy": ours["accuracy"],
-                             "headstart_train_s": ours["train_s"]})
-                log(f"library {name} {k} shots seed {seed}: lib {lib['accuracy']:.3f} in {lib['train_s']:.0f} s, "
+                key = {"base": base, "dataset": name, "shots": k, "seed": seed}  # "run" dates the row
+                rows[:] = [r for r in rows if {f: r.get(f, "minilm-l6") for f in key} != key]
+                rows.append({**key, "run": report["started"], "library_accuracy": lib["accuracy"], "library_train_s": lib["train_s"],
+                             "headstart_accuracy": ours["accuracy"], "headstart_train_s": ours["train_s"]})
+                log(f"library {base} {name} {k} shots seed {seed}: lib {lib['accuracy']:.3f} in {lib['train_s']:.0f} s, "
                     f"headstart {ours['accuracy']:.3f} in {ours['train_s']:.0f} s")
                 save(report)
-    print("\n## setfit library vs headstart setfit (same subsets, same minilm-l6 body)\n"
-          "| dataset | shots | seeds | library acc | headstart acc | library train s (median) | headstart train s "
-          "(median) | time ratio |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print(f"\n## setfit library vs headstart setfit (same subsets, same {base} body)\n"
+          "| dataset | shots | seeds | published SetFit | library acc | headstart acc | library train s (median) | "
+          "headstart train s (median) | time ratio |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in ("sst5", "emotion"):
         for k in shots:
-            sel = [r for r in rows if r["dataset"] == name and r["shots"] == k]
+            sel = [r for r in rows if r["dataset"] == name and r["shots"] == k and r.get("base", "minilm-l6") == base]
             if not sel:
                 continue
             la, ha = [r["library_accuracy"] for r in sel], [r["headstart_accuracy"] for r in sel]
             lt = statistics.median(r["library_train_s"] for r in sel)
             ht = statistics.median(r["headstart_train_s"] for r in sel)
-            print(f"| {name} | {k} | {len(sel)} | {_ms(la)} | {_ms(ha)} | {lt:.0f} | {ht:.0f} | {ht / lt:.3f} |", flush=True)
+            print(f"| {name} | {k} | {len(sel)} | {PUBLISHED.get((name, k), '')} | {_ms(la)} | {_ms(ha)} | {lt:.0f} | "
+                  f"{ht:.0f} | {ht / lt:.3f} |", flush=True)
 
 
 def anchors(report: dict) -> None:
@@ -145,10 +150,15 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"
 
 
+def saved() -> dict:
+    path = RESULTS / "shots.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "shots.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = saved()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**old, **report}, indent=1))
     os.replace(tmp, path)
@@ -160,6 +170,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--library-seeds", type=int, default=3)
     p.add_argument("--library-shots", default="8")
+    p.add_argument("--library-base", default="minilm-l6", help="the body both setfits train: minilm-l6 or mpnet-base")
     args = p.parse_args()
     report: dict = {"seeds": args.seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for group in args.groups.split(","):
@@ -172,7 +183,8 @@ def main() -> None:
         elif group == "zeroshot":
             bench_zeroshot(report)
         elif group == "library":
-            bench_library(args.library_seeds, tuple(int(s) for s in args.library_shots.split(",")), report)
+            bench_library(args.library_seeds, tuple(int(s) for s in args.library_shots.split(",")), report,
+                          args.library_base)
         else:
             raise SystemExit(f"unknown group {group!r}")
         report.setdefault("group_s", {})[group] = round(time.perf_counter() - t0, 1)

@@ -115,6 +115,16 @@ def test_fit_base_auto_fits_the_best_ranked_base(tiny_text_csv, monkeypatch):
     assert any(m.startswith(f"base auto: {best} ranks first") for m in messages)
 
 
+def test_default_ranking_leaves_out_a_base_not_fetched_yet(tiny_text_csv, monkeypatch, tmp_path):
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path))  # mpnet-base is not in this cache
+    monkeypatch.delenv("HEADSTART_MPNET_DIR", raising=False)
+    monkeypatch.setitem(rank_module.DEFAULT_CANDIDATES, "text", ["tiny-text", "mpnet-base"])
+    messages: list[str] = []
+    ranking = headstart.rank(tiny_text_csv, progress=False, log=messages.append)
+    assert [c.base for c in ranking.candidates] == ["tiny-text"]
+    assert any("mpnet-base left out (not fetched yet" in m for m in messages)
+
+
 def test_cli_rank_json_and_errors(tiny_image_folder):
     result = headstart_cli("rank", tiny_image_folder, "--bases", "tiny-image", "--layers", "all", "--json")
     assert result.returncode == 0, result.stderr[-2000:]

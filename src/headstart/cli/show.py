@@ -17,7 +17,7 @@ def bases(specs: list, args: Namespace) -> None:
         return
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
-        note = "" if r["available"] else f"  (unavailable: {r['why']})"
+        note = "" if r["available"] else f"  ({'' if r.get('downloads_on_first_use') else 'unavailable: '}{r['why']})"
         print(f"{r['name']:<20}{r['kind']:<11}{params:>8}  {r['source']}{note}")
 
 

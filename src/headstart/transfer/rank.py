@@ -24,7 +24,7 @@ from ..data.sampling import stratified_subsample
 from .scores import hscore, knn_accuracy, leep, logme, nce
 
 DEFAULT_CANDIDATES = {"image": ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"],
-                      "text": ["minilm-l6", "smollm2-135m"]}
+                      "text": ["minilm-l6", "mpnet-base", "smollm2-135m"]}
 SCORE_NAMES = ("logme", "nce", "leep", "hscore", "knn")
 
 
@@ -105,7 +105,7 @@ def rank(data: "str | Path | Any", bases: Sequence[str] | str | None = None, lay
         raise ConfigError(f"rank by one of {', '.join(SCORE_NAMES)}, not {by!r}")
     t0 = time.perf_counter()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, seed=seed)
-    names = _names(bases) or DEFAULT_CANDIDATES[dataset.kind]
+    names = _names(bases) or _default_candidates(dataset.kind, log)
     train = _stratified(dataset.split(split), max_examples, seed)
     labels = np.asarray(train.labels)
     if len(np.unique(labels)) < 2:
@@ -156,6 +156,20 @@ def _source_probs(backbone, final: torch.Tensor) -> np.ndarray | None:
         return None
     head.eval()
     return torch.softmax(head(final.float()).double(), dim=1).numpy()
+
+
+def _default_candidates(kind: str, log: Callable[[str], None]) -> list[str]:
+    """The built-in candidates, less those that would start a download (mpnet-base's 439 MB) to be ranked."""
+    from ..bases import get_base_spec
+
+    names = []
+    for name in DEFAULT_CANDIDATES[kind]:
+        spec = get_base_spec(name)
+        if spec is not None and spec.downloads_on_first_use and spec.missing():
+            log(f"rank: {name} left out (not fetched yet; --bases {name} includes it and downloads it once)")
+        else:
+            names.append(name)
+    return names
 
 
 def _names(bases: Sequence[str] | str | None) -> list[str]:
