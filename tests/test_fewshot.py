@@ -113,6 +113,26 @@ def test_fit_leaves_the_method_config_unchanged_and_returns_the_one_it_used(tiny
             torch.testing.assert_close(restored(**restored.collate(texts)), result.model(**result.model.collate(texts)))
 
 
+def test_zeroshot_names_coded_labels_and_asks_for_descriptions(tmp_path):
+    from conftest import write_table
+
+    rows = [(f"question {i}", label) for i, label in enumerate(["ABBR", "HUM", "LOC"] * 4)]
+    write_table(tmp_path / "train.csv", rows)
+    write_table(tmp_path / "test.csv", rows)
+    said: list[str] = []
+    headstart.fit(tmp_path, base="tiny-text", method="zeroshot", shots=0, label_text={"HUM": "a person"},
+                  progress=False, log=said.append)
+    hint = [m for m in said if m.startswith("zero-shot: label(s)")]
+    assert len(hint) == 1 and "ABBR, LOC" in hint[0] and "--label-text \"ABBR=" in hint[0]
+
+
+def test_lm_answers_lower_case_codes_unless_two_would_collide():
+    from headstart.methods.lm_scoring import default_prompt_spec
+
+    assert default_prompt_spec(["ABBR", "HUM"], {}, [], None, True).label_lines == ["abbr", "hum"]
+    assert default_prompt_spec(["NUM", "num"], {}, [], None, True).label_lines == ["NUM", "num"]
+
+
 def test_zeroshot_on_an_image_base_without_text_tower_is_a_clear_error(tiny_image_folder):
     with pytest.raises(ConfigError, match="text tower"):
         headstart.fit(tiny_image_folder, base="tiny-image", method="zeroshot", shots=0, **QUIET)

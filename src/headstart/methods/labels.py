@@ -79,3 +79,20 @@ def label_phrases(classes: list[str], descriptions: dict[str, str]) -> list[str]
 def fill_templates(phrase: str, templates: list[str]) -> list[str]:
     """`phrase` put into each template's `{}` (a template without `{}` gets the phrase appended)."""
     return [t.replace("{}", phrase) if "{}" in t else f"{t} {phrase}".strip() for t in templates] or [phrase]
+
+
+JARGON = {"ham"}
+"""Label names that are domain jargon (`ham` = not spam): what a base reads as something else."""
+
+
+def code_like(classes: list[str], descriptions: dict[str, str]) -> list[str]:
+    """Labels without a description whose name is a code (`ABBR`, `NUM`, `LOC`, `c3`) or known jargon.
+
+    >>> code_like(["ABBR", "HUM", "positive", "ham", "spam"], {"HUM": "a person"})
+    ['ABBR', 'ham']
+    """
+    def coded(name: str) -> bool:
+        word = readable(name)
+        return (word.lower() in JARGON or (name.isupper() and len(word) <= 5)
+                or any(ch.isdigit() for ch in word) or len(word) <= 2)
+    return [c for c in classes if not descriptions.get(c) and coded(c)]

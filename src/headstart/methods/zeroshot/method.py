@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ...data import Dataset
 from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method, SpecialistModel
-from ..labels import fill_templates, label_phrases, parse_label_text
+from ..labels import code_like, fill_templates, label_phrases, parse_label_text
 from ..prototype.method import cosine_model, cosine_state, set_cosine_head
 from .config import ZeroShotConfig
 
@@ -33,6 +33,12 @@ class ZeroShot(Method):
         cfg = self.config
         t0 = time.perf_counter()
         descriptions = parse_label_text(cfg.label_text, data.classes)
+        coded = code_like(data.classes, descriptions)
+        if coded:
+            ctx.log(f"zero-shot: label(s) {', '.join(coded)} look like codes or jargon that a base cannot read from "
+                    f"the name; describe each, e.g. --label-text \"{coded[0]}=<what a {coded[0]} text is>\" (a similarity "
+                    "base then matches the description; a causal LM still answers with the name, so plain-word "
+                    "label names help it most)")
         scoring = self.scoring_for(backbone.kind)
         if scoring == "likelihood" and backbone.kind != "causal_lm":
             raise ConfigError(f"scoring='likelihood' needs a causal LM base (e.g. smollm2-135m); "
