@@ -1,7 +1,7 @@
 """Few-shot benchmark (issue 3): accuracy vs shots, the setfit library side by side, zero-shot variants.
 
     .venv/bin/python bench/shots.py                          # every group (~75 min on 2 cores)
-    .venv/bin/python bench/shots.py --groups text --seeds 3  # groups: text, images, zeroshot, library
+    .venv/bin/python bench/shots.py --groups text --seeds 3  # groups: text, images, zeroshot, zeroshot-floor, library
     .venv/bin/python bench/shots.py --groups library --library-base mpnet-base --library-shots 8,64 --library-seeds 5
 
 `library` needs the setfit library in the benchmark environment (`pip install -r bench/requirements.txt`);
@@ -87,6 +87,57 @@ def bench_zeroshot(report: dict, n_test: int = 500) -> None:
     for r in rows:
         print(f"| {r['dataset']} | {r['base']} | {r['scoring']} | {r['labels']} | {r['accuracy']:.3f} | "
               f"{r['macro_f1']:.3f} | {r['wall_s']} |", flush=True)
+
+
+ALL_TEXT_SETS = ("ag_news", "banking77", "clinc150", "cr", "emotion", "mpqa", "mr", "sms_spam", "sst2", "sst5", "subj",
+                 "trec")
+
+
+def bench_zeroshot_floor(report: dict, n_llm: int = 300, llm_max_classes: int = 6) -> None:
+    """Zero-shot from label names alone vs always answering the commonest class, on every text dataset here.
+
+    minilm-l6 (similarity) on the whole evaluation split; smollm2-135m (likelihood) on a seeded n_llm-row
+    subset of it where the labels are few enough to score each one per row; the majority baseline on the
+    same rows each time (its class taken from the training split, as a user's would be)."""
+    from headstart.core.metrics import classification_metrics
+    import torch
+
+    rows = []
+    for name in ALL_TEXT_SETS:
+        full = headstart.load_dataset(DATA / name)
+        for base in ("minilm-l6", "smollm2-135m"):
+            data = full
+            if base == "smollm2-135m":
+                if len(full.classes) > llm_max_classes:
+                    continue
+                test = full.split(full.eval_split)
+                keep = sorted(random.Random(0).sample(range(len(test)), min(n_llm, len(test))))
+                data = replace(full, splits={**full.splits, full.eval_split: test.subset(keep)})
+            said: list[str] = []
+            t0 = time.perf_counter()
+            spec = headstart.fit(data, base=base, method="zeroshot", shots=0, progress=False, log=said.append)
+            m = spec.manifest["metrics"]
+            labels = data.split(data.eval_split).labels
+            commonest = max(range(len(full.classes)), key=full.split("train").labels.count)
+            majority = classification_metrics(torch.full((len(labels),), commonest), torch.tensor(labels),
+                                              full.classes)
+            rows.append({"dataset": name, "base": base, "classes": len(full.classes), "rows": len(labels),
+                         "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+                         "majority_accuracy": round(majority["accuracy"], 4),
+                         "majority_macro_f1": round(majority["macro_f1"], 4),
+                         "hint": next((x for x in said if x.startswith("zero-shot: label(s)")), ""),
+                         "wall_s": round(time.perf_counter() - t0, 1)})
+            log(f"zeroshot-floor {name} {base}: F1 {m['macro_f1']:.3f} vs majority {majority['macro_f1']:.3f}")
+            report["zeroshot_floor"] = rows
+            save(report)
+    print("\n## zero-shot from label names vs the majority class (macro-F1 / accuracy)\n"
+          "| dataset | classes | base | rows | zero-shot F1 | majority F1 | zero-shot acc | majority acc | "
+          "codes flagged |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for r in rows:
+        below = " (below)" if r["macro_f1"] < r["majority_macro_f1"] else ""
+        print(f"| {r['dataset']} | {r['classes']} | {r['base']} | {r['rows']} | {r['macro_f1']:.3f}{below} | "
+              f"{r['majority_macro_f1']:.3f} | {r['accuracy']:.3f} | {r['majority_accuracy']:.3f} | "
+              f"{'yes' if r['hint'] else ''} |", flush=True)
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -182,6 +233,8 @@ def main() -> None:
             bench_images(args.seeds, report)
         elif group == "zeroshot":
             bench_zeroshot(report)
+        elif group == "zeroshot-floor":
+            bench_zeroshot_floor(report)
         elif group == "library":
             bench_library(args.library_seeds, tuple(int(s) for s in args.library_shots.split(",")), report,
                           args.library_base)
