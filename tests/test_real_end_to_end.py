@@ -77,10 +77,11 @@ def test_hymenoptera_adapts_to_dark_blurry_photos(data_root, tmp_path):
                           out=tmp_path / "adapted", progress=False, log=lambda *_: None)
     rep = run.report
     assert rep["test_examples"] == 153 and rep["target_examples"] == 244
-    # The shift costs accuracy (oracle > source-only) and self-training wins some of it back
-    # (bench/adapt.py measured 0.830 -> 0.908 of a 0.915 oracle).
-    assert rep["oracle_accuracy"] > rep["source_only_accuracy"] + 0.03, rep
-    assert rep["accuracy"] > rep["source_only_accuracy"], rep
+    # The shift costs accuracy (oracle > source-only) and self-training wins a clear part back. With the
+    # isotropic probe head (2026-12-04) source-only holds up better: 0.863 -> 0.915, oracle 0.889 (the
+    # per-dimension standardised head: bench/adapt.py 0.830 -> 0.908 of a 0.915 oracle).
+    assert rep["oracle_accuracy"] > rep["source_only_accuracy"], rep
+    assert rep["accuracy"] > rep["source_only_accuracy"] + 0.03, rep
     loaded = headstart.load(tmp_path / "adapted")
     assert loaded.manifest["adaptation"]["gap_closed"] == pytest.approx(rep["gap_closed"])
     assert loaded.evaluate(shifted, progress=False)["accuracy"] == pytest.approx(rep["accuracy"])
