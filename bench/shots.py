@@ -147,11 +147,12 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_library(seeds: int, shots: tuple[int, ...], report: dict, base: str = "minilm-l6") -> None:
+def bench_library(seeds: int, shots: tuple[int, ...], report: dict, base: str = "minilm-l6",
+                  datasets: tuple[str, ...] = ("sst5", "emotion")) -> None:
     """The setfit library vs headstart's setfit on identical subsets and the same body, back to back, each in
     its own process. Rows are kept per (base, dataset, shots, seed): a rerun replaces its own rows only."""
     rows = report.setdefault("library", saved().get("library", []))
-    for name in ("sst5", "emotion"):
+    for name in datasets:
         for k in shots:
             for seed in range(seeds):
                 lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed),
@@ -222,6 +223,7 @@ def main() -> None:
     p.add_argument("--library-seeds", type=int, default=3)
     p.add_argument("--library-shots", default="8")
     p.add_argument("--library-base", default="minilm-l6", help="the body both setfits train: minilm-l6 or mpnet-base")
+    p.add_argument("--library-datasets", default="sst5,emotion")
     args = p.parse_args()
     report: dict = {"seeds": args.seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for group in args.groups.split(","):
@@ -237,7 +239,7 @@ def main() -> None:
             bench_zeroshot_floor(report)
         elif group == "library":
             bench_library(args.library_seeds, tuple(int(s) for s in args.library_shots.split(",")), report,
-                          args.library_base)
+                          args.library_base, tuple(args.library_datasets.split(",")))
         else:
             raise SystemExit(f"unknown group {group!r}")
         report.setdefault("group_s", {})[group] = round(time.perf_counter() - t0, 1)
