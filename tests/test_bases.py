@@ -395,6 +395,7 @@ def test_mpnet_is_fetched_once_and_matches_sentence_transformers():
 
 def test_mpnet_is_listed_before_it_is_fetched(monkeypatch, tmp_path):
     monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path))
+    monkeypatch.delenv("HEADSTART_MPNET_DIR", raising=False)
     row = get_base_spec("mpnet-base").to_json()
     assert row["available"] is False and "first use downloads it" in row["why"]
     assert row["params"] == 108895872 and row["license"] == "apache-2.0"
