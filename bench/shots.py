@@ -62,14 +62,18 @@ def bench_images(seeds: int, report: dict) -> None:
     print("\n## flowers17, 8 shots: trained methods\n" + format_shots_table(res), flush=True)
 
 
+def seeded_eval_subset(data, n: int):
+    """`data` with its evaluation split cut to a seeded sample of n rows (all of them when it has fewer)."""
+    test = data.split(data.eval_split)
+    keep = sorted(random.Random(0).sample(range(len(test)), min(n, len(test))))
+    return replace(data, splits={**data.splits, data.eval_split: test.subset(keep)})
+
+
 def bench_zeroshot(report: dict, n_test: int = 500) -> None:
     """Label names vs descriptions, encoder similarity (minilm-l6) vs LLM likelihood (smollm2-135m)."""
     rows = []
     for name in ("trec", "emotion"):
-        data = headstart.load_dataset(DATA / name)
-        test = data.split("test")
-        keep = sorted(random.Random(0).sample(range(len(test)), min(n_test, len(test))))
-        data = replace(data, splits={**data.splits, "test": test.subset(keep)})
+        data = seeded_eval_subset(headstart.load_dataset(DATA / name), n_test)
         for base in ("minilm-l6", "smollm2-135m"):
             for labels in ("names", "descriptions"):
                 opts = {"label_text": [str(LABELS / f"{name}.yaml")]} if labels == "descriptions" else {}
@@ -110,9 +114,7 @@ def bench_zeroshot_floor(report: dict, n_llm: int = 300, llm_max_classes: int = 
             if base == "smollm2-135m":
                 if len(full.classes) > llm_max_classes:
                     continue
-                test = full.split(full.eval_split)
-                keep = sorted(random.Random(0).sample(range(len(test)), min(n_llm, len(test))))
-                data = replace(full, splits={**full.splits, full.eval_split: test.subset(keep)})
+                data = seeded_eval_subset(full, n_llm)
             said: list[str] = []
             t0 = time.perf_counter()
             spec = headstart.fit(data, base=base, method="zeroshot", shots=0, progress=False, log=said.append)

