@@ -1,7 +1,7 @@
 """Few-shot benchmark (issue 3): accuracy vs shots, the setfit library side by side, zero-shot variants.
 
     .venv/bin/python bench/shots.py                          # every group (~75 min on 2 cores)
-    .venv/bin/python bench/shots.py --groups text --seeds 3  # groups: text, images, zeroshot, zeroshot-floor, library
+    .venv/bin/python bench/shots.py --groups text --seeds 3  # groups: text, images, views, zeroshot, zeroshot-floor, library
     .venv/bin/python bench/shots.py --groups library --library-base mpnet-base --library-shots 8,64 --library-seeds 5
 
 `library` needs the setfit library in the benchmark environment (`pip install -r bench/requirements.txt`);
@@ -12,6 +12,7 @@ number comes from a run made by this script; the published SetFit figures are qu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -60,6 +61,34 @@ def bench_images(seeds: int, report: dict) -> None:
                     seeds=min(seeds, 2), out=RESULTS / "shots" / "flowers17-8shot", progress=False, log=log)
     report.setdefault("images", {})["flowers17-8shot"] = res["results"]
     print("\n## flowers17, 8 shots: trained methods\n" + format_shots_table(res), flush=True)
+
+
+VIEW_PLAN = (("flowers17", "efficientnet-lite2"), ("flowers17", "efficientnet-lite0"),
+             ("hymenoptera", "efficientnet-lite0"), ("hymenoptera", "efficientnet-lite2"),
+             ("caltech101_subset20", "efficientnet-lite0"))
+
+
+def bench_views(seeds: int, report: dict, plan=VIEW_PLAN, shots: int = 8) -> None:
+    """The probe on each image feature view (`--image-features`), 8 shots/class: flowers17's 0.90 target, and
+    whether what lifts it holds on the other image sets. Rows are kept per (dataset, base, view)."""
+    rows = report.setdefault("image_views", saved().get("image_views", []))
+    for (name, base), view in itertools.product(plan, ("pooled", "flip", "stages")):
+        res = run_shots(DATA / name, base=base, methods=("probe",), shots=(shots,), seeds=seeds,
+                        method_options={"probe": {"image_features": view}}, progress=False, log=log)
+        r = res["results"][0]
+        key = {"dataset": name, "base": base, "view": view, "shots": shots}
+        rows[:] = [x for x in rows if {f: x[f] for f in key} != key]
+        rows.append({**key, "seeds": r["seeds"], "mean": r["mean"], "std": r["std"],
+                     "per_seed": [x["accuracy"] for x in res["runs"] if "accuracy" in x]})
+        log(f"views {name} {base} {view}: {r['mean']:.3f} ± {r['std']:.3f}")
+        save(report)
+    print(f"\n## probe by image feature view ({shots} shots/class, mean ± std over seeds)\n"
+          "| dataset | base | pooled | flip | stages |\n|---|---|---|---|---|", flush=True)
+    for name, base in plan:
+        cells = {x["view"]: f"{x['mean']:.3f} ± {x['std']:.3f}" for x in rows
+                 if x["dataset"] == name and x["base"] == base and x["shots"] == shots}
+        print(f"| {name} | {base} | {cells.get('pooled', '')} | {cells.get('flip', '')} | {cells.get('stages', '')} |",
+              flush=True)
 
 
 def seeded_eval_subset(data, n: int):
@@ -149,25 +178,23 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_library(seeds: int, shots: tuple[int, ...], report: dict, base: str = "minilm-l6",
-                  datasets: tuple[str, ...] = ("sst5", "emotion")) -> None:
+def bench_library(seeds: range, shots: tuple[int, ...], report: dict, base: str = "minilm-l6",
+                  datasets: tuple[str, ...] = ("sst5", "emotion"), run: str = "") -> None:
     """The setfit library vs headstart's setfit on identical subsets and the same body, back to back, each in
     its own process. Rows are kept per (base, dataset, shots, seed): a rerun replaces its own rows only."""
     rows = report.setdefault("library", saved().get("library", []))
-    for name in datasets:
-        for k in shots:
-            for seed in range(seeds):
-                lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed),
-                                base])
-                ours = run_json([sys.executable, "-m", "headstart.cli", "fit", str(DATA / name), "--base", base,
-                                 "--method", "setfit", "--shots", str(k), "--seed", str(seed), "--json"])
-                key = {"base": base, "dataset": name, "shots": k, "seed": seed}  # "run" dates the row
-                rows[:] = [r for r in rows if {f: r.get(f, "minilm-l6") for f in key} != key]
-                rows.append({**key, "run": report["started"], "library_accuracy": lib["accuracy"], "library_train_s": lib["train_s"],
-                             "headstart_accuracy": ours["accuracy"], "headstart_train_s": ours["train_s"]})
-                log(f"library {base} {name} {k} shots seed {seed}: lib {lib['accuracy']:.3f} in {lib['train_s']:.0f} s, "
-                    f"headstart {ours['accuracy']:.3f} in {ours['train_s']:.0f} s")
-                save(report)
+    # seed-major order: a run stopped part-way still covers every dataset
+    for k, seed, name in itertools.product(shots, seeds, datasets):
+        lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed), base])
+        ours = run_json([sys.executable, "-m", "headstart.cli", "fit", str(DATA / name), "--base", base,
+                         "--method", "setfit", "--shots", str(k), "--seed", str(seed), "--json"])
+        key = {"base": base, "dataset": name, "shots": k, "seed": seed}  # "run" dates the row
+        rows[:] = [r for r in rows if {f: r.get(f, "minilm-l6") for f in key} != key]
+        rows.append({**key, "run": run, "library_accuracy": lib["accuracy"], "library_train_s": lib["train_s"],
+                     "headstart_accuracy": ours["accuracy"], "headstart_train_s": ours["train_s"]})
+        log(f"library {base} {name} {k} shots seed {seed}: lib {lib['accuracy']:.3f} in {lib['train_s']:.0f} s, "
+            f"headstart {ours['accuracy']:.3f} in {ours['train_s']:.0f} s")
+        save(report)
     print(f"\n## setfit library vs headstart setfit (same subsets, same {base} body)\n"
           "| dataset | shots | seeds | published SetFit | library acc | headstart acc | library train s (median) | "
           "headstart train s (median) | time ratio |\n|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -214,7 +241,8 @@ def save(report: dict) -> None:
     path = RESULTS / "shots.json"
     old = saved()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**old, **report}, indent=1))
+    merged = {**old, **report, "group_s": {**old.get("group_s", {}), **report.get("group_s", {})}}
+    tmp.write_text(json.dumps(merged, indent=1))
     os.replace(tmp, path)
 
 
@@ -222,13 +250,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--groups", default="library,text,zeroshot,images")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--library-seeds", type=int, default=3)
+    p.add_argument("--library-seeds", type=int, default=3, help="how many seeds (library group)")
+    p.add_argument("--library-first-seed", type=int, default=0,
+                   help="start there: seeds already measured in an earlier run keep their rows")
     p.add_argument("--library-shots", default="8")
     p.add_argument("--library-base", default="minilm-l6", help="the body both setfits train: minilm-l6 or mpnet-base")
     p.add_argument("--library-datasets", default="sst5,emotion")
     args = p.parse_args()
-    report: dict = {"seeds": args.seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for group in args.groups.split(","):
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    groups = args.groups.split(",")
+    # the top-level "seeds"/"started" describe the text and image tables; a library-only rerun keeps them
+    report: dict = {"seeds": args.seeds, "started": started} if {"text", "images"} & set(groups) else {}
+    for group in groups:
         t0 = time.perf_counter()
         if group == "text":
             bench_text(args.seeds, report)
@@ -237,11 +270,14 @@ def main() -> None:
             bench_images(args.seeds, report)
         elif group == "zeroshot":
             bench_zeroshot(report)
+        elif group == "views":
+            bench_views(args.seeds, report)
         elif group == "zeroshot-floor":
             bench_zeroshot_floor(report)
         elif group == "library":
-            bench_library(args.library_seeds, tuple(int(s) for s in args.library_shots.split(",")), report,
-                          args.library_base, tuple(args.library_datasets.split(",")))
+            seeds = range(args.library_first_seed, args.library_first_seed + args.library_seeds)
+            bench_library(seeds, tuple(int(s) for s in args.library_shots.split(",")), report,
+                          args.library_base, tuple(args.library_datasets.split(",")), started)
         else:
             raise SystemExit(f"unknown group {group!r}")
         report.setdefault("group_s", {})[group] = round(time.perf_counter() - t0, 1)

@@ -54,6 +54,11 @@ class Backbone(nn.Module):
         """Change the input resolution (image bases only)."""
         raise ValueError(f"{self.info.name} is a {self.kind} base: it has no image size")
 
+    def set_feature_view(self, view: str) -> None:
+        """Change what the features are made of (image bases only: `bases/image.py` FEATURE_VIEWS)."""
+        if view != "pooled":
+            raise ValueError(f"{self.info.name} ({self.kind} base) offers only the 'pooled' feature view")
+
     @property
     def has_text_tower(self) -> bool:
         """Whether `encode_text` puts texts in the same space as `forward`'s features."""

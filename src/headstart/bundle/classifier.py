@@ -166,7 +166,7 @@ class Specialist(BundleSpecialist):
                               "a loaded base; load it without base=")
         backbone = base if base is not None else load_base(manifest["base"]["name"], pretrained=method.needs_pretrained)
         check_base(manifest, backbone.info.sha256)
-        _match_input_size(folder, manifest, backbone, shared=base is not None)
+        _match_preprocessing(folder, manifest, backbone, shared=base is not None)
         cls.vet_adapter_folders(folder, manifest)
         if set(manifest.get("adapters", {}).values()) - {ADAPTER_DIR}:
             # Classifier methods restore their adapter from the fixed folder (methods/lora, methods/setfit).
@@ -208,16 +208,28 @@ def head_state(folder: Path, manifest: dict[str, Any], head: str, state: dict[st
     return {**{k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX) and k != "center"}, **own}
 
 
-def _match_input_size(folder: Path, manifest: dict[str, Any], backbone, shared: bool) -> None:
-    size = manifest.get("preprocessing", {}).get("input_size")
-    if not size or backbone.kind != "image" or size == backbone.info.preprocessing.get("input_size"):
+def _match_preprocessing(folder: Path, manifest: dict[str, Any], backbone, shared: bool) -> None:
+    """Run the base the way the bundle was trained: its input size and its feature view (both preprocessing)."""
+    pre = manifest.get("preprocessing", {})
+    size, view = pre.get("input_size"), pre.get("features", "pooled")
+    if backbone.kind != "image":
         return
-    if shared:  # resizing would change every other specialist on this base
-        raise BundleError(f"{folder}: trained at input size {size}, the shared base runs at "
-                          f"{backbone.info.preprocessing.get('input_size')}; load it without base=")
-    if not isinstance(size, list) or not size or not isinstance(size[-1], int):
-        raise BundleError(f"{folder}: `preprocessing.input_size` must be a list of integers")
-    try:
-        backbone.set_input_size(size[-1])  # the resolution it was trained at
-    except ValueError as e:
-        raise reraise_as_bundle_error(folder, "its input size does not suit its base", e) from None
+    now = backbone.info.preprocessing
+    if size and size != now.get("input_size"):
+        if shared:  # resizing would change every other specialist on this base
+            raise BundleError(f"{folder}: trained at input size {size}, the shared base runs at "
+                              f"{now.get('input_size')}; load it without base=")
+        if not isinstance(size, list) or not size or not isinstance(size[-1], int):
+            raise BundleError(f"{folder}: `preprocessing.input_size` must be a list of integers")
+        try:
+            backbone.set_input_size(size[-1])  # the resolution it was trained at
+        except ValueError as e:
+            raise reraise_as_bundle_error(folder, "its input size does not suit its base", e) from None
+    if view != now.get("features", "pooled"):
+        if shared:
+            raise BundleError(f"{folder}: trained on the {view!r} feature view, the shared base gives "
+                              f"{now.get('features', 'pooled')!r}; load it without base=")
+        try:
+            backbone.set_feature_view(str(view))
+        except ValueError as e:
+            raise reraise_as_bundle_error(folder, "its feature view does not suit its base", e) from None

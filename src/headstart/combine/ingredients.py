@@ -131,6 +131,10 @@ def _check_compatible(ings: list[Ingredient]) -> None:
         if size != first.manifest.get("preprocessing", {}).get("input_size"):
             raise BundleError(f"{ing.folder}: trained at input size {size}, {first.folder} at "
                               f"{first.manifest.get('preprocessing', {}).get('input_size')}")
+        view = ing.manifest.get("preprocessing", {}).get("features", "pooled")
+        if view != first.manifest.get("preprocessing", {}).get("features", "pooled"):
+            raise BundleError(f"{ing.folder}: trained on the {view!r} feature view, {first.folder} on "
+                              f"{first.manifest.get('preprocessing', {}).get('features', 'pooled')!r}")
 
 
 def same_labels(ings: list[Ingredient]) -> bool:

@@ -263,7 +263,7 @@ class BasePool:
         way = _sharing(folder, manifest)
         if way != "own":
             base = self.shared_base(manifest)
-            if _input_size_matches(manifest, base.backbone):
+            if _preprocessing_matches(manifest, base.backbone):
                 if way == "head":
                     spec = load(folder, base=base.backbone, head=head)
                     return ClassifierRunner(spec.model, spec.classes, base, None, "head")
@@ -353,6 +353,10 @@ def _sharing(folder: Path, manifest: dict[str, Any]) -> str:
     return "own"
 
 
-def _input_size_matches(manifest: dict[str, Any], backbone: Any) -> bool:
-    size = manifest.get("preprocessing", {}).get("input_size")
-    return not size or backbone.kind != "image" or size == backbone.info.preprocessing.get("input_size")
+def _preprocessing_matches(manifest: dict[str, Any], backbone: Any) -> bool:
+    """Whether the shared base already runs at the bundle's input size and feature view."""
+    pre, now = manifest.get("preprocessing", {}), backbone.info.preprocessing
+    if backbone.kind != "image":
+        return True
+    size = pre.get("input_size")
+    return (not size or size == now.get("input_size")) and pre.get("features", "pooled") == now.get("features", "pooled")

@@ -5,6 +5,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import ConfigError
 from ...data import Dataset
 from ...data.sampling import stratified_indices
 from ...engine.features import cached_features
@@ -22,6 +23,14 @@ class Probe(Method):
     def fit(self, backbone, data: Dataset, ctx: FitContext) -> FitResult:
         cfg = self.config
         train = data.split("train")
+        if backbone.kind == "image":  # set even when "pooled": a base handed in may carry another view
+            try:
+                backbone.set_feature_view(cfg.image_features)  # before extraction: the cache is keyed by the view
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif cfg.image_features != "pooled":
+            raise ConfigError(f"image_features={cfg.image_features!r} applies to image bases; "
+                              f"{backbone.info.name} is a {backbone.kind} base")
         t0 = time.perf_counter()
         # The extraction batch and the memory it takes come from the run's budget (engine/features.py).
         x, extracted = cached_features(backbone, train.items, loader_for(backbone.kind), cfg.batch_size,
