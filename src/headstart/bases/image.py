@@ -33,6 +33,11 @@ FEATURE_VIEWS = {
 (lite2: 0.883 -> 0.906) and never helps hymenoptera's ants vs bees, so `pooled` stays the default."""
 
 
+def feature_view_of(preprocessing: dict[str, Any]) -> str:
+    """The feature view a base ran with, from its (or a bundle's) preprocessing record."""
+    return str(preprocessing.get("features", "pooled"))
+
+
 class TimmImageBackbone(Backbone):
     """A timm model without its classifier; `forward(pixel_values)` -> [B, num_features].
 

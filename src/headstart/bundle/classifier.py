@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..bases.image import feature_view_of
 from ..core.errors import BundleError, HeadstartError
 from ..core.metrics import classification_metrics
 from ..data import Dataset, load_image, loader_for
@@ -211,7 +212,7 @@ def head_state(folder: Path, manifest: dict[str, Any], head: str, state: dict[st
 def _match_preprocessing(folder: Path, manifest: dict[str, Any], backbone, shared: bool) -> None:
     """Run the base the way the bundle was trained: its input size and its feature view (both preprocessing)."""
     pre = manifest.get("preprocessing", {})
-    size, view = pre.get("input_size"), pre.get("features", "pooled")
+    size, view = pre.get("input_size"), feature_view_of(pre)
     if backbone.kind != "image":
         return
     now = backbone.info.preprocessing
@@ -225,11 +226,11 @@ def _match_preprocessing(folder: Path, manifest: dict[str, Any], backbone, share
             backbone.set_input_size(size[-1])  # the resolution it was trained at
         except ValueError as e:
             raise reraise_as_bundle_error(folder, "its input size does not suit its base", e) from None
-    if view != now.get("features", "pooled"):
-        if shared:
+    if view != feature_view_of(now):
+        if shared:  # as with resizing: every other specialist on this base would see other features
             raise BundleError(f"{folder}: trained on the {view!r} feature view, the shared base gives "
-                              f"{now.get('features', 'pooled')!r}; load it without base=")
+                              f"{feature_view_of(now)!r}; load it without base=")
         try:
-            backbone.set_feature_view(str(view))
+            backbone.set_feature_view(view)
         except ValueError as e:
             raise reraise_as_bundle_error(folder, "its feature view does not suit its base", e) from None

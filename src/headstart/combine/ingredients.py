@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..bases.image import feature_view_of
 from ..bundle.format import ADAPTER_DIR, read_manifest, read_trained
 from ..bundle.lineage import resolve_bundle
 from ..core.errors import BundleError, ConfigError
@@ -131,10 +132,9 @@ def _check_compatible(ings: list[Ingredient]) -> None:
         if size != first.manifest.get("preprocessing", {}).get("input_size"):
             raise BundleError(f"{ing.folder}: trained at input size {size}, {first.folder} at "
                               f"{first.manifest.get('preprocessing', {}).get('input_size')}")
-        view = ing.manifest.get("preprocessing", {}).get("features", "pooled")
-        if view != first.manifest.get("preprocessing", {}).get("features", "pooled"):
-            raise BundleError(f"{ing.folder}: trained on the {view!r} feature view, {first.folder} on "
-                              f"{first.manifest.get('preprocessing', {}).get('features', 'pooled')!r}")
+        view, first_view = (feature_view_of(i.manifest.get("preprocessing", {})) for i in (ing, first))
+        if view != first_view:
+            raise BundleError(f"{ing.folder}: trained on the {view!r} feature view, {first.folder} on {first_view!r}")
 
 
 def same_labels(ings: list[Ingredient]) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..bases.image import feature_view_of
 from ..bundle.specialist import reraise_as_bundle_error
 from ..core.errors import BundleError
 from .limits import DEFAULT_MAX_ADAPTERS
@@ -359,4 +360,4 @@ def _preprocessing_matches(manifest: dict[str, Any], backbone: Any) -> bool:
     if backbone.kind != "image":
         return True
     size = pre.get("input_size")
-    return (not size or size == now.get("input_size")) and pre.get("features", "pooled") == now.get("features", "pooled")
+    return (not size or size == now.get("input_size")) and feature_view_of(pre) == feature_view_of(now)
