@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import headstart
+from headstart.bases.image import FEATURE_VIEWS
 from headstart.experiments.shots import format_shots_table, run_shots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,27 +69,33 @@ VIEW_PLAN = (("flowers17", "efficientnet-lite2"), ("flowers17", "efficientnet-li
              ("caltech101_subset20", "efficientnet-lite0"))
 
 
-def bench_views(seeds: int, report: dict, plan=VIEW_PLAN, shots: int = 8) -> None:
+def bench_views(seeds: int, report: dict, run: str = "", plan=VIEW_PLAN, shots: int = 8) -> None:
     """The probe on each image feature view (`--image-features`), 8 shots/class: flowers17's 0.90 target, and
     whether what lifts it holds on the other image sets. Rows are kept per (dataset, base, view)."""
     rows = report.setdefault("image_views", saved().get("image_views", []))
-    for (name, base), view in itertools.product(plan, ("pooled", "flip", "stages")):
+    for (name, base), view in itertools.product(plan, FEATURE_VIEWS):
         res = run_shots(DATA / name, base=base, methods=("probe",), shots=(shots,), seeds=seeds,
                         method_options={"probe": {"image_features": view}}, progress=False, log=log)
         r = res["results"][0]
-        key = {"dataset": name, "base": base, "view": view, "shots": shots}
-        rows[:] = [x for x in rows if {f: x[f] for f in key} != key]
-        rows.append({**key, "seeds": r["seeds"], "mean": r["mean"], "std": r["std"],
+        replace_row(rows, {"dataset": name, "base": base, "view": view, "shots": shots},
+                    {"run": run, "seeds": r["seeds"], "mean": r["mean"], "std": r["std"],
                      "per_seed": [x["accuracy"] for x in res["runs"] if "accuracy" in x]})
         log(f"views {name} {base} {view}: {r['mean']:.3f} ± {r['std']:.3f}")
         save(report)
     print(f"\n## probe by image feature view ({shots} shots/class, mean ± std over seeds)\n"
-          "| dataset | base | pooled | flip | stages |\n|---|---|---|---|---|", flush=True)
+          f"| dataset | base | {' | '.join(FEATURE_VIEWS)} |\n|---|---|{'---|' * len(FEATURE_VIEWS)}", flush=True)
     for name, base in plan:
         cells = {x["view"]: f"{x['mean']:.3f} ± {x['std']:.3f}" for x in rows
                  if x["dataset"] == name and x["base"] == base and x["shots"] == shots}
-        print(f"| {name} | {base} | {cells.get('pooled', '')} | {cells.get('flip', '')} | {cells.get('stages', '')} |",
-              flush=True)
+        print(f"| {name} | {base} | {' | '.join(cells.get(v, '') for v in FEATURE_VIEWS)} |", flush=True)
+
+
+def replace_row(rows: list[dict], key: dict, values: dict, defaults: dict | None = None) -> None:
+    """Put the row `key` + `values` in `rows` in place of any row with the same key (a rerun replaces its own
+    rows only); `defaults` fill key fields that rows written before the field existed lack."""
+    defaults = defaults or {}
+    rows[:] = [r for r in rows if {f: r.get(f, defaults.get(f)) for f in key} != key]
+    rows.append({**key, **values})
 
 
 def seeded_eval_subset(data, n: int):
@@ -188,10 +195,10 @@ def bench_library(seeds: range, shots: tuple[int, ...], report: dict, base: str 
         lib = run_json([sys.executable, str(ROOT / "bench" / "setfit_library.py"), name, str(k), str(seed), base])
         ours = run_json([sys.executable, "-m", "headstart.cli", "fit", str(DATA / name), "--base", base,
                          "--method", "setfit", "--shots", str(k), "--seed", str(seed), "--json"])
-        key = {"base": base, "dataset": name, "shots": k, "seed": seed}  # "run" dates the row
-        rows[:] = [r for r in rows if {f: r.get(f, "minilm-l6") for f in key} != key]
-        rows.append({**key, "run": run, "library_accuracy": lib["accuracy"], "library_train_s": lib["train_s"],
-                     "headstart_accuracy": ours["accuracy"], "headstart_train_s": ours["train_s"]})
+        replace_row(rows, {"base": base, "dataset": name, "shots": k, "seed": seed},
+                    {"run": run, "library_accuracy": lib["accuracy"], "library_train_s": lib["train_s"],
+                     "headstart_accuracy": ours["accuracy"], "headstart_train_s": ours["train_s"]},
+                    defaults={"base": "minilm-l6"})  # the first rows predate mpnet-base
         log(f"library {base} {name} {k} shots seed {seed}: lib {lib['accuracy']:.3f} in {lib['train_s']:.0f} s, "
             f"headstart {ours['accuracy']:.3f} in {ours['train_s']:.0f} s")
         save(report)
@@ -271,7 +278,7 @@ def main() -> None:
         elif group == "zeroshot":
             bench_zeroshot(report)
         elif group == "views":
-            bench_views(args.seeds, report)
+            bench_views(args.seeds, report, started)
         elif group == "zeroshot-floor":
             bench_zeroshot_floor(report)
         elif group == "library":

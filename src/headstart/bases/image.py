@@ -84,7 +84,6 @@ class TimmImageBackbone(Backbone):
             architecture=str(model.pretrained_cfg.get("architecture", type(model).__name__)),
         )
         self._example_bytes: dict[tuple, int] = {}
-        self._pooled_dim = int(model.num_features)
         self.feature_view = "pooled"
         self._set_data_config(cfg)
 
@@ -114,7 +113,7 @@ class TimmImageBackbone(Backbone):
         if view == "stages" and not self._staged():
             raise ValueError(f"{self.info.name} has no EfficientNet-style stages: the 'stages' view needs them")
         self.feature_view = view
-        self.info.feature_dim = self._pooled_dim + (self._last_stage_dim() if view == "stages" else 0)
+        self.info.feature_dim = int(self.model.num_features) + (self._last_stage_dim() if view == "stages" else 0)
         self._example_bytes.clear()
         self._set_data_config(self.data_config)
 
