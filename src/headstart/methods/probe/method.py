@@ -73,7 +73,7 @@ def fit_head_with_l2_search(x: torch.Tensor, labels: list[int], num_classes: int
             x_keep, y_keep = x[keep], y[keep]  # one copy for the whole grid, not one per candidate
             losses: dict[float, float] = {}
             for candidate in l2_grid:
-                w, b = fit_linear_head(x_keep, y_keep, num_classes, candidate, max_iter)
+                w, b = fit_linear_head(x_keep, y_keep, num_classes, candidate, max_iter, torch.float32)
                 logits = x[held] @ w.T + b
                 scores[str(candidate)] = (logits.argmax(-1) == y[held]).float().mean().item()
                 losses[candidate] = F.cross_entropy(logits, y[held]).item()
@@ -83,8 +83,8 @@ def fit_head_with_l2_search(x: torch.Tensor, labels: list[int], num_classes: int
     return w, b, l2, scores
 
 
-def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                    max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 200,
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression by full-batch L-BFGS; returns (W [C, D], b [C]) on raw features.
 
     Features are centred and divided by one overall scale for a well-conditioned problem, and the
@@ -94,13 +94,18 @@ def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: floa
     and the probe fell below scikit-learn's plain LogisticRegression on the raw features (flowers17
     0.956 vs 0.974, hymenoptera 0.948 vs 0.954; bench/probe_floor.py). The L2 penalty is therefore
     isotropic, as scikit-learn's is.
+
+    `dtype=torch.float32` halves the time per iteration (clinc150, 150 classes x 15k rows: 8.3 s vs
+    15.8 s per fit) and reaches the same test accuracy, but stops at a gradient near 1e-4 where double
+    precision goes below 1e-7: the L2 search compares candidates in single precision, the head that
+    ships is fitted in double.
     """
-    x = x.double()
+    x = x.to(dtype)
     mean = x.mean(0)
-    scale = x.std(0).square().mean().sqrt().clamp_min(1e-6) if len(x) > 1 else torch.tensor(1.0, dtype=x.dtype)
+    scale = x.std(0).square().mean().sqrt().clamp_min(1e-6) if len(x) > 1 else torch.tensor(1.0, dtype=dtype)
     z = (x - mean) / scale
-    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(num_classes, x.shape[1], dtype=dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-7, tolerance_change=1e-10)
 
