@@ -126,6 +126,36 @@ def test_zeroshot_names_coded_labels_and_asks_for_descriptions(tmp_path):
     assert len(hint) == 1 and "ABBR, LOC" in hint[0] and "--label-text \"ABBR=" in hint[0]
 
 
+def test_jargon_labels_on_a_causal_lm_are_told_to_use_an_answer_word(tmp_path):
+    from conftest import write_table
+
+    rows = [(f"message {i}", label) for i, label in enumerate(["ham", "spam"] * 4)]
+    write_table(tmp_path / "train.csv", rows)
+    write_table(tmp_path / "test.csv", rows)
+    said: list[str] = []
+    headstart.fit(tmp_path, base="tiny-llm", method="zeroshot", shots=0, progress=False, log=said.append)
+    hint = [m for m in said if m.startswith("zero-shot: label(s)")]
+    assert len(hint) == 1 and "ham" in hint[0] and "--answer-word \"ham=" in hint[0]
+    said.clear()  # with an answer word for it, `ham` is no longer flagged, and the LM answers `normal`
+    spec = headstart.fit(tmp_path, base="tiny-llm", method="zeroshot", shots=0, answer_word={"ham": "normal"},
+                         progress=False, log=said.append)
+    assert not [m for m in said if m.startswith("zero-shot: label(s)")]
+    assert spec.model.spec.answers == ["normal", "spam"] and spec.model.spec.classes == ["ham", "spam"]
+    assert spec.manifest["method"]["config"]["answer_word"] == ["ham=normal"]
+    assert set(spec.predict(["hello", "win a prize"])) <= {"ham", "spam"}
+
+
+def test_answer_words_are_checked_like_label_text():
+    from headstart.methods.labels import parse_answer_words
+
+    with pytest.raises(ConfigError, match="answer word for unknown label"):
+        parse_answer_words(["eggs=normal"], ["ham", "spam"])
+    with pytest.raises(ConfigError, match="answers must be distinct"):
+        from headstart.methods.lm_scoring import default_prompt_spec
+
+        default_prompt_spec(["ham", "spam"], {}, [], None, True, answer_words={"ham": "spam"})
+
+
 def test_lm_answers_lower_case_codes_unless_two_would_collide():
     from headstart.methods.lm_scoring import default_prompt_spec
 

@@ -137,6 +137,7 @@ def test_incontext_fit_save_load(tiny_text_csv, tmp_path):
     assert len(prompt["examples"]) == 6 and prompt["classes"] == list(CLASSES)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"]["config"]["label_text"] == ["tech=computers"]
+    assert manifest["method"]["config"]["answer_word"] == []
     assert manifest["details"]["examples_used"] == 6 and manifest["metrics"]["trainable_params"] == 0
     loaded = headstart.load(out)
     torch.testing.assert_close(loaded.predict_proba(TEXTS), spec.predict_proba(TEXTS), atol=1e-5, rtol=0)
@@ -144,6 +145,17 @@ def test_incontext_fit_save_load(tiny_text_csv, tmp_path):
     again = headstart.fit(tiny_text_csv, base="tiny-llm", method="incontext", examples_per_class=2,
                           instruction="Topic?", progress=False, log=lambda _: None)
     assert again.model.spec.examples == spec.model.spec.examples
+
+
+def test_incontext_answer_words_are_what_demonstrations_answer_and_what_is_scored(tiny_text_csv, tmp_path):
+    out = tmp_path / "bundle"
+    spec = headstart.fit(tiny_text_csv, base="tiny-llm", method="incontext", examples_per_class=1, instruction="Topic?",
+                         answer_word=["tech=computing"], progress=False, out=out, log=lambda _: None)
+    assert spec.model.spec.answers == ["food", "sport", "computing"]
+    assert "computing" in spec.model.prompt_text("x") and "tech" not in spec.model.prompt_text("x")
+    loaded = headstart.load(out)
+    assert loaded.model.spec.answers == ["food", "sport", "computing"]  # from prompt.json
+    assert set(loaded.predict(TEXTS)) <= set(CLASSES)  # predictions are the labels, not the answer words
 
 
 def test_incontext_needs_a_causal_lm(tiny_text_csv):

@@ -25,7 +25,7 @@ def normalize_label_text(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def parse_label_text(entries: Iterable[str], classes: list[str]) -> dict[str, str]:
+def parse_label_text(entries: Iterable[str], classes: list[str], what: str = "label text") -> dict[str, str]:
     """`NAME=text` entries and description files -> {class name: description} for known classes.
 
     >>> parse_label_text(["NUM=a question asking for a number"], ["HUM", "NUM"])
@@ -41,11 +41,23 @@ def parse_label_text(entries: Iterable[str], classes: list[str]) -> dict[str, st
         out[name.strip()] = text.strip()
     unknown = sorted(set(out) - set(classes))
     if unknown:
-        raise ConfigError(f"label text for unknown label(s) {', '.join(unknown)}; the labels are: {', '.join(classes)}")
+        raise ConfigError(f"{what} for unknown label(s) {', '.join(unknown)}; the labels are: {', '.join(classes)}")
     empty = sorted(k for k, v in out.items() if not v)
     if empty:
-        raise ConfigError(f"empty label text for {', '.join(empty)}")
+        raise ConfigError(f"empty {what} for {', '.join(empty)}")
     return out
+
+
+def parse_answer_words(entries: Iterable[str], classes: list[str]) -> dict[str, str]:
+    """`NAME=word` entries (or a JSON/YAML file): the word a causal LM answers for a label instead of its name.
+
+    A label name the LM reads as something else (`ham` for "not spam") cannot be fixed by a description:
+    the LM still has to answer `ham`. Answering `normal` can.
+
+    >>> parse_answer_words(["ham=normal"], ["ham", "spam"])
+    {'ham': 'normal'}
+    """
+    return parse_label_text(entries, classes, what="answer word")
 
 
 def _read_file(path: Path) -> dict[str, str]:

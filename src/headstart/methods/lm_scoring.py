@@ -91,17 +91,21 @@ class PromptSpec:
 
 
 def default_prompt_spec(classes: list[str], descriptions: dict[str, str], examples: list[tuple[str, int]],
-                        instruction: str | None, calibrate: bool, seed: int = 0) -> PromptSpec:
+                        instruction: str | None, calibrate: bool, seed: int = 0,
+                        answer_words: dict[str, str] | None = None) -> PromptSpec:
     """The prompt `incontext` and `zeroshot` use: readable label names as answers (all-caps codes lower-cased:
-    a small LM splits `ABBR` into pieces it never saw as a word), `name: description` lines, demonstrations
-    interleaved by class.
+    a small LM splits `ABBR` into pieces it never saw as a word) unless `answer_words` names another word for
+    a label, `answer: description` lines, demonstrations interleaved by class.
 
     >>> default_prompt_spec(["HUM", "NUM"], {"NUM": "a number"}, [], None, True).label_lines
     ['hum', 'num: a number']
+    >>> default_prompt_spec(["ham", "spam"], {}, [], None, True, answer_words={"ham": "normal"}).answers
+    ['normal', 'spam']
     """
     answers = [readable(c).lower() if readable(c).isupper() else readable(c) for c in classes]
     if len(set(answers)) < len(answers):  # `NUM` and `num` both labels: keep the names as they are
         answers = [readable(c) for c in classes]
+    answers = [(answer_words or {}).get(c) or a for a, c in zip(answers, classes)]
     lines = [f"{a}: {descriptions[c]}" if descriptions.get(c) else a for a, c in zip(answers, classes)]
     instruction = instruction or ("Classify the text into one of these categories. "
                                   "Reply with the category name only.")

@@ -16,6 +16,9 @@ class InContextConfig(Config):
     label_text: list[str] = field(default_factory=list)
     """Label descriptions listed in the prompt: `NAME=text` entries or a JSON/YAML file (the manifest stores
     the resolved `NAME=text` entries)."""
+    answer_word: list[str] = field(default_factory=list)
+    """The answer the LM gives (and is scored on) for a label instead of its name: `NAME=word` entries or a
+    JSON/YAML file (`ham=normal`: a small LM reads `ham` as food). The demonstrations answer with it too."""
     instruction: str | None = None
     """The task instruction before the label list; unset: "Classify the text into one of these categories.
     Reply with the category name only."."""
@@ -35,3 +38,4 @@ class InContextConfig(Config):
         if self.instruction is not None and not str(self.instruction).strip():
             raise ValueError("instruction must not be empty (leave it unset for the default)")
         self.label_text = normalize_label_text(self.label_text)
+        self.answer_word = normalize_label_text(self.answer_word)

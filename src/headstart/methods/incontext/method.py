@@ -7,7 +7,7 @@ from ...data import Dataset
 from ...data.sampling import per_class_sample
 from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method
-from ..labels import parse_label_text
+from ..labels import parse_answer_words, parse_label_text
 from ..lm_scoring import LabelScoringModel, LMScoringMixin, default_prompt_spec
 from .config import InContextConfig
 
@@ -29,12 +29,15 @@ class InContext(LMScoringMixin, Method):
         cfg = self.config
         t0 = time.perf_counter()
         descriptions = parse_label_text(cfg.label_text, data.classes)
-        # The manifest records the resolved descriptions (self-contained); a copy, so `self.config` is unchanged.
-        used = dataclasses.replace(cfg, label_text=[f"{k}={v}" for k, v in descriptions.items()])
+        words = parse_answer_words(cfg.answer_word, data.classes)
+        # The manifest records the resolved entries (self-contained); a copy, so `self.config` is unchanged.
+        used = dataclasses.replace(cfg, label_text=[f"{k}={v}" for k, v in descriptions.items()],
+                                   answer_word=[f"{k}={v}" for k, v in words.items()])
         train = data.split("train")
         chosen = sample_examples(train.labels, len(data.classes), cfg.examples_per_class, ctx.seed)
         examples = [(train.items[i], train.labels[i]) for i in chosen]
-        spec = default_prompt_spec(data.classes, descriptions, examples, cfg.instruction, cfg.calibrate, ctx.seed)
+        spec = default_prompt_spec(data.classes, descriptions, examples, cfg.instruction, cfg.calibrate, ctx.seed,
+                                   words)
         model = LabelScoringModel(backbone, spec, length_norm=cfg.length_norm, batch_size=cfg.batch_size)
         model.calibrate_()
         model.eval()

@@ -15,6 +15,10 @@ class ZeroShotConfig(Config):
     label_text: list[str] = field(default_factory=list)
     """Label descriptions: `NAME=text` entries (repeat the flag) or a JSON/YAML file of name -> text.
     Labels without one use their name."""
+    answer_word: list[str] = field(default_factory=list)
+    """The word that stands for a label instead of its name: `NAME=word` entries (repeat the flag) or a JSON/YAML
+    file. Likelihood scoring: the answer the LM is scored on (`ham=normal`: a small LM reads `ham` as food).
+    Similarity scoring: the text matched when the label has no description."""
     templates: list[str] = field(default_factory=list)
     """Similarity scoring: sentences with `{}` for the label text, embedded and averaged per label
     (default: `{}` for text bases, `a photo of a {}.` for image-text bases)."""
@@ -34,6 +38,7 @@ class ZeroShotConfig(Config):
 
     def __post_init__(self) -> None:
         self.label_text = normalize_label_text(self.label_text)
+        self.answer_word = normalize_label_text(self.answer_word)
         self.templates = [str(t) for t in ([self.templates] if isinstance(self.templates, str) else self.templates)]
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ...data import Dataset
 from ...core.errors import ConfigError
 from ..base import FitContext, FitResult, Method, SpecialistModel
-from ..labels import code_like, fill_templates, label_phrases, parse_label_text
+from ..labels import code_like, fill_templates, label_phrases, parse_answer_words, parse_label_text
 from ..prototype.method import cosine_model, cosine_state, set_cosine_head
 from .config import ZeroShotConfig
 
@@ -33,24 +33,28 @@ class ZeroShot(Method):
         cfg = self.config
         t0 = time.perf_counter()
         descriptions = parse_label_text(cfg.label_text, data.classes)
-        coded = code_like(data.classes, descriptions)
-        if coded:
-            ctx.log(f"zero-shot: label(s) {', '.join(coded)} look like codes or jargon that a base cannot read from "
-                    f"the name; describe each, e.g. --label-text \"{coded[0]}=<what a {coded[0]} text is>\" (a similarity "
-                    "base then matches the description; a causal LM still answers with the name, so plain-word "
-                    "label names help it most)")
+        words = parse_answer_words(cfg.answer_word, data.classes)
         scoring = self.scoring_for(backbone.kind)
+        coded = code_like(data.classes, {**words, **descriptions})
+        if coded:  # a causal LM answers with the label's word whatever its description says: a word replaces it
+            hint = (f"give each a plain answer word, e.g. --answer-word \"{coded[0]}=<a word the LM knows>\", or a "
+                    f"description, --label-text \"{coded[0]}=<what a {coded[0]} text is>\"" if scoring == "likelihood"
+                    else f"describe each, e.g. --label-text \"{coded[0]}=<what a {coded[0]} text is>\"")
+            ctx.log(f"zero-shot: label(s) {', '.join(coded)} look like codes or jargon that a base cannot read from "
+                    f"the name; {hint}")
         if scoring == "likelihood" and backbone.kind != "causal_lm":
             raise ConfigError(f"scoring='likelihood' needs a causal LM base (e.g. smollm2-135m); "
                               f"{backbone.info.name} is a {backbone.kind} base")
         # The manifest records what was actually used, so the bundle rebuilds without the original files.
         # A copy: this method object and its config are never changed by a fit.
-        used = dataclasses.replace(cfg, scoring=scoring, label_text=[f"{k}={v}" for k, v in descriptions.items()])
+        used = dataclasses.replace(cfg, scoring=scoring, label_text=[f"{k}={v}" for k, v in descriptions.items()],
+                                   answer_word=[f"{k}={v}" for k, v in words.items()])
         if scoring == "likelihood":
-            model, details = self._fit_likelihood(backbone, data.classes, descriptions, used)
-        else:
-            model, details = self._fit_similarity(backbone, data.classes, descriptions, used)
+            model, details = self._fit_likelihood(backbone, data.classes, descriptions, words, used)
+        else:  # the text matched for a label: its description, else its answer word, else its name
+            model, details = self._fit_similarity(backbone, data.classes, {**words, **descriptions}, used)
         details["label_text"] = descriptions
+        details["answer_word"] = words
         resolved = copy.copy(self)
         resolved.config = used  # the bundle's method: its frozen_base and bundle rules follow the scoring used
         return FitResult(model=model, train_s=time.perf_counter() - t0, details=details, method=resolved,
@@ -80,10 +84,11 @@ class ZeroShot(Method):
         return model, {"scoring": "similarity", "templates": templates, "label_phrases": phrases, "scale": scale}
 
     # ---- causal-LM likelihood -----------------------------------------------------------------
-    def _fit_likelihood(self, backbone, classes: list[str], descriptions: dict[str, str], cfg: ZeroShotConfig):
+    def _fit_likelihood(self, backbone, classes: list[str], descriptions: dict[str, str], words: dict[str, str],
+                        cfg: ZeroShotConfig):
         from ..lm_scoring import LabelScoringModel, default_prompt_spec
 
-        spec = default_prompt_spec(classes, descriptions, [], cfg.instruction, cfg.calibrate)
+        spec = default_prompt_spec(classes, descriptions, [], cfg.instruction, cfg.calibrate, answer_words=words)
         model = LabelScoringModel(backbone, spec, length_norm=cfg.length_norm)
         model.calibrate_()
         return model, {"scoring": "likelihood", "calibration": model.calibration.tolist()}
