@@ -150,6 +150,8 @@ def test_answer_words_are_checked_like_label_text():
 
     with pytest.raises(ConfigError, match="answer word for unknown label"):
         parse_answer_words(["eggs=normal"], ["ham", "spam"])
+    with pytest.raises(ConfigError, match="answer word 'missing.yaml' is neither"):
+        parse_answer_words(["missing.yaml"], ["ham", "spam"])
     with pytest.raises(ConfigError, match="answers must be distinct"):
         from headstart.methods.lm_scoring import default_prompt_spec
 

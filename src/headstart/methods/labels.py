@@ -35,7 +35,7 @@ def parse_label_text(entries: Iterable[str], classes: list[str], what: str = "la
     for entry in entries:
         path = Path(entry).expanduser()
         if "=" not in entry or (path.suffix.lower() in (".json", ".yaml", ".yml") and path.is_file()):
-            out.update(_read_file(path))
+            out.update(_read_file(path, what))
             continue
         name, text = entry.split("=", 1)
         out[name.strip()] = text.strip()
@@ -60,9 +60,9 @@ def parse_answer_words(entries: Iterable[str], classes: list[str]) -> dict[str, 
     return parse_label_text(entries, classes, what="answer word")
 
 
-def _read_file(path: Path) -> dict[str, str]:
+def _read_file(path: Path, what: str = "label text") -> dict[str, str]:
     if not path.is_file():
-        raise ConfigError(f"label text {str(path)!r} is neither NAME=text nor a JSON/YAML file that exists")
+        raise ConfigError(f"{what} {str(path)!r} is neither NAME=text nor a JSON/YAML file that exists")
     raw = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
