@@ -156,6 +156,10 @@ def bench_zeroshot_floor(report: dict, n_llm: int = 300, llm_max_classes: int = 
                 if len(full.classes) > llm_max_classes:
                     continue
                 data = seeded_eval_subset(full, n_llm)
+            labels = data.split(data.eval_split).labels  # the majority baseline: once per set of rows scored
+            commonest = max(range(len(full.classes)), key=full.split("train").labels.count)
+            majority = classification_metrics(torch.full((len(labels),), commonest), torch.tensor(labels),
+                                              full.classes)
             fixes = [{}] + ([ANSWER_WORDS[name]] if base == "smollm2-135m" and name in ANSWER_WORDS else [])
             for words in fixes:
                 said: list[str] = []
@@ -163,10 +167,6 @@ def bench_zeroshot_floor(report: dict, n_llm: int = 300, llm_max_classes: int = 
                 spec = headstart.fit(data, base=base, method="zeroshot", shots=0, answer_word=words, progress=False,
                                      log=said.append)
                 m = spec.manifest["metrics"]
-                labels = data.split(data.eval_split).labels
-                commonest = max(range(len(full.classes)), key=full.split("train").labels.count)
-                majority = classification_metrics(torch.full((len(labels),), commonest), torch.tensor(labels),
-                                                  full.classes)
                 rows.append({"dataset": name, "base": base, "classes": len(full.classes), "rows": len(labels),
                              "answer_word": words, "accuracy": round(m["accuracy"], 4),
                              "macro_f1": round(m["macro_f1"], 4), "majority_accuracy": round(majority["accuracy"], 4),
@@ -183,8 +183,9 @@ def bench_zeroshot_floor(report: dict, n_llm: int = 300, llm_max_classes: int = 
           "codes flagged |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for r in rows:
         below = " (below)" if r["macro_f1"] < r["majority_macro_f1"] else ""
-        words = ", ".join(f"{k}={v}" for k, v in r.get("answer_word", {}).items())
-        print(f"| {r['dataset']} | {r['classes']} | {r['base']}{f' --answer-word {words}' if words else ''} | {r['rows']} | {r['macro_f1']:.3f}{below} | "
+        words = " ".join(f"--answer-word {k}={v}" for k, v in r.get("answer_word", {}).items())
+        print(f"| {r['dataset']} | {r['classes']} | {' '.join(filter(None, (r['base'], words)))} | {r['rows']} | "
+              f"{r['macro_f1']:.3f}{below} | "
               f"{r['majority_macro_f1']:.3f} | {r['accuracy']:.3f} | {r['majority_accuracy']:.3f} | "
               f"{'yes' if r['hint'] else ''} |", flush=True)
 

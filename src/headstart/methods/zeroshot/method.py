@@ -35,7 +35,8 @@ class ZeroShot(Method):
         descriptions = parse_label_text(cfg.label_text, data.classes)
         words = parse_answer_words(cfg.answer_word, data.classes)
         scoring = self.scoring_for(backbone.kind)
-        coded = code_like(data.classes, {**words, **descriptions})
+        texts = {**words, **descriptions}  # what stands for a label: its description, else its answer word
+        coded = code_like(data.classes, texts)
         if coded:  # a causal LM answers with the label's word whatever its description says: a word replaces it
             hint = (f"give each a plain answer word, e.g. --answer-word \"{coded[0]}=<a word the LM knows>\", or a "
                     f"description, --label-text \"{coded[0]}=<what a {coded[0]} text is>\"" if scoring == "likelihood"
@@ -51,8 +52,8 @@ class ZeroShot(Method):
                                    answer_word=[f"{k}={v}" for k, v in words.items()])
         if scoring == "likelihood":
             model, details = self._fit_likelihood(backbone, data.classes, descriptions, words, used)
-        else:  # the text matched for a label: its description, else its answer word, else its name
-            model, details = self._fit_similarity(backbone, data.classes, {**words, **descriptions}, used)
+        else:  # labels with neither are matched by their name
+            model, details = self._fit_similarity(backbone, data.classes, texts, used)
         details["label_text"] = descriptions
         details["answer_word"] = words
         resolved = copy.copy(self)
