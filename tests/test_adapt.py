@@ -1,6 +1,7 @@
 """Unsupervised domain adaptation: the maths of coral/dann/selftrain/adabn on hand-made inputs,
 labels hidden from the methods, `headstart.adapt` end to end on tiny shifted data (image and text,
-every backbone mode), resume of the two-domain loop, errors and the `adapt` / `corrupt` commands."""
+every backbone mode), the guard and `auto`, resume of the two-domain loop, errors and the `adapt` /
+`corrupt` commands."""
 from __future__ import annotations
 
 import json
@@ -68,7 +69,9 @@ def _adapt_each(source, target, base: str, methods, root: Path) -> dict:
     runs, baselines = {}, None
     for m in methods:
         out = root / m
-        run = headstart.adapt(source, target, base=base, method=m, epochs=2, out=out, baselines=baselines, **QUIET)
+        # guard=False: these runs test each method as trained (the guard might ship source-only instead)
+        run = headstart.adapt(source, target, base=base, method=m, epochs=2, out=out, baselines=baselines,
+                              guard=False, **QUIET)
         baselines = run.baselines
         runs[m] = (run, out)
     return runs
@@ -304,7 +307,8 @@ def _check_report(report: dict, method: str, target_examples: int) -> None:
     if gap is not None:
         so, acc, oracle = report["source_only_accuracy"], report["accuracy"], report["oracle_accuracy"]
         assert gap == pytest.approx((acc - so) / (oracle - so))
-    assert report["method"] == method and report["backbone"] == "frozen"
+    assert report["method"] == report["shipped"] == method and report["backbone"] == "frozen"
+    assert "guard" not in report
     assert report["target_examples"] == target_examples
 
 
@@ -397,7 +401,54 @@ def test_adapt_hides_target_labels_from_all_but_the_oracle(monkeypatch, tiny_ima
     assert run.report["target_examples"] == len(truth)
 
 
-# ---- 7. errors -----------------------------------------------------------------------------------
+# ---- 7. the guard: label-free checks decide what ships ------------------------------------------------
+
+def test_auto_fits_every_method_the_base_allows_and_ships_the_highest_estimate(text_runs, tiny_text_csv,
+                                                                              shifted_text_csv, tmp_path):
+    baselines = text_runs["coral"][0].baselines
+    run = headstart.adapt(tiny_text_csv, shifted_text_csv, base="tiny-text", method="auto", epochs=2,
+                          baselines=baselines, out=tmp_path / "auto", **QUIET)
+    report, guard = run.report, run.report["guard"]
+    assert set(guard["checks"]) == {"source-only", "coral", "dann", "selftrain"}  # adabn: no BatchNorm here
+    for checks in guard["checks"].values():
+        assert set(checks) == {"estimated_accuracy", "reverse_accuracy", "entropy", "largest_share", "agreement"}
+        assert all(0.0 <= v <= 1.0 for v in checks.values()), checks
+    assert guard["checks"]["source-only"]["agreement"] == 1.0
+    first = max(guard["checks"], key=lambda n: (guard["checks"][n]["estimated_accuracy"], n == "source-only"))
+    assert report["shipped"] == guard["shipped"] == first and report["method"] == "auto"
+    assert set(report["candidate_accuracy"]) == set(guard["checks"])
+    assert report["accuracy"] == report["candidate_accuracy"][first]
+    assert report["source_only_accuracy"] == report["candidate_accuracy"]["source-only"]
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert manifest["method"]["name"] == first and manifest["adaptation"]["guard"]["why"] == guard["why"]
+
+
+def test_a_guard_that_keeps_source_only_ships_a_copy_and_says_why(monkeypatch, text_runs, tiny_text_csv,
+                                                                  shifted_text_csv, tmp_path):
+    from headstart.experiments import adapt_checks
+
+    monkeypatch.setattr(adapt_checks, "choose", lambda checks: ("source-only", "kept source-only: the test says so"))
+    baselines = text_runs["coral"][0].baselines
+    logs: list[str] = []
+    run = headstart.adapt(tiny_text_csv, shifted_text_csv, base="tiny-text", method="selftrain", epochs=2,
+                          baselines=baselines, out=tmp_path / "kept", progress=False, log=logs.append)
+    report = run.report
+    assert report["method"] == "selftrain" and report["shipped"] == "source-only"
+    assert "guard: kept source-only: the test says so" in logs
+    assert report["accuracy"] == report["source_only_accuracy"] and set(report["candidate_accuracy"]) == {
+        "source-only", "selftrain"}
+    assert report["gap_closed"] in (None, 0.0)
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "source-only"
+    assert manifest["adaptation"]["guard"]["why"] == "kept source-only: the test says so"
+    # the baseline itself is untouched: reused by later runs, its manifest must not carry this run's report
+    assert run.specialist is not baselines["source-only"] and "adaptation" not in baselines["source-only"].manifest
+    xs = headstart.load_dataset(shifted_text_csv).split("test").items[:5]
+    torch.testing.assert_close(headstart.load(tmp_path / "kept").predict_proba(xs),
+                               baselines["source-only"].predict_proba(xs), atol=1e-5, rtol=0)
+
+
+# ---- 8. errors -----------------------------------------------------------------------------------
 
 def test_adaptation_method_without_target_is_a_config_error(tiny_text_csv):
     with pytest.raises(ConfigError, match="target"):
@@ -444,7 +495,14 @@ def test_unlabelled_target_table(tiny_text_csv, tmp_path):
     assert all(run.report[k] is None for k in REPORT_KEYS) and "target_test" in run.report["note"]
 
 
-# ---- 8. backbone modes and resume ------------------------------------------------------------------
+
+def test_a_target_of_one_example_leaves_the_guard_nothing_to_check_on(tiny_text_csv, tmp_path):
+    target = write_table(tmp_path / "one.csv", [("A LONE SHIFTED REVIEW TODAY",)], columns=("text",))
+    with pytest.raises(ConfigError, match="--no-guard"):
+        headstart.adapt(tiny_text_csv, target, base="tiny-text", method="coral", target_unlabelled=True, **QUIET)
+
+
+# ---- 9. backbone modes and resume ------------------------------------------------------------------
 
 def test_dann_lora_bundle(tiny_text_csv, shifted_text_csv, tmp_path):
     out = tmp_path / "dann-lora"
@@ -530,7 +588,7 @@ def test_two_domain_loop_resumes_after_an_interrupt(tmp_path):
         _toy_two_domain(3, checkpoint_dir=ckpt, resume=True, fingerprint={"run": 2})
 
 
-# ---- 9. the command line --------------------------------------------------------------------------
+# ---- 10. the command line --------------------------------------------------------------------------
 
 def test_cli_adapt_then_evaluate(tiny_image_folder, shifted_images, tmp_path):
     out = tmp_path / "cli-coral"
@@ -542,6 +600,8 @@ def test_cli_adapt_then_evaluate(tiny_image_folder, shifted_images, tmp_path):
     for k in ("source_only_accuracy", "accuracy", "oracle_accuracy"):
         assert 0.0 <= report[k] <= 1.0
     assert report["method"] == "coral" and report["target_examples"] == 24 and (out / "manifest.json").is_file()
+    assert report["shipped"] == report["guard"]["shipped"] in ("coral", "source-only")  # the guard is on by default
+    assert json.loads((out / "manifest.json").read_text())["method"]["name"] == report["shipped"]
     result = headstart_cli("evaluate", out, shifted_images, "--json")
     assert result.returncode == 0, result.stderr.strip().splitlines()[-5:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
@@ -563,7 +623,7 @@ def test_cli_corrupt(tiny_image_folder, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-# ---- 10. evaluating a single table file -------------------------------------------------------------
+# ---- 11. evaluating a single table file -------------------------------------------------------------
 
 def test_evaluate_single_table_uses_every_row(text_runs, tmp_path):
     _, bundle = text_runs["coral"]

@@ -168,9 +168,9 @@ def test_real_minilm_specialists_merge_into_one_with_a_head_per_task(data_root, 
     runs = []
     for name in ("trec", "sst2"):
         runs.append(tmp_path / name)
-        # a seeded 1,000-row sample of each split: the merge re-encodes each task's recorded data to refit heads,
+        # a seeded 300-row sample of each split: the merge re-encodes each task's recorded data to refit heads,
         # and all of sst2's 67k training rows made this one test take minutes
-        data = _sampled_copy(data_root / name, tmp_path / f"{name}-data", 1000)
+        data = _sampled_copy(data_root / name, tmp_path / f"{name}-data", 300)
         headstart.fit(data, base="minilm-l6", method="lora", shots=24, epochs=2, out=runs[-1], **QUIET)
     report = headstart.merge(runs, method="ties", density=0.5, out=tmp_path / "both", **MUTE)
     for name in ("trec", "sst2"):
