@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import headstart
+from headstart.experiments.adapt import CHECK_SHARE
 from headstart.engine.batches import PairedDomains
 from headstart.engine.checkpoint import Checkpointer
 from headstart.engine.trainer import TrainSettings, train
@@ -396,7 +397,11 @@ def test_adapt_hides_target_labels_from_all_but_the_oracle(monkeypatch, tiny_ima
     run = headstart.adapt(tiny_image_folder, shifted_images, base="tiny-image", method="dann", epochs=1, **QUIET)
     truth = headstart.load_dataset(shifted_images).split("train")
     assert set(seen) == {"source-only", "dann", "target-oracle"}
-    assert list(seen["dann"].labels) == [-1] * len(truth) == list(seen["source-only"].labels)
+    # the guard (on by default) holds a seeded 20% of the target back from every method to check them on
+    kept = len(truth) - round(CHECK_SHARE * len(truth))
+    assert list(seen["dann"].labels) == [-1] * kept == list(seen["source-only"].labels)
+    assert set(seen["dann"].items) < set(truth.items) and run.report["guard"]["checked_target_examples"] == (
+        len(truth) - kept)
     assert list(seen["target-oracle"].labels) == list(truth.labels) and min(truth.labels) >= 0
     assert run.report["target_examples"] == len(truth)
 
@@ -411,8 +416,10 @@ def test_auto_fits_every_method_the_base_allows_and_ships_the_highest_estimate(t
     report, guard = run.report, run.report["guard"]
     assert set(guard["checks"]) == {"source-only", "coral", "dann", "selftrain"}  # adabn: no BatchNorm here
     for checks in guard["checks"].values():
-        assert set(checks) == {"estimated_accuracy", "reverse_accuracy", "entropy", "largest_share", "agreement"}
+        assert set(checks) == {"estimated_accuracy", "class_share_bound", "reverse_accuracy", "entropy",
+                               "largest_share", "agreement"}
         assert all(0.0 <= v <= 1.0 for v in checks.values()), checks
+        assert checks["estimated_accuracy"] <= checks["class_share_bound"]
     assert guard["checks"]["source-only"]["agreement"] == 1.0
     first = max(guard["checks"], key=lambda n: (guard["checks"][n]["estimated_accuracy"], n == "source-only"))
     assert report["shipped"] == guard["shipped"] == first and report["method"] == "auto"

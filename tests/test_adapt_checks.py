@@ -32,15 +32,19 @@ def _checks(target_probs, source_x, source_y, target_x, source_only=None):
     """target_checks with a held-out source the model gets fully right at 0.9 confidence."""
     held_out = torch.nn.functional.one_hot(source_y, 2).float() * 0.8 + 0.1
     return target_checks(target_probs, held_out, source_y.tolist(),
-                         target_probs if source_only is None else source_only, target_x, source_x)
+                         target_probs if source_only is None else source_only, target_x, source_x,
+                         torch.tensor([0.5, 0.5]))
 
 
 def test_a_collapsed_model_scores_the_source_share_of_its_one_class():
     source_x, source_y = _two_blobs(100, 0.0, 0)
     target_x, _ = _two_blobs(60, 0.3, 1)
-    probs = torch.tensor([[0.9, 0.1]]).repeat(60, 1)
+    probs = torch.tensor([[0.95, 0.05]]).repeat(60, 1)
     checks = _checks(probs, source_x, source_y, target_x)
     assert checks.largest_share == 1.0 and checks.agreement == 1.0
+    # half the target at most can be class 0 when the target has the source's shares: the bound says so,
+    # and caps the estimate of 1.0 that its confidence (surer than on the source, all right there) gives
+    assert checks.class_share_bound == 0.5 and checks.estimated_accuracy == 0.5
     assert abs(checks.reverse_accuracy - (source_y == 0).float().mean().item()) < 1e-6
 
 
@@ -79,8 +83,8 @@ def test_estimated_accuracy_carries_the_source_threshold_to_the_target():
 
 
 def _verdict(**estimates: float) -> TargetChecks:
-    return {name.replace("_", "-"): TargetChecks(estimated_accuracy=e, reverse_accuracy=0.5, entropy=0.5,
-                                                 largest_share=0.5, agreement=1.0)
+    return {name.replace("_", "-"): TargetChecks(estimated_accuracy=e, class_share_bound=1.0, reverse_accuracy=0.5,
+                                                 entropy=0.5, largest_share=0.5, agreement=1.0)
             for name, e in estimates.items()}
 
 

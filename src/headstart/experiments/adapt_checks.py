@@ -6,7 +6,12 @@ for). These checks use the target's inputs and the labelled source only:
 
     estimated accuracy  average thresholded confidence (ATC, Garg et al. 2022): the confidence threshold
                       above which the held-out source has as many examples as it has right answers; the
-                      share of the target above it estimates the target accuracy. The guard decides by it.
+                      share of the target above it estimates the target accuracy. Capped by the class
+                      share bound. The guard decides by it.
+    class share bound the most a model can get right if the target has the source's class shares (the
+                      assumption covariate-shift adaptation makes): sum over classes of min(predicted
+                      share, source share). A model that answers one class for 70% of a 20-class target
+                      scores at most ~0.3 whatever its confidence says.
     reverse accuracy  reverse validation (Zhong et al. 2010; the DANN paper chose its settings with it): a
                       linear head is trained on the target's base features with the model's own target
                       predictions as labels, then scored on the labelled source. Target labels that are
@@ -31,6 +36,7 @@ import torch
 @dataclass
 class TargetChecks:
     estimated_accuracy: float
+    class_share_bound: float
     reverse_accuracy: float
     entropy: float
     largest_share: float
@@ -42,16 +48,19 @@ class TargetChecks:
 
 def target_checks(target_probs: torch.Tensor, held_out_probs: torch.Tensor, held_out_labels: list[int],
                   source_only_probs: torch.Tensor, target_features: torch.Tensor, source_features: torch.Tensor,
-                  seed: int = 0) -> TargetChecks:
+                  source_shares: torch.Tensor, seed: int = 0) -> TargetChecks:
     """The checks of one model from its class probabilities on the target ([N, C]) and on the held-out
     labelled source, beside source-only's target probabilities; `target_features` / `source_features`
-    are the untouched base's (the held-out source's, labelled by `held_out_labels`)."""
+    are the untouched base's (the held-out source's, labelled by `held_out_labels`); `source_shares`
+    the class shares of the labelled source ([C])."""
     probs = target_probs.float()
     n, num_classes = probs.shape
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean().item() / math.log(num_classes)
     predicted = probs.argmax(1)
     shares = torch.bincount(predicted, minlength=num_classes).float() / max(n, 1)
-    return TargetChecks(estimated_accuracy=estimated_accuracy(held_out_probs, held_out_labels, probs),
+    bound = torch.minimum(shares, source_shares.float()).sum().item()
+    return TargetChecks(estimated_accuracy=min(estimated_accuracy(held_out_probs, held_out_labels, probs), bound),
+                        class_share_bound=bound,
                         reverse_accuracy=reverse_accuracy(target_features, predicted.tolist(), source_features,
                                                           held_out_labels, num_classes, seed),
                         entropy=entropy, largest_share=shares.max().item(),
