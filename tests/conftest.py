@@ -140,6 +140,17 @@ def write_table(path: Path, rows: list[tuple[str, str]], columns=("text", "label
     return path
 
 
+def sampled_copy(src: Path, dst: Path, rows: int) -> Path:
+    """Each CSV split of a text dataset, cut to a seeded sample of `rows` rows (all of a smaller one)."""
+    dst.mkdir()
+    for split in sorted(src.glob("*.csv")):
+        with open(split, newline="") as f:
+            table = list(csv.DictReader(f))
+        keep = random.Random(0).sample(table, min(rows, len(table)))
+        write_table(dst / split.name, [(r["text"], r["label"]) for r in keep])
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_text_csv(tmp_path_factory) -> Path:
     """A folder with `train.csv` (60 rows) and `test.csv` (30 rows): a 3-class keyword task."""

@@ -2,9 +2,7 @@
 task for different label sets, the stored adapter equal to the merge's maths, clear refusals."""
 from __future__ import annotations
 
-import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from headstart.core.errors import HeadstartError
 from bundle_fixtures import QUIET, one_line
 
 MUTE = {"log": lambda s: None}
-from conftest import assert_clean_error, headstart_cli, text_rows, write_table
+from conftest import assert_clean_error, headstart_cli, sampled_copy, text_rows, write_table
 
 
 def _task(root: Path, classes, seed: int) -> Path:
@@ -170,7 +168,7 @@ def test_real_minilm_specialists_merge_into_one_with_a_head_per_task(data_root, 
         runs.append(tmp_path / name)
         # a seeded 300-row sample of each split: the merge re-encodes each task's recorded data to refit heads,
         # and all of sst2's 67k training rows made this one test take minutes
-        data = _sampled_copy(data_root / name, tmp_path / f"{name}-data", 300)
+        data = sampled_copy(data_root / name, tmp_path / f"{name}-data", 300)
         headstart.fit(data, base="minilm-l6", method="lora", shots=24, epochs=2, out=runs[-1], **QUIET)
     report = headstart.merge(runs, method="ties", density=0.5, out=tmp_path / "both", **MUTE)
     for name in ("trec", "sst2"):
@@ -178,14 +176,3 @@ def test_real_minilm_specialists_merge_into_one_with_a_head_per_task(data_root, 
         assert t["alone"] > 0.4 and t["normalized"] > 0.7, (name, t)  # a merge that kept most of each task
     spec = headstart.load(tmp_path / "both", head="sst2")
     assert set(spec.classes) == {"0", "1"} and spec.predict(["a wonderful , moving film"])[0] in ("0", "1")
-
-
-def _sampled_copy(src: Path, dst: Path, rows: int) -> Path:
-    """Each CSV split of a text dataset, cut to a seeded sample of `rows` rows (all of a smaller one)."""
-    dst.mkdir()
-    for split in sorted(src.glob("*.csv")):
-        with open(split, newline="") as f:
-            table = list(csv.DictReader(f))
-        keep = random.Random(0).sample(table, min(rows, len(table)))
-        write_table(dst / split.name, [(r["text"], r["label"]) for r in keep])
-    return dst

@@ -67,6 +67,8 @@ def adapt(source: str | Path, target: str | Path, base: "str | Backbone | None" 
           baselines: dict[str, Specialist] | None = None, guard: bool = True, **options: Any) -> AdaptResult:
     """Adapt a specialist trained on labelled `source` data to the unlabelled `target` domain.
 
+    `method`: selftrain, coral, dann, adabn (image bases with BatchNorm), source-only, or auto (fit every
+    method the base allows and ship the one the label-free checks rank first).
     `target_test`: labelled target data to measure on (default: the target's own held-out split).
     `target_unlabelled`: the target may have no labels at all (no oracle, and no target accuracy
     without `target_test`). Target labels never reach the adaptation method.
