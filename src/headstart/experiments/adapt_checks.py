@@ -10,8 +10,8 @@ for). These checks use the target's inputs and the labelled source only:
                       share bound. The guard decides by it.
     class share bound the most a model can get right if the target has the source's class shares (the
                       assumption covariate-shift adaptation makes): sum over classes of min(predicted
-                      share, source share). A model that answers one class for 70% of a 20-class target
-                      scores at most ~0.3 whatever its confidence says.
+                      share, source share). A model that answers one class for 70% of a target of 20
+                      equally common classes scores at most 0.35, whatever its confidence says.
     reverse accuracy  reverse validation (Zhong et al. 2010; the DANN paper chose its settings with it): a
                       linear head is trained on the target's base features with the model's own target
                       predictions as labels, then scored on the labelled source. Target labels that are
