@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+def class_shares(labels, num_classes: int) -> torch.Tensor:
+    """The share of each class among `labels` (class indices), [num_classes] floats summing to 1."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).float()
+    return counts / counts.sum().clamp_min(1.0)
+
+
 def confusion_matrix(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[true class, predicted class] counts."""
     idx = true.long() * num_classes + pred.long()

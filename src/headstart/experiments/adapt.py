@@ -177,8 +177,7 @@ def _split_pool(pool, seed: int) -> tuple[Any, Any]:
 def _guard(done: dict[str, Specialist], names: list[str], data, pool, loaded: "Backbone", seed: int,
            progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """The label-free checks of each model and the one to ship (experiments/adapt_checks.py)."""
-    import torch
-
+    from ..core.metrics import class_shares
     from ..engine.features import cached_features
     from ..methods.base import loader_for
     from .adapt_checks import choose, target_checks
@@ -190,8 +189,7 @@ def _guard(done: dict[str, Specialist], names: list[str], data, pool, loaded: "B
     base_target, _ = cached_features(loaded, pool.items, load, 64, progress)
     probs = {n: (done[n].predict_proba(pool.items, progress=progress),
                  done[n].predict_proba(held_out.items, progress=progress)) for n in names}
-    train_labels = torch.tensor(data.split("train").labels)
-    shares = torch.bincount(train_labels, minlength=len(data.classes)).float() / max(len(train_labels), 1)
+    shares = class_shares(data.split("train").labels, len(data.classes))
     checks = {n: target_checks(t, h, held_out.labels, probs["source-only"][0], base_target, base_held_out, shares,
                                seed) for n, (t, h) in probs.items()}
     shipped, why = choose(checks)

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import torch
 
+from ...core.metrics import class_shares
 from ...data import Dataset, Split
 from ...engine.checkpoint import Checkpointer
 from ...engine.features import cached_features
@@ -43,8 +44,7 @@ class Selftrain(AdaptationMethod):
         rounds = cfg.rounds or (3 if cfg.backbone == "frozen" else 1)
         method = self.resolved(backbone.kind, rounds=rounds)  # a copy: this method object is never changed
         source, target_items = data.split("train"), self.target_items(ctx)
-        prior = torch.bincount(torch.tensor(source.labels), minlength=len(data.classes)).float()
-        prior /= prior.sum()
+        prior = class_shares(source.labels, len(data.classes))
         fit_mode = method._fit_frozen if cfg.backbone == "frozen" else method._fit_trained
         result = fit_mode(backbone, data, source, target_items, prior, rounds, ctx)
         result.config = method.config  # what the manifest records
