@@ -13,7 +13,7 @@ import pytest
 
 import headstart
 from headstart.llm.decode import StepDecoder
-from headstart.llm.decode_batch import forward_together
+from headstart.llm.decode_batch import answer_all
 from headstart.llm.generate import _marker_as_text, generate
 from headstart.serve.app import make_app
 from headstart.serve.token_scheduler import scheduler_for
@@ -71,26 +71,25 @@ def other_chat(generators):
     return folder
 
 
-def decode_together(model, tokenizer, prompts, **options) -> list[str]:
-    """Each prompt's answer, every step after the prompts' own in one batched forward (answers leave as they end)."""
-    decoders = [StepDecoder(model, tokenizer, p, **options) for p in prompts]
-    for d in decoders:
-        d.step()  # the prompt: alone
-    while live := [d for d in decoders if not d.done]:
-        if len(live) == 1:
-            live[0].step()
-            continue
-        for decoder, row in zip(live, forward_together(live)):
-            decoder.take(row[None])
-    return [d.answer() for d in decoders]
-
-
 @pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=0.9, seed=3)], ids=["greedy", "seeded"])
 def test_batched_steps_give_each_answer_its_lone_tokens(generators, options):
     spec = headstart.load(generators / "colour-chat")
     prompts = ["Tell me about snow.", CHAT, "What is the colour of grass? Answer at length, please."]
     alone = [decode_all(spec.model, spec.tokenizer, p, max_new_tokens=20, **options)[0] for p in prompts]
-    assert decode_together(spec.model, spec.tokenizer, prompts, max_new_tokens=20, **options) == alone
+    assert answer_all(spec.model, spec.tokenizer, prompts, together=3, max_new_tokens=20, **options) == alone
+
+
+def test_answer_all_takes_waiting_prompts_as_answers_finish_and_reports_each(generators):
+    spec = headstart.load(generators / "colour-chat")
+    prompts = ["Tell me about snow.", CHAT, "Hi", "What is the colour of grass? Answer at length, please.", "Sky?"]
+    options = dict(temperature=0, max_new_tokens=16)
+    alone = [generate(spec.model, spec.tokenizer, p, **options) for p in prompts]
+    reported: dict[int, str] = {}
+    assert answer_all(spec.model, spec.tokenizer, prompts, together=2, on_answer=reported.__setitem__,
+                      **options) == alone
+    assert reported == dict(enumerate(alone))
+    with pytest.raises(ValueError, match="together"):
+        answer_all(spec.model, spec.tokenizer, prompts, together=0)
 
 
 def served_pair(generators, other_chat):
@@ -196,4 +195,4 @@ def test_the_step_decoder_alone_and_batched_gives_generates_answers_on_real_smol
         want = [generate(lm, tokenizer, p, max_new_tokens=24, **options) for p in prompts]
         answer, pieces = decode_all(lm, tokenizer, prompts[0], max_new_tokens=24, **options)
         assert answer == want[0] and "".join(pieces) == answer
-        assert decode_together(lm, tokenizer, prompts, max_new_tokens=24, **options) == want
+        assert answer_all(lm, tokenizer, prompts, together=3, max_new_tokens=24, **options) == want

@@ -70,3 +70,35 @@ def _left_padded(layer, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         return keys, values
     return (torch.cat([keys.new_zeros(*keys.shape[:2], pad, keys.shape[3]), keys], 2),
             torch.cat([values.new_zeros(*values.shape[:2], pad, values.shape[3]), values], 2))
+
+
+def answer_all(model, tokenizer, prompts: list, *, together: int = 4, on_answer=None, **options) -> list[str]:
+    """The answers to many prompts, `together` of them stepped in one batched forward (a waiting prompt takes
+    the place of one that finishes). Options are `StepDecoder`'s; greedy (`temperature=0`) gives each
+    prompt the answer `generate` gives it alone. `on_answer(index, answer)` is called as each one finishes
+    (a caller can save it: a long run interrupted keeps what it has)."""
+    if together < 1:
+        raise ValueError(f"together must be at least 1, got {together}")
+    answers: list[str | None] = [None] * len(prompts)
+    waiting = list(range(len(prompts)))
+    running: list[tuple[int, StepDecoder]] = []
+    while waiting or running:
+        while waiting and len(running) < together:
+            i = waiting.pop(0)
+            decoder = StepDecoder(model, tokenizer, prompts[i], **options)
+            decoder.step()  # the prompt alone (prefill), then it steps with the others
+            running.append((i, decoder))
+        live = [d for _, d in running if not d.done]
+        if len(live) > 1 and can_step_together(live):
+            for decoder, row in zip(live, forward_together(live)):
+                decoder.take(row[None])
+        else:
+            for decoder in live:
+                decoder.step()
+        for i, decoder in running:
+            if decoder.done:
+                answers[i] = decoder.answer()
+                if on_answer is not None:
+                    on_answer(i, answers[i])
+        running = [(i, d) for i, d in running if not d.done]
+    return answers  # type: ignore[return-value]

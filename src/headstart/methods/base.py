@@ -71,6 +71,9 @@ class FitContext:
     """Unlabelled target-domain examples for the adaptation methods (labels -1; see methods/adaptation.py)."""
     memory_budget: Budget | None = None
     """The run's memory budget (engine/memory.py); None: methods resolve the default when they plan."""
+    hooks: tuple = ()
+    """Extra engine hooks (engine/trainer.py `Hook`) for the methods that train through `TrainedMethod`
+    (finetune, lora, scratch): a learning curve on a test split, a logger. Closed-form methods ignore them."""
 
 
 @dataclass

@@ -174,7 +174,8 @@ class TrainedMethod(Method):
                           eval_batch_size=plan.eval_batch if plan and plan.eval_batch else 64)
         out, best_epoch = train_classifier(model, train_split=train_split, val=val, load=load,
                                            param_groups=method.param_groups(model, cfg), cfg=loop,
-                                           set_mode=lambda epoch: method.set_mode(model, epoch), ctx=ctx)
+                                           set_mode=lambda epoch: method.set_mode(model, epoch), ctx=ctx,
+                                           hooks=ctx.hooks)
         memory = {"micro_batch": plan.micro_batch, "memory_estimate_mb": plan.estimate >> 20} if plan else {}
         return FitResult(model=model.eval(), history=out.history, train_s=out.train_s, examples_per_s=out.per_s,
                          is_main_process=out.is_main_process, config=cfg, training=out.training_facts(),
