@@ -1,6 +1,6 @@
 """The popular claims about transfer learning, tested (issue 18): "you need fifty", "1,000x faster", "10,000x cheaper".
 
-    .venv/bin/python bench/claims.py                          # hymenoptera, flowers17, trec (~45 min on 2 cores)
+    .venv/bin/python bench/claims.py                          # hymenoptera, flowers17, trec (~55 min on 2 cores)
     .venv/bin/python bench/claims.py --only trec --scratch-epochs 2   # one dataset, a short scratch run
 
 Per dataset, on its real base (efficientnet-lite0 at its native 224 px for images, minilm-l6 for text):
@@ -46,7 +46,7 @@ from headstart.tasks.classify import prepare_base
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HEADSTART_DATA", ROOT.parent / "shared" / "data"))
-# dataset -> (base, scratch epochs). Scratch gets 5x (images) and 2x (text) fine-tuning's default epochs:
+# dataset -> (base, scratch epochs): 5x, 2.5x and 2x fine-tuning's default epochs (6 for images, 4 for text):
 # a from-scratch network needs more, and the per-epoch curve in the JSON shows whether it was still rising.
 DATASETS = {"hymenoptera": ("efficientnet-lite0", 30), "flowers17": ("efficientnet-lite0", 15),
             "trec": ("minilm-l6", 8)}
