@@ -151,6 +151,17 @@ def sampled_copy(src: Path, dst: Path, rows: int) -> Path:
     return dst
 
 
+def load_bench_module(name: str):
+    """bench/ is a folder of scripts, not a package: load `bench/<name>.py` as module `name`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_text_csv(tmp_path_factory) -> Path:
     """A folder with `train.csv` (60 rows) and `test.csv` (30 rows): a 3-class keyword task."""

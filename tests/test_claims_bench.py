@@ -2,30 +2,15 @@
 which reaches the engine through `FitContext.hooks` (tiny random base)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import headstart
+from conftest import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load_bench_module(name: str):
-    """bench/ is a folder of scripts, not a package: load the module from its file."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-claims = _load_bench_module("claims")
+claims = load_bench_module("claims")
 
 
 def _forward_and_backward(conv: nn.Conv2d, counter: FlopCounterMode) -> tuple[int, int]:

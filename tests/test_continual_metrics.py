@@ -1,26 +1,12 @@
 """bench/continual_metrics.py: ACC, BWT, forgetting (GEM / Chaudhry et al. definitions) on hand-made matrices."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_bench_module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load_bench_module(name: str):
-    """bench/ is a folder of scripts, not a package: load the module from its file."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = _load_bench_module("continual_metrics")
+cm = load_bench_module("continual_metrics")
 
 # Class-incremental, 3 nights: night 0 is forgotten progressively, night 1 a little.
 CLASS_R = [[0.90, None, None],
@@ -122,7 +108,7 @@ def test_loss_summary_counts_a_loss_rise_as_forgetting():
 
 # ---- the stream builders' pure pieces (bench/continual_streams.py) ------------------------------
 
-streams = _load_bench_module("continual_streams")
+streams = load_bench_module("continual_streams")
 
 
 def test_class_groups_cover_every_class_once_in_near_equal_seeded_groups():
