@@ -83,7 +83,7 @@ def run_headstart(method: str, train: Path, test: Path, work: Path, epochs: int,
 def run_dpo(sft_bundle: Path, work: Path, pairs: int, limit_mb: int | None) -> dict:
     """DPO from the lora bundle on `pairs` alpaca prompts: chosen = the reference answer, rejected = the next
     row's answer (a fluent answer to another question). Here for its memory and speed beside SFT's;
-    issue 18's DPO benchmark builds real preference pairs."""
+    bench/dpo.py is the DPO benchmark on real (SPIN) preference pairs."""
     rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()[:pairs + 1]]
     prefs = work / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": (r["instruction"] + "\n\n" + r["input"]).strip(),
