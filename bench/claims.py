@@ -9,8 +9,8 @@ Per dataset, on its real base (efficientnet-lite0 at its native 224 px for image
   every class present), 5 seeds, against scratch -- the same architecture from random weights -- trained on
   every training example.
 - **scratch's best accuracy**: scratch trains for `--scratch-epochs` on the one engine; a hook scores the
-  test split after every epoch (outside the timed part of the epoch) and the best epoch is scratch's best.
-  Picking the epoch on the test split flatters scratch: each claim is tested against scratch's best case.
+  evaluation split (test; val where there is no test) after every epoch, outside the timed part of the
+  epoch, and the best epoch is scratch's best. Picking the epoch on the evaluation split flatters scratch: each claim is tested against scratch's best case.
 - **to that accuracy**: the probe on all the training data, when it reaches scratch's best (else fine-tuning's
   first epoch that does). Wall time is training time in this process: feature extraction + head fit for the
   probe (median of 3 cold runs, no feature cache), the epochs up to the best one for scratch. FLOPs are
@@ -69,7 +69,7 @@ def flop_counter() -> FlopCounterMode:
 
 
 class TestCurve(Hook):
-    """Test-split accuracy after every epoch, into the history row (after the epoch's timer has stopped)."""
+    """Evaluation-split accuracy after every epoch, into the history row (after the epoch's timer has stopped)."""
 
     name = "test_curve"
 
@@ -88,7 +88,7 @@ def with_train(data: Dataset, indices) -> Dataset:
 
 
 def fifty(data: Dataset, base: str) -> dict:
-    """The probe on 50 stratified training examples, FIFTY_SEEDS samples; accuracy on the test split."""
+    """The probe on 50 stratified training examples, FIFTY_SEEDS samples; accuracy on the evaluation split."""
     backbone = prepare_base(base, data)
     labels = data.split("train").labels
     accs = []
