@@ -10,7 +10,8 @@ Per dataset, on its real base (efficientnet-lite0 at its native 224 px for image
   every training example.
 - **scratch's best accuracy**: scratch trains for `--scratch-epochs` on the one engine; a hook scores the
   evaluation split (test; val where there is no test) after every epoch, outside the timed part of the
-  epoch, and the best epoch is scratch's best. Picking the epoch on the evaluation split flatters scratch: each claim is tested against scratch's best case.
+  epoch, and the best epoch is scratch's best. Picking the epoch on the evaluation split flatters
+  scratch: each claim is tested against scratch's best case.
 - **to that accuracy**: the probe on all the training data, when it reaches scratch's best (else fine-tuning's
   first epoch that does). Wall time is training time in this process: feature extraction + head fit for the
   probe (median of 3 cold runs, no feature cache), the epochs up to the best one for scratch. FLOPs are

@@ -130,7 +130,8 @@ def main() -> None:
     sft = work / "alpaca-lora"
     if not (sft / "manifest.json").exists():
         print("== SFT (lora, 1 epoch)", flush=True)
-        result["sft"] = run_headstart("lora", DATA / "train.jsonl", DATA / "test.jsonl", work, 1, ["--side-by-side", "0"])
+        result["sft"] = run_headstart("lora", DATA / "train.jsonl", DATA / "test.jsonl", work, 1,
+                                      ["--side-by-side", "0"])
         if "error" in result["sft"]:
             raise SystemExit(f"SFT failed: {result['sft']['error']}")
     else:
@@ -141,7 +142,8 @@ def main() -> None:
            [{"split": "test", "index": i, "row": r} for i, r in enumerate(test_rows)]
     pairs = build_pairs(sft, rows, work / "pairs.partial.jsonl", args.max_new_tokens, args.together)
     kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
-    result["pairs"] = {"train": sum(q["split"] == "train" for q in kept), "held_out": sum(q["split"] == "test" for q in kept),
+    result["pairs"] = {"train": sum(q["split"] == "train" for q in kept),
+                       "held_out": sum(q["split"] == "test" for q in kept),
                        "dropped_empty_or_identical": len(pairs) - len(kept),
                        # a preference that is only "longer" is easy to learn: the lengths say whether it could be
                        "mean_chars_chosen": sum(len(q["chosen"]) for q in kept) / max(1, len(kept)),
