@@ -88,9 +88,8 @@ def with_train(data: Dataset, indices) -> Dataset:
     return replace(data, splits={**data.splits, "train": train.subset([int(i) for i in indices])})
 
 
-def fifty(data: Dataset, base: str) -> dict:
+def fifty(data: Dataset, backbone) -> dict:
     """The probe on 50 stratified training examples, FIFTY_SEEDS samples; accuracy on the evaluation split."""
-    backbone = prepare_base(base, data)
     labels = data.split("train").labels
     accs = []
     for seed in range(FIFTY_SEEDS):
@@ -138,9 +137,8 @@ def reach(curve: dict, target: float) -> dict | None:
     return None
 
 
-def probe_all(data: Dataset, base: str) -> dict:
+def probe_all(data: Dataset, backbone) -> dict:
     """The probe on every training example, cold (no feature cache): accuracy, median train time of 3, FLOPs."""
-    backbone = prepare_base(base, data)
     probe = make_method("probe")
     ctx = FitContext(seed=0, progress=False, use_cache=False, log=lambda s: None)
     times = []
@@ -160,14 +158,15 @@ def run_dataset(name: str, base: str, scratch_epochs: int) -> dict:
     print(f"== {name}: {n_train} training examples, {len(data.classes)} classes, base {base}", flush=True)
     row: dict = {"dataset": name, "base": base, "train_examples": n_train, "classes": len(data.classes),
                  "eval_split": data.eval_split, "eval_examples": len(data.split(data.eval_split))}
-    row["fifty"] = fifty(data, base)
+    pretrained = prepare_base(base, data)  # the probe never changes it: one copy serves every probe fit
+    row["fifty"] = fifty(data, pretrained)
     print(f"  probe on {FIFTY}: {row['fifty']['mean']:.3f} +- {row['fifty']['std']:.3f}", flush=True)
     print(f"  scratch, {scratch_epochs} epochs:", flush=True)
     row["scratch"] = scratch = trained_curve(data, base, "scratch", scratch_epochs)
     best = max(scratch["curve"], key=lambda p: p["test_accuracy"])
     target = best["test_accuracy"]
     row["scratch_best"] = {**reach(scratch, target), "last_epoch_accuracy": scratch["curve"][-1]["test_accuracy"]}
-    row["transfer"] = transfer = probe_all(data, base)
+    row["transfer"] = transfer = probe_all(data, pretrained)
     print(f"  probe on all: {transfer['accuracy']:.3f} in {transfer['train_s']:.1f} s", flush=True)
     if transfer["accuracy"] >= target:
         row["transfer_to_target"] = {"method": "probe", "accuracy": transfer["accuracy"],

@@ -29,18 +29,20 @@ from pathlib import Path
 
 import headstart
 from headstart.core.storage import atomic_write_text
-from headstart.llm.data import sft_messages
+from headstart.llm.data import load_sft_examples
 from headstart.llm.decode_batch import answer_all
 
 from sft import DATA, REPO, RESULTS, headstart_command, run_headstart
 
 
-def read_rows(path: Path, limit: int) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+def conversations(split: str, limit: int) -> list[dict]:
+    """The first `limit` rows of alpaca's `split` as {split, key, messages} (the last message: the reference)."""
+    examples, _ = load_sft_examples(DATA / f"{split}.jsonl")
+    return [{"split": split, "key": f"{split}:{i}", "messages": ex.messages} for i, ex in enumerate(examples[:limit])]
 
 
 def build_pairs(sft: Path, rows: list[dict], partial: Path, max_new_tokens: int, together: int) -> list[dict]:
-    """One pair per row: the rows' reference answers against the SFT model's greedy ones (resumes from `partial`)."""
+    """One pair per row: its reference answer against the SFT model's greedy one (resumes from `partial`)."""
     done = {}
     if partial.exists():
         for line in partial.read_text().splitlines():
@@ -49,7 +51,7 @@ def build_pairs(sft: Path, rows: list[dict], partial: Path, max_new_tokens: int,
                 done[record["key"]] = record
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut by an interruption: that answer is made again
-    prompts = {f"{r['split']}:{r['index']}": sft_messages(r["row"])[:-1] for r in rows}
+    prompts = {r["key"]: r["messages"][:-1] for r in rows}
     todo = [key for key in prompts if key not in done]
     print(f"pairs: {len(done)} answers kept from an earlier run, {len(todo)} to make", flush=True)
     if todo:
@@ -68,13 +70,8 @@ def build_pairs(sft: Path, rows: list[dict], partial: Path, max_new_tokens: int,
 
             answer_all(spec.model, spec.tokenizer, [prompts[k] for k in todo], together=together, on_answer=save,
                        max_new_tokens=max_new_tokens, temperature=0)
-    pairs = []
-    for r in rows:
-        key = f"{r['split']}:{r['index']}"
-        messages = sft_messages(r["row"])
-        pairs.append({"split": r["split"], "prompt": messages[:-1], "chosen": messages[-1]["content"],
-                      "rejected": done[key]["rejected"]})
-    return pairs
+    return [{"split": r["split"], "prompt": r["messages"][:-1], "chosen": r["messages"][-1]["content"],
+             "rejected": done[r["key"]]["rejected"]} for r in rows]
 
 
 def write_jsonl(path: Path, pairs: list[dict]) -> None:
@@ -93,24 +90,24 @@ def run_dpo(pairs_train: Path, pairs_held: Path, sft: Path, out: Path) -> dict:
 
 
 def side_by_side(sft: Path, dpo: Path, rows: list[dict], max_new_tokens: int) -> tuple[str, dict]:
-    """Greedy answers of the base, the SFT and the DPO model to held-out prompts, as markdown."""
-    from headstart.llm.model import load_lm
-
-    prompts = [sft_messages(r)[:-1] for r in rows]
-    base, tokenizer, _ = load_lm("smollm2-135m")
-    answers = {"base": answer_all(base.eval(), tokenizer, prompts, together=len(prompts), temperature=0,
-                                  max_new_tokens=max_new_tokens)}
-    del base
+    """Greedy answers of the base (the SFT bundle with its adapter off), the SFT and the DPO model to held-out
+    prompts, as markdown."""
+    prompts = [r["messages"][:-1] for r in rows]
+    options = dict(together=len(prompts), temperature=0, max_new_tokens=max_new_tokens)
+    answers = {}
     for name, bundle in (("sft", sft), ("dpo", dpo)):
         spec = headstart.load(bundle)
-        answers[name] = answer_all(spec.model.eval(), spec.tokenizer, prompts, together=len(prompts), temperature=0,
-                                   max_new_tokens=max_new_tokens)
+        if name == "sft":
+            with spec.model.disable_adapter():
+                answers["base"] = answer_all(spec.model.eval(), spec.tokenizer, prompts, **options)
+        answers[name] = answer_all(spec.model.eval(), spec.tokenizer, prompts, **options)
     lines = ["# Base vs SFT vs DPO on held-out alpaca prompts", "",
              f"smollm2-135m; greedy, at most {max_new_tokens} new tokens; SFT = LoRA 1 epoch on alpaca_en_demo; "
              "DPO = 1 epoch on SPIN pairs from that SFT model (bench/dpo.py).", ""]
     for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        lines += [f"## {i + 1}. {prompt[-1]['content']}", "", f"**Reference:** {row['output']}", ""]
-        lines += [f"**{name.upper() if name != 'base' else 'Base'}:** {answers[name][i]}\n" for name in answers]
+        lines += [f"## {i + 1}. {prompt[-1]['content']}", "", f"**Reference:** {row['messages'][-1]['content']}", ""]
+        lines += [f"**{label}:** {answers[name][i]}\n"
+                  for name, label in (("base", "Base"), ("sft", "SFT"), ("dpo", "DPO"))]
     return "\n".join(lines), answers
 
 
@@ -125,7 +122,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_rows, test_rows = read_rows(DATA / "train.jsonl", args.pairs), read_rows(DATA / "test.jsonl", args.held_out)
+    train_rows, test_rows = conversations("train", args.pairs), conversations("test", args.held_out)
     result: dict = {"settings": {**vars(args), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
     sft = work / "alpaca-lora"
     if not (sft / "manifest.json").exists():
@@ -138,9 +135,7 @@ def main() -> None:
         print(f"== SFT: reusing {sft}", flush=True)
         result["sft"] = json.loads((sft / "manifest.json").read_text()).get("metrics", {})
     print("== pairs", flush=True)
-    rows = [{"split": "train", "index": i, "row": r} for i, r in enumerate(train_rows)] + \
-           [{"split": "test", "index": i, "row": r} for i, r in enumerate(test_rows)]
-    pairs = build_pairs(sft, rows, work / "pairs.partial.jsonl", args.max_new_tokens, args.together)
+    pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens, args.together)
     kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
     result["pairs"] = {"train": sum(q["split"] == "train" for q in kept),
                        "held_out": sum(q["split"] == "test" for q in kept),
