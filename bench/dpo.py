@@ -9,7 +9,8 @@
    test prompts, chosen = the reference answer, rejected = the SFT model's own greedy answer (at most
    `--max-new-tokens`), decoded several at a time (`headstart.llm.decode_batch.answer_all`); each answer is
    appended to `<work>/pairs.partial.jsonl` as it finishes, so an interrupted run resumes where it stopped.
-   A pair whose answers are identical (no preference) or whose rejected answer is empty is dropped and counted.
+   A pair whose answers are identical (no preference) or whose rejected answer is empty is dropped and counted;
+   the next training prompts make up for dropped training pairs, so DPO gets `--pairs` of them.
 3. **DPO**: `headstart fit pairs_train.jsonl --task dpo --init <sft> --eval pairs_held.jsonl`, 1 epoch.
 4. **Checks**: held-out preference accuracy (implicit reward margin > 0) and mean margin; the held-out SFT
    loss (alpaca test.jsonl, loss per answer token) of the SFT and the DPO bundle; base vs SFT vs DPO answers
@@ -83,9 +84,9 @@ def run_dpo(pairs_train: Path, pairs_held: Path, sft: Path, out: Path) -> dict:
     command, env = headstart_command(None)
     cmd = [*command, "fit", str(pairs_train), "--task", "dpo", "--init", str(sft), "--eval", str(pairs_held),
            "--epochs", "1", "--side-by-side", "0", "--out", str(out), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # its progress goes to our stderr
     if proc.returncode != 0:
-        raise SystemExit(f"DPO failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"DPO failed (exit {proc.returncode}): its error is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -135,8 +136,15 @@ def main() -> None:
         print(f"== SFT: reusing {sft}", flush=True)
         result["sft"] = json.loads((sft / "manifest.json").read_text()).get("metrics", {})
     print("== pairs", flush=True)
-    pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens, args.together)
-    kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
+    while True:  # answers identical to the reference are no preference: more prompts make up for them
+        pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens,
+                            args.together)
+        kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
+        short = args.pairs - sum(q["split"] == "train" for q in kept)
+        more = conversations("train", len(train_rows) + short)
+        if short <= 0 or len(more) == len(train_rows):
+            break
+        train_rows = more
     result["pairs"] = {"train": sum(q["split"] == "train" for q in kept),
                        "held_out": sum(q["split"] == "test" for q in kept),
                        "dropped_empty_or_identical": len(pairs) - len(kept),
