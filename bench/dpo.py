@@ -10,7 +10,7 @@
    `--max-new-tokens`), decoded several at a time (`headstart.llm.decode_batch.answer_all`); each answer is
    appended to `<work>/pairs.partial.jsonl` as it finishes, so an interrupted run resumes where it stopped.
    A pair whose answers are identical (no preference) or whose rejected answer is empty is dropped and counted;
-   the next training prompts make up for dropped training pairs, so DPO gets `--pairs` of them.
+   the next training prompts make up for dropped training pairs (while they add pairs), so DPO gets `--pairs`.
 3. **DPO**: `headstart fit pairs_train.jsonl --task dpo --init <sft> --eval pairs_held.jsonl`, 1 epoch.
 4. **Checks**: held-out preference accuracy (implicit reward margin > 0) and mean margin; the held-out SFT
    loss (alpaca test.jsonl, loss per answer token) of the SFT and the DPO bundle; base vs SFT vs DPO answers
@@ -136,15 +136,19 @@ def main() -> None:
         print(f"== SFT: reusing {sft}", flush=True)
         result["sft"] = json.loads((sft / "manifest.json").read_text()).get("metrics", {})
     print("== pairs", flush=True)
-    while True:  # answers identical to the reference are no preference: more prompts make up for them
+    short = None
+    while True:  # answers identical to the reference are no preference: more prompts make up for them, once
         pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens,
                             args.together)
         kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
-        short = args.pairs - sum(q["split"] == "train" for q in kept)
+        was_short, short = short, args.pairs - sum(q["split"] == "train" for q in kept)
         more = conversations("train", len(train_rows) + short)
-        if short <= 0 or len(more) == len(train_rows):
+        if short <= 0 or len(more) == len(train_rows) or short == was_short:  # done, no prompts left, or no use
             break
         train_rows = more
+    if short > 0:
+        print(f"pairs: {short} short of --pairs {args.pairs} (answers empty or identical to the reference)",
+              flush=True)
     result["pairs"] = {"train": sum(q["split"] == "train" for q in kept),
                        "held_out": sum(q["split"] == "test" for q in kept),
                        "dropped_empty_or_identical": len(pairs) - len(kept),
