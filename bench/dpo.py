@@ -137,7 +137,7 @@ def main() -> None:
         result["sft"] = json.loads((sft / "manifest.json").read_text()).get("metrics", {})
     print("== pairs", flush=True)
     short = None
-    while True:  # answers identical to the reference are no preference: more prompts make up for them, once
+    while True:  # answers identical to the reference are no preference: more prompts make up for them
         pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens,
                             args.together)
         kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
