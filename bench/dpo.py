@@ -36,8 +36,9 @@ from headstart.llm.decode_batch import answer_all
 from sft import DATA, REPO, RESULTS, headstart_command, run_headstart
 
 
-def conversations(split: str, limit: int) -> list[dict]:
-    """The first `limit` rows of alpaca's `split` as {split, key, messages} (the last message: the reference)."""
+def conversations(split: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows (default all) of alpaca's `split` as {split, key, messages} (the last message: the
+    reference)."""
     examples, _ = load_sft_examples(DATA / f"{split}.jsonl")
     return [{"split": split, "key": f"{split}:{i}", "messages": ex.messages} for i, ex in enumerate(examples[:limit])]
 
@@ -123,7 +124,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_rows, test_rows = conversations("train", args.pairs), conversations("test", args.held_out)
+    train_rows, test_rows = conversations("train"), conversations("test", args.held_out)
     result: dict = {"settings": {**vars(args), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}}
     sft = work / "alpaca-lora"
     if not (sft / "manifest.json").exists():
@@ -136,16 +137,15 @@ def main() -> None:
         print(f"== SFT: reusing {sft}", flush=True)
         result["sft"] = json.loads((sft / "manifest.json").read_text()).get("metrics", {})
     print("== pairs", flush=True)
-    short = None
+    asked, short = args.pairs, None
     while True:  # answers identical to the reference are no preference: more prompts make up for them
-        pairs = build_pairs(sft, train_rows + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens,
+        pairs = build_pairs(sft, train_rows[:asked] + test_rows, work / "pairs.partial.jsonl", args.max_new_tokens,
                             args.together)
         kept = [q for q in pairs if q["rejected"].strip() and q["chosen"].strip() != q["rejected"].strip()]
         was_short, short = short, args.pairs - sum(q["split"] == "train" for q in kept)
-        more = conversations("train", len(train_rows) + short)
-        if short <= 0 or len(more) == len(train_rows) or short == was_short:  # done, no prompts left, or no use
+        if short <= 0 or asked >= len(train_rows) or short == was_short:  # done, no prompts left, or no use
             break
-        train_rows = more
+        asked += short
     if short > 0:
         print(f"pairs: {short} short of --pairs {args.pairs} (answers empty or identical to the reference)",
               flush=True)
